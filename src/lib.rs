@@ -1,0 +1,12 @@
+//! envctl: a GitOps controller for Materialize-style cloud environments.
+//!
+//! The modules follow the pipeline: `source` -> `manifest` -> `render` -> `observe` -> `plan`
+//! -> `apply` -> `certs` -> `status`; `cli` and the controller call the same stages.
+
+pub mod cli;
+pub mod diagnostic;
+pub mod manifest;
+pub mod render;
+pub mod source;
+
+pub use cli::run;

@@ -1,0 +1,349 @@
+//! Semantic rules on one schema-valid environment: Kubernetes name and label syntax, port
+//! names and numbers, hostnames, scale limits and reserved names. Pure: returns problems as
+//! (JSON pointer, message) pairs and never reads anything but its arguments.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::positions::escape_segment;
+use super::types::{Environment, OrchestratorNamespace};
+
+/// Label keys and prefixes envctl writes itself; manifests may not set them.
+pub const RESERVED_LABEL_PREFIXES: [&str; 3] = [
+    "envctl.materialize.cloud/",
+    "environmentd.materialize.cloud/",
+    "app.kubernetes.io/managed-by",
+];
+
+/// Longest StatefulSet name: its pods' `controller-revision-hash` label must stay within 63.
+pub const MAX_STATEFULSET_NAME: usize = 52;
+
+fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// The name part of a label key, or a label value: `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`.
+fn is_qualified_name_part(s: &str) -> bool {
+    let ok_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.';
+    match (s.bytes().next(), s.bytes().last()) {
+        (Some(first), Some(last)) => {
+            s.len() <= 63
+                && first.is_ascii_alphanumeric()
+                && last.is_ascii_alphanumeric()
+                && s.bytes().all(ok_char)
+        }
+        _ => false,
+    }
+}
+
+/// Why `key` is not a valid Kubernetes label key, if it is not.
+pub fn label_key_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        if !is_dns1123_subdomain(p) {
+            return Some(format!(
+                "label key {key:?}: prefix {p:?} must be a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)"
+            ));
+        }
+    }
+    if !is_qualified_name_part(name) {
+        return Some(format!(
+            "label key {key:?}: name part must be 1-63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ));
+    }
+    None
+}
+
+/// Why `value` is not a valid Kubernetes label value, if it is not.
+pub fn label_value_problem(key: &str, value: &str) -> Option<String> {
+    if value.is_empty() || is_qualified_name_part(value) {
+        return None;
+    }
+    let hint = if value.contains('/') {
+        " ('/' is not allowed in label values)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "label {key:?}: value {value:?} must be at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit{hint}"
+    ))
+}
+
+/// Whether `key` is a label envctl owns.
+pub fn is_reserved_label_key(key: &str) -> bool {
+    RESERVED_LABEL_PREFIXES.iter().any(|p| key.starts_with(p))
+        || key
+            .split_once('/')
+            .is_some_and(|(prefix, _)| prefix.ends_with(".environmentd.materialize.cloud"))
+}
+
+/// Problems with a label map at `pointer`, one per bad entry.
+pub fn check_labels(
+    pointer: &str,
+    labels: &BTreeMap<String, String>,
+    out: &mut Vec<(String, String)>,
+) {
+    for (k, v) in labels {
+        let p = format!("{pointer}/{}", escape_segment(k));
+        if let Some(m) = label_key_problem(k) {
+            out.push((p, m));
+        } else if is_reserved_label_key(k) {
+            out.push((p, format!("label key {k:?} is reserved for envctl")));
+        } else if let Some(m) = label_value_problem(k, v) {
+            out.push((p, m));
+        }
+    }
+}
+
+/// An IANA service name: 1-15 of a-z, 0-9 and '-', at least one letter, no leading, trailing
+/// or doubled '-'.
+fn port_name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    (!ok).then(|| {
+        format!(
+            "port name {name:?} must be an IANA service name: 1-15 lowercase letters, digits and '-', with at least one letter and no leading, trailing or doubled '-'"
+        )
+    })
+}
+
+fn hostname_problem(host: &str) -> Option<String> {
+    if host.ends_with('.') {
+        return Some(format!("hostname {host:?} must not end with '.'"));
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(format!("hostname {host:?} must be lowercase"));
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    if labels.len() < 2 {
+        return Some(format!(
+            "hostname {host:?} must be a fully qualified DNS name (at least two labels)"
+        ));
+    }
+    if host.len() > 253 || !labels.iter().all(|l| is_dns1123_label(l)) {
+        return Some(format!(
+            "hostname {host:?} is not a valid DNS name: each dot-separated label must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        ));
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some(format!(
+            "hostname {host:?} looks like an IP address; a DNS name is required"
+        ));
+    }
+    None
+}
+
+/// Limits that come from configuration rather than from the manifest.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_scale: u32,
+    /// `--orchestrator-service-label`s: a manifest's `serviceLabels` may not contradict them.
+    pub platform_labels: BTreeMap<String, String>,
+}
+
+/// Every semantic problem of one environment.
+pub fn check_environment(env: &Environment, limits: &Limits) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let name = &env.metadata.name;
+    if name == "default" || name.starts_with("kube-") || name == "system" {
+        out.push((
+            "/metadata/name".to_string(),
+            format!("environment name {name:?} is reserved"),
+        ));
+    }
+    check_labels("/metadata/labels", &env.metadata.labels, &mut out);
+    for k in env.metadata.annotations.keys() {
+        if let Some(m) = label_key_problem(k) {
+            out.push((
+                format!("/metadata/annotations/{}", escape_segment(k)),
+                m.replacen("label key", "annotation key", 1),
+            ));
+        }
+    }
+    check_labels("/spec/serviceLabels", &env.spec.service_labels, &mut out);
+    for (k, v) in &env.spec.service_labels {
+        if let Some(platform) = limits.platform_labels.get(k).filter(|p| *p != v) {
+            out.push((
+                format!("/spec/serviceLabels/{}", escape_segment(k)),
+                format!(
+                    "service label {k:?}={v:?} contradicts --orchestrator-service-label {k}={platform}"
+                ),
+            ));
+        }
+    }
+    if let Some(m) = hostname_problem(&env.spec.hostname) {
+        out.push(("/spec/hostname".to_string(), m));
+    }
+
+    let mut ids: BTreeSet<(OrchestratorNamespace, &str)> = BTreeSet::new();
+    for (ns, i, svc) in env.spec.services.iter() {
+        let base = format!("/spec/services/{}/{i}", ns.as_str());
+        if !ids.insert((ns, svc.id.as_str())) {
+            out.push((
+                format!("{base}/id"),
+                format!("duplicate service id {:?} in {}", svc.id, ns.as_str()),
+            ));
+        }
+        let sts_name = format!("{}-{}", ns.as_str(), svc.id);
+        if sts_name.len() > MAX_STATEFULSET_NAME {
+            out.push((
+                format!("{base}/id"),
+                format!(
+                    "service name {sts_name:?} is {} characters; at most {MAX_STATEFULSET_NAME} are allowed",
+                    sts_name.len()
+                ),
+            ));
+        }
+        if svc.scale > limits.max_scale {
+            out.push((
+                format!("{base}/scale"),
+                format!(
+                    "scale {} is above the configured maximum of {} (--max-scale)",
+                    svc.scale, limits.max_scale
+                ),
+            ));
+        }
+        for (k, v) in &svc.labels {
+            let p = format!("{base}/labels/{}", escape_segment(k));
+            if k.contains('/') {
+                out.push((
+                    p,
+                    format!(
+                        "service label key {k:?} must not have a prefix: it becomes {}.environmentd.materialize.cloud/<key>",
+                        ns.as_str()
+                    ),
+                ));
+            } else if let Some(m) = label_key_problem(k).or_else(|| label_value_problem(k, v)) {
+                out.push((p, m));
+            }
+        }
+        if let Some(ports) = &svc.ports {
+            let mut names = BTreeSet::new();
+            let mut numbers = BTreeSet::new();
+            for (j, port) in ports.iter().enumerate() {
+                let pp = format!("{base}/ports/{j}");
+                if let Some(m) = port_name_problem(&port.name) {
+                    out.push((format!("{pp}/name"), m));
+                }
+                if !names.insert(port.name.as_str()) {
+                    out.push((
+                        format!("{pp}/name"),
+                        format!(
+                            "duplicate port name {:?} in service {:?}",
+                            port.name, svc.id
+                        ),
+                    ));
+                }
+                if !numbers.insert(port.port) {
+                    out.push((
+                        format!("{pp}/port"),
+                        format!(
+                            "duplicate port number {} in service {:?}",
+                            port.port, svc.id
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    check_env_vars(env, &mut out);
+    out
+}
+
+fn is_env_var_name(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn check_env_vars(env: &Environment, out: &mut Vec<(String, String)>) {
+    let mut bad = |pointer: String, k: &str| {
+        out.push((
+            pointer,
+            format!(
+                "environment variable name {k:?} must be letters, digits, '_', '-' and '.', not starting with a digit"
+            ),
+        ))
+    };
+    for k in env
+        .spec
+        .environmentd
+        .env
+        .keys()
+        .filter(|k| !is_env_var_name(k))
+    {
+        bad(format!("/spec/environmentd/env/{}", escape_segment(k)), k);
+    }
+    for (ns, i, svc) in env.spec.services.iter() {
+        for k in svc.env.keys().filter(|k| !is_env_var_name(k)) {
+            bad(
+                format!(
+                    "/spec/services/{}/{i}/env/{}",
+                    ns.as_str(),
+                    escape_segment(k)
+                ),
+                k,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_syntax() {
+        assert!(label_key_problem("team").is_none());
+        assert!(label_key_problem("example.com/team").is_none());
+        assert!(label_key_problem("Example.com/team").is_some());
+        assert!(label_key_problem("-team").is_some());
+        assert!(label_key_problem(&"a".repeat(64)).is_some());
+        assert!(label_value_problem("k", "aws/us-east-1").is_some());
+        assert!(label_value_problem("k", "").is_none());
+        assert!(is_reserved_label_key(
+            "compute.environmentd.materialize.cloud/size"
+        ));
+        assert!(is_reserved_label_key("app.kubernetes.io/managed-by"));
+        assert!(!is_reserved_label_key("app.kubernetes.io/part-of"));
+    }
+
+    #[test]
+    fn port_names() {
+        assert!(port_name_problem("storagectl").is_none());
+        assert!(port_name_problem("persist-pubsub").is_none());
+        assert!(port_name_problem("a-very-long-port-name").is_some());
+        assert!(port_name_problem("1234").is_some());
+        assert!(port_name_problem("a--b").is_some());
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(hostname_problem("acme.us-east-1.aws.example.cloud").is_none());
+        assert!(hostname_problem("localhost").is_some());
+        assert!(hostname_problem("a_b.example.com").is_some());
+        assert!(hostname_problem("10.0.0.1").is_some());
+    }
+}

@@ -1,0 +1,429 @@
+//! Manifests: turns the bytes of source files into validated `Environment`s, or into
+//! diagnostics that name the file, line, column and field.
+//!
+//! Owns parsing (serde-saphyr, bounded), the JSON Schema check, typed decoding and the semantic
+//! rules. Pure apart from compiling the schema once: it reads no files (`source` does) and
+//! never touches the cluster.
+
+pub mod check;
+pub mod positions;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+pub use check::Limits;
+pub use types::*;
+
+use crate::diagnostic::{Diagnostic, Pos};
+use positions::PositionIndex;
+
+/// One input file, as read by `source`.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// The path as shown to the user.
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Where an environment was defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    pub document: usize,
+    pub pos: Option<Pos>,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pos {
+            Some(p) => write!(f, "{}:{}:{}", self.file, p.line, p.col),
+            None => write!(f, "{}", self.file),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadedEnvironment {
+    pub origin: Origin,
+    pub environment: Environment,
+}
+
+/// Everything read from one source revision.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Valid environments, sorted by name.
+    pub environments: Vec<LoadedEnvironment>,
+    /// Every problem found, sorted by file and position.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Names of environments that were found but are invalid: they must keep their last
+    /// applied state and must never be pruned.
+    pub invalid_names: BTreeSet<String>,
+    /// Files that failed before any environment name could be read from them. While there are
+    /// any, nothing may be pruned: the lost environment could be any of the live ones.
+    pub unattributed_files: BTreeSet<String>,
+    pub files: usize,
+}
+
+impl Loaded {
+    pub fn is_valid(&self) -> bool {
+        self.diagnostics.is_empty()
+    }
+}
+
+/// Settings that affect validation.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub limits: Limits,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            limits: Limits {
+                max_scale: 64,
+                platform_labels: BTreeMap::new(),
+            },
+        }
+    }
+}
+
+fn compiled_schema() -> &'static Result<jsonschema::Validator, String> {
+    static SCHEMA: OnceLock<Result<jsonschema::Validator, String>> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        jsonschema::draft202012::new(&json_schema())
+            .map_err(|e| format!("compiling the manifest schema: {e}"))
+    })
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = 200_000;
+    budget.max_aliases = 1_000;
+    budget.max_anchors = 1_000;
+    budget.max_depth = 32;
+    budget.max_nodes = 100_000;
+    budget.max_documents = 256;
+    budget.max_total_scalar_bytes = 4 * 1024 * 1024;
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = 100_000;
+    options.alias_limits.max_alias_expansions_per_anchor = 100;
+    options.with_snippet = false;
+    options.strict_booleans = true;
+    options
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Position of the first invalid UTF-8 byte.
+fn utf8_error_pos(bytes: &[u8], valid_up_to: usize) -> Pos {
+    let prefix = &bytes[..valid_up_to];
+    let line = prefix.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = prefix
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let col = String::from_utf8_lossy(&prefix[line_start..])
+        .chars()
+        .count()
+        + 1;
+    Pos { line, col }
+}
+
+/// A document of one file, decoded to JSON but not yet typed.
+struct Document {
+    index: usize,
+    value: Value,
+}
+
+/// Parses one file into JSON documents, or the diagnostics that prevent it.
+fn parse_file(file: &SourceFile) -> Result<(Vec<Document>, PositionIndex), Diagnostic> {
+    let text = std::str::from_utf8(&file.bytes).map_err(|e| {
+        Diagnostic::at(
+            &file.path,
+            Some(utf8_error_pos(&file.bytes, e.valid_up_to())),
+            "file is not valid UTF-8",
+        )
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| {
+            let pos = e.location().map(|l| Pos {
+                line: usize::try_from(l.line()).unwrap_or(usize::MAX),
+                col: usize::try_from(l.column()).unwrap_or(usize::MAX),
+            });
+            let message = e.to_string();
+            let message = message.lines().next().unwrap_or("invalid YAML").to_string();
+            Diagnostic::at(&file.path, pos, format!("invalid YAML: {message}"))
+        })?;
+    let index = PositionIndex::build(text);
+    let docs: Vec<Document> = docs
+        .into_iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(index, value)| Document { index, value })
+        .collect();
+    if docs.is_empty() {
+        return Err(Diagnostic::file(
+            &file.path,
+            "file holds no environment (it is empty or only comments)",
+        ));
+    }
+    Ok((docs, index))
+}
+
+fn schema_diagnostics(
+    file: &str,
+    doc: &Document,
+    index: &PositionIndex,
+    out: &mut Vec<Diagnostic>,
+) -> bool {
+    let validator = match compiled_schema() {
+        Ok(v) => v,
+        Err(e) => {
+            out.push(Diagnostic::file(file, e.clone()));
+            return false;
+        }
+    };
+    let mut ok = true;
+    for err in validator.iter_errors(&doc.value) {
+        ok = false;
+        let at = err.instance_path().as_str().to_string();
+        let mut push = |pointer: String, message: String| {
+            out.push(Diagnostic {
+                file: file.to_string(),
+                pos: index.lookup(doc.index, &pointer),
+                pointer: Some(pointer),
+                message,
+            });
+        };
+        match err.kind() {
+            jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                for field in unexpected {
+                    push(
+                        format!("{at}/{}", positions::escape_segment(field)),
+                        format!("unknown field {field:?}"),
+                    );
+                }
+            }
+            jsonschema::error::ValidationErrorKind::Required { property } => {
+                let name = property
+                    .as_str()
+                    .map_or_else(|| property.to_string(), str::to_string);
+                push(at, format!("missing required field {name:?}"));
+            }
+            jsonschema::error::ValidationErrorKind::Type { .. } => {
+                let found = json_type(err.instance());
+                push(at, format!("{err}, found {found}"));
+            }
+            _ => push(at, err.to_string()),
+        }
+    }
+    ok
+}
+
+/// Validates every file; never panics on any input.
+pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
+    let mut loaded = Loaded {
+        files: files.len(),
+        ..Loaded::default()
+    };
+    let mut by_name: BTreeMap<String, Vec<LoadedEnvironment>> = BTreeMap::new();
+    for file in files {
+        let (docs, index) = match parse_file(file) {
+            Ok(x) => x,
+            Err(d) => {
+                loaded.diagnostics.push(d);
+                loaded.unattributed_files.insert(file.path.clone());
+                continue;
+            }
+        };
+        for doc in docs {
+            let name = doc
+                .value
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let before = loaded.diagnostics.len();
+            let origin = Origin {
+                file: file.path.clone(),
+                document: doc.index,
+                pos: index.lookup(doc.index, ""),
+            };
+            if !doc.value.is_object() {
+                loaded.diagnostics.push(Diagnostic::at(
+                    &file.path,
+                    origin.pos,
+                    format!(
+                        "expected an Environment mapping, found {}",
+                        json_type(&doc.value)
+                    ),
+                ));
+            } else if schema_diagnostics(&file.path, &doc, &index, &mut loaded.diagnostics) {
+                match serde_json::from_value::<Environment>(doc.value.clone()) {
+                    Err(e) => loaded.diagnostics.push(Diagnostic::at(
+                        &file.path,
+                        origin.pos,
+                        format!("decoding the environment: {e}"),
+                    )),
+                    Ok(environment) => {
+                        for (pointer, message) in
+                            check::check_environment(&environment, &options.limits)
+                        {
+                            loaded.diagnostics.push(Diagnostic {
+                                file: file.path.clone(),
+                                pos: index.lookup(doc.index, &pointer),
+                                pointer: Some(pointer),
+                                message,
+                            });
+                        }
+                        if loaded.diagnostics.len() == before {
+                            by_name
+                                .entry(environment.metadata.name.clone())
+                                .or_default()
+                                .push(LoadedEnvironment {
+                                    origin: origin.clone(),
+                                    environment,
+                                });
+                        }
+                    }
+                }
+            }
+            if loaded.diagnostics.len() > before {
+                match name {
+                    Some(n) => {
+                        loaded.invalid_names.insert(n);
+                    }
+                    None => {
+                        loaded.unattributed_files.insert(file.path.clone());
+                    }
+                }
+            }
+        }
+    }
+    // Names and hostnames must be unique across all files.
+    let mut hostnames: BTreeMap<String, Origin> = BTreeMap::new();
+    for (name, mut defs) in by_name {
+        if defs.len() > 1 || loaded.invalid_names.contains(&name) {
+            let first = defs[0].origin.clone();
+            for d in defs.iter().skip(1) {
+                loaded.diagnostics.push(Diagnostic {
+                    file: d.origin.file.clone(),
+                    pos: d.origin.pos,
+                    pointer: Some("/metadata/name".into()),
+                    message: format!(
+                        "environment {name:?} is defined more than once (also at {first})"
+                    ),
+                });
+            }
+            if defs.len() > 1 {
+                loaded.invalid_names.insert(name);
+                continue;
+            }
+        }
+        if loaded.invalid_names.contains(&name) {
+            continue;
+        }
+        let Some(def) = defs.pop() else { continue };
+        let host = def.environment.spec.hostname.clone();
+        if let Some(other) = hostnames.get(&host) {
+            loaded.diagnostics.push(Diagnostic {
+                file: def.origin.file.clone(),
+                pos: def.origin.pos,
+                pointer: Some("/spec/hostname".into()),
+                message: format!("hostname {host:?} is already used by the environment at {other}"),
+            });
+            loaded.invalid_names.insert(name);
+            continue;
+        }
+        hostnames.insert(host, def.origin.clone());
+        loaded.environments.push(def);
+    }
+    loaded.diagnostics.sort();
+    loaded.diagnostics.dedup();
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(text: &str) -> Loaded {
+        load(
+            &[SourceFile {
+                path: "x.yaml".into(),
+                bytes: text.as_bytes().to_vec(),
+            }],
+            &LoadOptions::default(),
+        )
+    }
+
+    const GOOD: &str = "apiVersion: envctl.materialize.cloud/v1alpha1
+kind: Environment
+metadata:
+  name: acme
+spec:
+  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11
+  region: aws/us-east-1
+  hostname: acme.example.cloud
+  environmentd: {image: materialize/environmentd:v0.130.0}
+  services:
+    compute:
+      - {id: cluster-0, image: materialize/clusterd:v0.130.0, scale: 2}
+";
+
+    #[test]
+    fn accepts_a_good_manifest() {
+        let l = one(GOOD);
+        assert!(l.is_valid(), "{:?}", l.diagnostics);
+        assert_eq!(l.environments.len(), 1);
+    }
+
+    #[test]
+    fn points_at_the_field() {
+        let l = one(&GOOD.replace("scale: 2", "scale: -1"));
+        assert_eq!(l.diagnostics.len(), 1, "{:?}", l.diagnostics);
+        let d = &l.diagnostics[0];
+        assert_eq!(d.pointer.as_deref(), Some("/spec/services/compute/0/scale"));
+        assert_eq!(d.pos, Some(Pos { line: 12, col: 63 }));
+        assert!(l.invalid_names.contains("acme"));
+    }
+
+    #[test]
+    fn unknown_field_named() {
+        let l = one(&GOOD.replace("  region:", "  regoin: x\n  region:"));
+        assert!(
+            l.diagnostics
+                .iter()
+                .any(|d| d.message == "unknown field \"regoin\"")
+        );
+    }
+
+    #[test]
+    fn alias_bomb_is_bounded() {
+        let mut s = String::from("a: &a [x,x,x,x,x,x,x,x,x,x]\n");
+        for i in 1..12 {
+            s.push_str(&format!(
+                "{}: &{} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n",
+                (b'a' + i) as char,
+                (b'a' + i) as char,
+                p = (b'a' + i - 1) as char
+            ));
+        }
+        let l = one(&s);
+        assert_eq!(l.diagnostics.len(), 1);
+        assert!(l.unattributed_files.contains("x.yaml"));
+    }
+}

@@ -1,0 +1,507 @@
+//! Render: the pure builder of desired Kubernetes objects from validated environments.
+//!
+//! Deterministic (sorted maps, fixed order) and free of I/O and clocks, so golden files stay
+//! byte-stable. It trusts its input to have passed `manifest::check`; it never reads the
+//! cluster (`observe`) and never writes it (`apply`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, Namespace, PodSpec, PodTemplateSpec, ResourceRequirements,
+    Service, ServiceAccount, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::manifest::{ENVIRONMENTD_PORTS, Environment};
+
+pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "envctl";
+pub const ENVIRONMENT_LABEL: &str = "envctl.materialize.cloud/environment";
+pub const PROTECT_ANNOTATION: &str = "envctl.materialize.cloud/protect";
+pub const REGION_ANNOTATION: &str = "envctl.materialize.cloud/region";
+pub const ORGANIZATION_ANNOTATION: &str = "envctl.materialize.cloud/organization";
+pub const HOSTNAME_ANNOTATION: &str = "envctl.materialize.cloud/hostname";
+pub const CLOUD_PROVIDER_LABEL: &str = "envctl.materialize.cloud/cloud-provider";
+pub const CLOUD_REGION_LABEL: &str = "envctl.materialize.cloud/cloud-region";
+const ORCH_NAMESPACE_LABEL: &str = "environmentd.materialize.cloud/namespace";
+const ORCH_SERVICE_ID_LABEL: &str = "environmentd.materialize.cloud/service-id";
+const ENVIRONMENTD: &str = "environmentd";
+
+/// The kinds envctl manages, in apply order (deletion goes in reverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum ObjectKind {
+    Namespace,
+    ServiceAccount,
+    Role,
+    RoleBinding,
+    Service,
+    StatefulSet,
+    Secret,
+}
+
+impl ObjectKind {
+    pub const ALL: [ObjectKind; 7] = [
+        ObjectKind::Namespace,
+        ObjectKind::ServiceAccount,
+        ObjectKind::Role,
+        ObjectKind::RoleBinding,
+        ObjectKind::Service,
+        ObjectKind::StatefulSet,
+        ObjectKind::Secret,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace => "Namespace",
+            ObjectKind::ServiceAccount => "ServiceAccount",
+            ObjectKind::Role => "Role",
+            ObjectKind::RoleBinding => "RoleBinding",
+            ObjectKind::Service => "Service",
+            ObjectKind::StatefulSet => "StatefulSet",
+            ObjectKind::Secret => "Secret",
+        }
+    }
+
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace
+            | ObjectKind::ServiceAccount
+            | ObjectKind::Service
+            | ObjectKind::Secret => "v1",
+            ObjectKind::Role | ObjectKind::RoleBinding => "rbac.authorization.k8s.io/v1",
+            ObjectKind::StatefulSet => "apps/v1",
+        }
+    }
+
+    pub fn plural(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace => "namespaces",
+            ObjectKind::ServiceAccount => "serviceaccounts",
+            ObjectKind::Role => "roles",
+            ObjectKind::RoleBinding => "rolebindings",
+            ObjectKind::Service => "services",
+            ObjectKind::StatefulSet => "statefulsets",
+            ObjectKind::Secret => "secrets",
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        self != ObjectKind::Namespace
+    }
+
+    pub fn from_kind(kind: &str) -> Option<ObjectKind> {
+        ObjectKind::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
+}
+
+/// One desired object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredObject {
+    pub environment: String,
+    pub kind: ObjectKind,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The full object (apiVersion, kind, metadata, spec) as it is sent to the server.
+    pub object: Value,
+}
+
+/// Settings that are not part of any manifest.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    /// `--orchestrator-service-label KEY=VALUE`: on every pod and Service.
+    pub orchestrator_service_labels: BTreeMap<String, String>,
+}
+
+fn to_value<T: Serialize>(kind: ObjectKind, obj: &T) -> Value {
+    let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        // k8s-openapi leaves these to `Resource`; put them first for readable output.
+        let mut out = serde_json::Map::new();
+        out.insert("apiVersion".into(), Value::from(kind.api_version()));
+        out.insert("kind".into(), Value::from(kind.as_str()));
+        for (k, val) in std::mem::take(map) {
+            if k != "apiVersion" && k != "kind" {
+                out.insert(k, val);
+            }
+        }
+        *map = out;
+    }
+    v
+}
+
+fn ownership(env: &Environment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_KEY.to_string(), MANAGED_BY_VALUE.to_string()),
+        (ENVIRONMENT_LABEL.to_string(), env.metadata.name.clone()),
+    ])
+}
+
+fn meta(env: &Environment, name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(env.namespace()),
+        labels: Some(labels),
+        ..ObjectMeta::default()
+    }
+}
+
+fn resources(cpu: &Option<String>, memory: &Option<String>) -> Option<ResourceRequirements> {
+    if cpu.is_none() && memory.is_none() {
+        return None;
+    }
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(c) = cpu {
+        requests.insert("cpu".to_string(), Quantity(c.clone()));
+    }
+    if let Some(m) = memory {
+        requests.insert("memory".to_string(), Quantity(m.clone()));
+        limits.insert("memory".to_string(), Quantity(m.clone()));
+    }
+    Some(ResourceRequirements {
+        requests: Some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+fn env_vars(env: &BTreeMap<String, String>) -> Option<Vec<EnvVar>> {
+    (!env.is_empty()).then(|| {
+        env.iter()
+            .map(|(k, v)| EnvVar {
+                name: k.clone(),
+                value: Some(v.clone()),
+                ..EnvVar::default()
+            })
+            .collect()
+    })
+}
+
+fn container_ports(ports: &[(String, u16)]) -> Vec<ContainerPort> {
+    ports
+        .iter()
+        .map(|(name, port)| ContainerPort {
+            name: Some(name.clone()),
+            container_port: i32::from(*port),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        })
+        .collect()
+}
+
+fn headless_service(
+    env: &Environment,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    selector: &BTreeMap<String, String>,
+    ports: &[(String, u16)],
+) -> Service {
+    Service {
+        metadata: meta(env, name, labels.clone()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector.clone()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| ServicePort {
+                        name: Some(n.clone()),
+                        port: i32::from(*p),
+                        target_port: Some(IntOrString::Int(i32::from(*p))),
+                        protocol: Some("TCP".into()),
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn stateful_set(
+    env: &Environment,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    selector: &BTreeMap<String, String>,
+    replicas: i32,
+    pod_spec: PodSpec,
+) -> StatefulSet {
+    StatefulSet {
+        metadata: meta(env, name, labels.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(name.to_string()),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// `aws/us-east-1` + org + ordinal: Materialize's environment id, `aws-us-east-1-<org>-0`.
+fn environment_id(env: &Environment) -> String {
+    format!(
+        "{}-{}-0",
+        env.spec.region.replace('/', "-"),
+        env.spec.organization.to_lowercase()
+    )
+}
+
+/// Labels every pod and Service of the environment gets beyond ownership.
+fn pod_and_service_labels(env: &Environment, options: &RenderOptions) -> BTreeMap<String, String> {
+    let mut labels = options.orchestrator_service_labels.clone();
+    labels.extend(env.spec.service_labels.clone());
+    labels
+}
+
+fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<DesiredObject> {
+    let name = &env.metadata.name;
+    let ns = env.namespace();
+    let owner = ownership(env);
+    let shared = pod_and_service_labels(env, options);
+    let mut out: Vec<(ObjectKind, String, Value)> = Vec::new();
+
+    // Namespace.
+    let mut ns_labels = env.metadata.labels.clone();
+    ns_labels.extend(owner.clone());
+    if let Some((provider, region)) = env.spec.region.split_once('/') {
+        ns_labels.insert(CLOUD_PROVIDER_LABEL.into(), provider.into());
+        ns_labels.insert(CLOUD_REGION_LABEL.into(), region.into());
+    }
+    let mut ns_annotations = env.metadata.annotations.clone();
+    ns_annotations.insert(REGION_ANNOTATION.into(), env.spec.region.clone());
+    ns_annotations.insert(
+        ORGANIZATION_ANNOTATION.into(),
+        env.spec.organization.clone(),
+    );
+    ns_annotations.insert(HOSTNAME_ANNOTATION.into(), env.spec.hostname.clone());
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(ns.clone()),
+            labels: Some(ns_labels),
+            annotations: Some(ns_annotations),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    out.push((
+        ObjectKind::Namespace,
+        ns.clone(),
+        to_value(ObjectKind::Namespace, &namespace),
+    ));
+
+    // environmentd's identity: it orchestrates clusterd in its own namespace.
+    let sa = ServiceAccount {
+        metadata: meta(env, ENVIRONMENTD, owner.clone()),
+        ..ServiceAccount::default()
+    };
+    out.push((
+        ObjectKind::ServiceAccount,
+        ENVIRONMENTD.into(),
+        to_value(ObjectKind::ServiceAccount, &sa),
+    ));
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
+        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..PolicyRule::default()
+    };
+    let manage = [
+        "create", "delete", "get", "list", "patch", "update", "watch",
+    ];
+    let role = Role {
+        metadata: meta(env, ENVIRONMENTD, owner.clone()),
+        rules: Some(vec![
+            rule(&["apps"], &["statefulsets"], &manage),
+            rule(&[""], &["services"], &manage),
+            rule(&[""], &["pods"], &["delete", "get", "list", "watch"]),
+            rule(&[""], &["pods/log"], &["get"]),
+            rule(
+                &[""],
+                &["persistentvolumeclaims"],
+                &["delete", "get", "list", "watch"],
+            ),
+        ]),
+    };
+    out.push((
+        ObjectKind::Role,
+        ENVIRONMENTD.into(),
+        to_value(ObjectKind::Role, &role),
+    ));
+    let binding = RoleBinding {
+        metadata: meta(env, ENVIRONMENTD, owner.clone()),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: ENVIRONMENTD.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: ENVIRONMENTD.into(),
+            namespace: Some(ns.clone()),
+            ..Subject::default()
+        }]),
+    };
+    out.push((
+        ObjectKind::RoleBinding,
+        ENVIRONMENTD.into(),
+        to_value(ObjectKind::RoleBinding, &binding),
+    ));
+
+    // environmentd.
+    let envd_ports: Vec<(String, u16)> = ENVIRONMENTD_PORTS
+        .iter()
+        .map(|(n, p)| ((*n).to_string(), *p))
+        .collect();
+    let envd_selector = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            ENVIRONMENTD.to_string(),
+        ),
+        (ENVIRONMENT_LABEL.to_string(), name.clone()),
+    ]);
+    let mut envd_labels = shared.clone();
+    envd_labels.extend(owner.clone());
+    envd_labels.extend(envd_selector.clone());
+    let envd = &env.spec.environmentd;
+    let mut args = vec![
+        format!("--environment-id={}", environment_id(env)),
+        "--orchestrator=kubernetes".to_string(),
+    ];
+    args.extend(
+        shared
+            .iter()
+            .map(|(k, v)| format!("--orchestrator-kubernetes-service-label={k}={v}")),
+    );
+    args.extend(envd.args.iter().cloned());
+    let envd_pod = PodSpec {
+        service_account_name: Some(ENVIRONMENTD.into()),
+        containers: vec![Container {
+            name: ENVIRONMENTD.into(),
+            image: Some(envd.image.clone()),
+            image_pull_policy: envd.image_pull_policy.map(|p| p.as_str().to_string()),
+            args: Some(args),
+            env: env_vars(&envd.env),
+            ports: Some(container_ports(&envd_ports)),
+            resources: resources(&envd.cpu, &envd.memory),
+            ..Container::default()
+        }],
+        ..PodSpec::default()
+    };
+    let mut services = vec![(
+        ENVIRONMENTD.to_string(),
+        to_value(
+            ObjectKind::Service,
+            &headless_service(env, ENVIRONMENTD, &envd_labels, &envd_selector, &envd_ports),
+        ),
+    )];
+    let mut sets = vec![(
+        ENVIRONMENTD.to_string(),
+        to_value(
+            ObjectKind::StatefulSet,
+            &stateful_set(env, ENVIRONMENTD, &envd_labels, &envd_selector, 1, envd_pod),
+        ),
+    )];
+
+    // clusterd services, with the orchestrator's label scheme.
+    for (orch, _, svc) in env.spec.services.iter() {
+        let svc_name = format!("{}-{}", orch.as_str(), svc.id);
+        let ports = svc.effective_ports();
+        let selector = BTreeMap::from([
+            (ORCH_NAMESPACE_LABEL.to_string(), orch.as_str().to_string()),
+            (ORCH_SERVICE_ID_LABEL.to_string(), svc.id.clone()),
+        ]);
+        let mut labels = shared.clone();
+        labels.extend(owner.clone());
+        labels.extend(selector.clone());
+        for (port_name, _) in &ports {
+            labels.insert(
+                format!("environmentd.materialize.cloud/port-{port_name}"),
+                "true".into(),
+            );
+        }
+        for (k, v) in &svc.labels {
+            labels.insert(
+                format!("{}.environmentd.materialize.cloud/{k}", orch.as_str()),
+                v.clone(),
+            );
+        }
+        let pod = PodSpec {
+            automount_service_account_token: Some(false),
+            containers: vec![Container {
+                name: "clusterd".into(),
+                image: Some(svc.image.clone()),
+                image_pull_policy: svc.image_pull_policy.map(|p| p.as_str().to_string()),
+                args: (!svc.args.is_empty()).then(|| svc.args.clone()),
+                env: env_vars(&svc.env),
+                ports: Some(container_ports(&ports)),
+                resources: resources(&svc.cpu, &svc.memory),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        };
+        let replicas = i32::try_from(svc.scale).unwrap_or(i32::MAX);
+        services.push((
+            svc_name.clone(),
+            to_value(
+                ObjectKind::Service,
+                &headless_service(env, &svc_name, &labels, &selector, &ports),
+            ),
+        ));
+        sets.push((
+            svc_name.clone(),
+            to_value(
+                ObjectKind::StatefulSet,
+                &stateful_set(env, &svc_name, &labels, &selector, replicas, pod),
+            ),
+        ));
+    }
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    sets.sort_by(|a, b| a.0.cmp(&b.0));
+    out.extend(
+        services
+            .into_iter()
+            .map(|(n, v)| (ObjectKind::Service, n, v)),
+    );
+    out.extend(
+        sets.into_iter()
+            .map(|(n, v)| (ObjectKind::StatefulSet, n, v)),
+    );
+
+    out.into_iter()
+        .map(|(kind, obj_name, object)| DesiredObject {
+            environment: name.clone(),
+            kind,
+            namespace: kind.namespaced().then(|| ns.clone()),
+            name: obj_name,
+            object,
+        })
+        .collect()
+}
+
+/// The desired objects of every environment: environments by name, then apply order.
+pub fn render(environments: &[&Environment], options: &RenderOptions) -> Vec<DesiredObject> {
+    let mut envs: Vec<&Environment> = environments.to_vec();
+    envs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    envs.into_iter()
+        .flat_map(|e| render_environment(e, options))
+        .collect()
+}

@@ -1,0 +1,171 @@
+//! Sources of manifests: reads `*.yaml`/`*.yml` files from directories (and, later, Git trees)
+//! into `SourceFile`s, bounded in size and confined to the given roots.
+//!
+//! Owns file-system traversal only; it never parses YAML (`manifest` does) and never talks to
+//! the cluster.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::diagnostic::Diagnostic;
+use crate::manifest::SourceFile;
+
+/// Largest manifest file read (1 MiB); larger files are refused, unread.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
+/// Deepest directory nesting followed under a root.
+const MAX_DEPTH: usize = 32;
+
+fn is_manifest_name(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml") | Some("yml")
+    )
+}
+
+fn read_bounded(path: &Path, shown: &str, max: u64) -> Result<Vec<u8>, Diagnostic> {
+    let file = fs::File::open(path)
+        .map_err(|e| Diagnostic::file(shown, format!("cannot read file: {e}")))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Diagnostic::file(shown, format!("cannot read file: {e}")))?;
+    if bytes.len() as u64 > max {
+        return Err(Diagnostic::file(
+            shown,
+            format!("file is larger than the limit of {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+struct Walk<'a> {
+    max_size: u64,
+    root_canonical: PathBuf,
+    seen: BTreeSet<PathBuf>,
+    files: &'a mut Vec<SourceFile>,
+    problems: &'a mut Vec<Diagnostic>,
+}
+
+impl Walk<'_> {
+    fn visit(&mut self, path: &Path, depth: usize) {
+        let shown = path.display().to_string();
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                self.problems
+                    .push(Diagnostic::file(&shown, format!("cannot read: {e}")));
+                return;
+            }
+        };
+        let target = if meta.file_type().is_symlink() {
+            match fs::canonicalize(path) {
+                Ok(t) if t.starts_with(&self.root_canonical) => t,
+                Ok(t) => {
+                    if depth == 0 || is_manifest_name(path) || t.is_dir() {
+                        self.problems.push(Diagnostic::file(
+                            &shown,
+                            format!(
+                                "symlink leads outside {} (to {}); refused",
+                                self.root_canonical.display(),
+                                t.display()
+                            ),
+                        ));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if is_manifest_name(path) {
+                        self.problems
+                            .push(Diagnostic::file(&shown, format!("broken symlink: {e}")));
+                    }
+                    return;
+                }
+            }
+        } else {
+            match fs::canonicalize(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.problems
+                        .push(Diagnostic::file(&shown, format!("cannot read: {e}")));
+                    return;
+                }
+            }
+        };
+        if target.is_dir() {
+            if depth > MAX_DEPTH {
+                self.problems.push(Diagnostic::file(
+                    &shown,
+                    format!("directory nesting deeper than {MAX_DEPTH}; not followed"),
+                ));
+                return;
+            }
+            if !self.seen.insert(target.clone()) {
+                return; // a loop, or a second link to the same directory
+            }
+            let mut entries: Vec<PathBuf> = match fs::read_dir(path) {
+                Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect(),
+                Err(e) => {
+                    self.problems.push(Diagnostic::file(
+                        &shown,
+                        format!("cannot list directory: {e}"),
+                    ));
+                    return;
+                }
+            };
+            entries.sort();
+            for entry in entries {
+                let hidden = entry
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'));
+                if !hidden {
+                    self.visit(&entry, depth + 1);
+                }
+            }
+        } else if depth == 0 || is_manifest_name(path) {
+            if !self.seen.insert(target.clone()) {
+                return;
+            }
+            match read_bounded(&target, &shown, self.max_size) {
+                Ok(bytes) => self.files.push(SourceFile { path: shown, bytes }),
+                Err(d) => self.problems.push(d),
+            }
+        }
+    }
+}
+
+/// Reads every manifest under `paths` (files as given, directories recursively). Problems
+/// (unreadable, too large, outside the root) come back as diagnostics; reading goes on.
+pub fn read_paths(paths: &[PathBuf], max_size: u64) -> (Vec<SourceFile>, Vec<Diagnostic>) {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for root in paths {
+        let root_canonical = match fs::canonicalize(root) {
+            Ok(c) => {
+                if c.is_dir() {
+                    c
+                } else {
+                    c.parent().map(Path::to_path_buf).unwrap_or(c)
+                }
+            }
+            Err(e) => {
+                problems.push(Diagnostic::file(
+                    root.display().to_string(),
+                    format!("cannot read: {e}"),
+                ));
+                continue;
+            }
+        };
+        let mut walk = Walk {
+            max_size,
+            root_canonical,
+            seen: BTreeSet::new(),
+            files: &mut files,
+            problems: &mut problems,
+        };
+        walk.visit(root, 0);
+    }
+    (files, problems)
+}
