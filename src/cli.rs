@@ -142,13 +142,13 @@ impl ManifestArgs {
         let (files, problems) = source::read_paths(&self.paths, self.max_file_size);
         let mut loaded = manifest::load(&files, &self.load_options());
         if !problems.is_empty() {
-            loaded
-                .unattributed_files
-                .extend(problems.iter().map(|d| d.file.clone()));
+            let unread: std::collections::BTreeSet<String> =
+                problems.iter().map(|d| d.file.clone()).collect();
+            loaded.files += unread.len();
+            loaded.unattributed_files.extend(unread);
             loaded.diagnostics.extend(problems);
             loaded.diagnostics.sort();
         }
-        loaded.files += loaded.unattributed_files.len();
         loaded
     }
 }
@@ -163,6 +163,16 @@ fn print_diagnostics(out: &mut impl Write, diagnostics: &[Diagnostic]) -> Result
 fn summary(loaded: &Loaded) -> String {
     let bad_files: std::collections::BTreeSet<&str> =
         loaded.diagnostics.iter().map(|d| d.file.as_str()).collect();
+    if loaded.files == 0 {
+        return "no manifest files found (*.yaml, *.yml)".to_string();
+    }
+    if loaded.diagnostics.is_empty() {
+        return format!(
+            "ok: {} environment(s) in {} file(s)",
+            loaded.environments.len(),
+            loaded.files
+        );
+    }
     format!(
         "{} error(s) in {} of {} file(s); {} valid environment(s)",
         loaded.diagnostics.len(),

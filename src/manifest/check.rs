@@ -1,11 +1,13 @@
-//! Semantic rules on one schema-valid environment: Kubernetes name and label syntax, port
+//! Semantic rules on one environment document: Kubernetes name and label syntax, port
 //! names and numbers, hostnames, scale limits and reserved names. Pure: returns problems as
 //! (JSON pointer, message) pairs and never reads anything but its arguments.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::positions::escape_segment;
-use super::types::{Environment, OrchestratorNamespace};
+use serde_json::Value;
+
+use super::types::OrchestratorNamespace;
 
 /// Label keys and prefixes envctl writes itself; manifests may not set them.
 pub const RESERVED_LABEL_PREFIXES: [&str; 3] = [
@@ -162,18 +164,50 @@ pub struct Limits {
     pub platform_labels: BTreeMap<String, String>,
 }
 
-/// Every semantic problem of one environment.
-pub fn check_environment(env: &Environment, limits: &Limits) -> Vec<(String, String)> {
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn services(doc: &Value) -> Vec<(OrchestratorNamespace, usize, &Value)> {
     let mut out = Vec::new();
-    let name = &env.metadata.name;
-    if name == "default" || name.starts_with("kube-") || name == "system" {
-        out.push((
-            "/metadata/name".to_string(),
-            format!("environment name {name:?} is reserved"),
-        ));
+    for ns in [
+        OrchestratorNamespace::Compute,
+        OrchestratorNamespace::Storage,
+    ] {
+        let list = doc
+            .pointer(&format!("/spec/services/{}", ns.as_str()))
+            .and_then(Value::as_array);
+        for (i, svc) in list.into_iter().flatten().enumerate() {
+            out.push((ns, i, svc));
+        }
     }
-    check_labels("/metadata/labels", &env.metadata.labels, &mut out);
-    for k in env.metadata.annotations.keys() {
+    out
+}
+
+/// Every semantic problem of one environment document. Works on the decoded JSON so that it
+/// can report alongside schema errors; fields of the wrong type are left to the schema.
+pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(name) = doc.pointer("/metadata/name").and_then(Value::as_str) {
+        if name == "default" || name.starts_with("kube-") || name == "system" {
+            out.push((
+                "/metadata/name".to_string(),
+                format!("environment name {name:?} is reserved"),
+            ));
+        }
+    }
+    check_labels(
+        "/metadata/labels",
+        &string_map(doc.pointer("/metadata/labels")),
+        &mut out,
+    );
+    for k in string_map(doc.pointer("/metadata/annotations")).keys() {
         if let Some(m) = label_key_problem(k) {
             out.push((
                 format!("/metadata/annotations/{}", escape_segment(k)),
@@ -181,8 +215,9 @@ pub fn check_environment(env: &Environment, limits: &Limits) -> Vec<(String, Str
             ));
         }
     }
-    check_labels("/spec/serviceLabels", &env.spec.service_labels, &mut out);
-    for (k, v) in &env.spec.service_labels {
+    let service_labels = string_map(doc.pointer("/spec/serviceLabels"));
+    check_labels("/spec/serviceLabels", &service_labels, &mut out);
+    for (k, v) in &service_labels {
         if let Some(platform) = limits.platform_labels.get(k).filter(|p| *p != v) {
             out.push((
                 format!("/spec/serviceLabels/{}", escape_segment(k)),
@@ -192,39 +227,50 @@ pub fn check_environment(env: &Environment, limits: &Limits) -> Vec<(String, Str
             ));
         }
     }
-    if let Some(m) = hostname_problem(&env.spec.hostname) {
-        out.push(("/spec/hostname".to_string(), m));
+    if let Some(host) = doc.pointer("/spec/hostname").and_then(Value::as_str) {
+        if let Some(m) = hostname_problem(host) {
+            out.push(("/spec/hostname".to_string(), m));
+        }
     }
+    check_env_vars(
+        "/spec/environmentd/env",
+        doc.pointer("/spec/environmentd/env"),
+        &mut out,
+    );
 
-    let mut ids: BTreeSet<(OrchestratorNamespace, &str)> = BTreeSet::new();
-    for (ns, i, svc) in env.spec.services.iter() {
+    let mut ids: BTreeSet<(OrchestratorNamespace, String)> = BTreeSet::new();
+    for (ns, i, svc) in services(doc) {
         let base = format!("/spec/services/{}/{i}", ns.as_str());
-        if !ids.insert((ns, svc.id.as_str())) {
-            out.push((
-                format!("{base}/id"),
-                format!("duplicate service id {:?} in {}", svc.id, ns.as_str()),
-            ));
+        if let Some(id) = svc.get("id").and_then(Value::as_str) {
+            if !ids.insert((ns, id.to_string())) {
+                out.push((
+                    format!("{base}/id"),
+                    format!("duplicate service id {id:?} in {}", ns.as_str()),
+                ));
+            }
+            let sts_name = format!("{}-{id}", ns.as_str());
+            if sts_name.len() > MAX_STATEFULSET_NAME {
+                out.push((
+                    format!("{base}/id"),
+                    format!(
+                        "service name {sts_name:?} is {} characters; at most {MAX_STATEFULSET_NAME} are allowed",
+                        sts_name.len()
+                    ),
+                ));
+            }
         }
-        let sts_name = format!("{}-{}", ns.as_str(), svc.id);
-        if sts_name.len() > MAX_STATEFULSET_NAME {
-            out.push((
-                format!("{base}/id"),
-                format!(
-                    "service name {sts_name:?} is {} characters; at most {MAX_STATEFULSET_NAME} are allowed",
-                    sts_name.len()
-                ),
-            ));
+        if let Some(scale) = svc.get("scale").and_then(Value::as_u64) {
+            if scale > u64::from(limits.max_scale) {
+                out.push((
+                    format!("{base}/scale"),
+                    format!(
+                        "scale {scale} is above the configured maximum of {} (--max-scale)",
+                        limits.max_scale
+                    ),
+                ));
+            }
         }
-        if svc.scale > limits.max_scale {
-            out.push((
-                format!("{base}/scale"),
-                format!(
-                    "scale {} is above the configured maximum of {} (--max-scale)",
-                    svc.scale, limits.max_scale
-                ),
-            ));
-        }
-        for (k, v) in &svc.labels {
+        for (k, v) in &string_map(svc.get("labels")) {
             let p = format!("{base}/labels/{}", escape_segment(k));
             if k.contains('/') {
                 out.push((
@@ -238,36 +284,32 @@ pub fn check_environment(env: &Environment, limits: &Limits) -> Vec<(String, Str
                 out.push((p, m));
             }
         }
-        if let Some(ports) = &svc.ports {
-            let mut names = BTreeSet::new();
-            let mut numbers = BTreeSet::new();
-            for (j, port) in ports.iter().enumerate() {
-                let pp = format!("{base}/ports/{j}");
-                if let Some(m) = port_name_problem(&port.name) {
+        let ports = svc.get("ports").and_then(Value::as_array);
+        let mut names = BTreeSet::new();
+        let mut numbers = BTreeSet::new();
+        for (j, port) in ports.into_iter().flatten().enumerate() {
+            let pp = format!("{base}/ports/{j}");
+            if let Some(name) = port.get("name").and_then(Value::as_str) {
+                if let Some(m) = port_name_problem(name) {
                     out.push((format!("{pp}/name"), m));
-                }
-                if !names.insert(port.name.as_str()) {
+                } else if !names.insert(name.to_string()) {
                     out.push((
                         format!("{pp}/name"),
-                        format!(
-                            "duplicate port name {:?} in service {:?}",
-                            port.name, svc.id
-                        ),
+                        format!("duplicate port name {name:?} in this service"),
                     ));
                 }
-                if !numbers.insert(port.port) {
+            }
+            if let Some(number) = port.get("port").and_then(Value::as_u64) {
+                if !numbers.insert(number) {
                     out.push((
                         format!("{pp}/port"),
-                        format!(
-                            "duplicate port number {} in service {:?}",
-                            port.port, svc.id
-                        ),
+                        format!("duplicate port number {number} in this service"),
                     ));
                 }
             }
         }
+        check_env_vars(&format!("{base}/env"), svc.get("env"), &mut out);
     }
-    check_env_vars(env, &mut out);
     out
 }
 
@@ -278,35 +320,14 @@ fn is_env_var_name(k: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-fn check_env_vars(env: &Environment, out: &mut Vec<(String, String)>) {
-    let mut bad = |pointer: String, k: &str| {
+fn check_env_vars(pointer: &str, env: Option<&Value>, out: &mut Vec<(String, String)>) {
+    for k in string_map(env).keys().filter(|k| !is_env_var_name(k)) {
         out.push((
-            pointer,
+            format!("{pointer}/{}", escape_segment(k)),
             format!(
                 "environment variable name {k:?} must be letters, digits, '_', '-' and '.', not starting with a digit"
             ),
-        ))
-    };
-    for k in env
-        .spec
-        .environmentd
-        .env
-        .keys()
-        .filter(|k| !is_env_var_name(k))
-    {
-        bad(format!("/spec/environmentd/env/{}", escape_segment(k)), k);
-    }
-    for (ns, i, svc) in env.spec.services.iter() {
-        for k in svc.env.keys().filter(|k| !is_env_var_name(k)) {
-            bad(
-                format!(
-                    "/spec/services/{}/{i}/env/{}",
-                    ns.as_str(),
-                    escape_segment(k)
-                ),
-                k,
-            );
-        }
+        ));
     }
 }
 

@@ -164,9 +164,11 @@ fn parse_file(file: &SourceFile) -> Result<(Vec<Document>, PositionIndex), Diagn
                 line: usize::try_from(l.line()).unwrap_or(usize::MAX),
                 col: usize::try_from(l.column()).unwrap_or(usize::MAX),
             });
-            let message = e.to_string();
-            let message = message.lines().next().unwrap_or("invalid YAML").to_string();
-            Diagnostic::at(&file.path, pos, format!("invalid YAML: {message}"))
+            Diagnostic::at(
+                &file.path,
+                pos,
+                format!("invalid YAML: {}", yaml_message(&e)),
+            )
         })?;
     let index = PositionIndex::build(text);
     let docs: Vec<Document> = docs
@@ -189,17 +191,15 @@ fn schema_diagnostics(
     doc: &Document,
     index: &PositionIndex,
     out: &mut Vec<Diagnostic>,
-) -> bool {
+) {
     let validator = match compiled_schema() {
         Ok(v) => v,
         Err(e) => {
             out.push(Diagnostic::file(file, e.clone()));
-            return false;
+            return;
         }
     };
-    let mut ok = true;
     for err in validator.iter_errors(&doc.value) {
-        ok = false;
         let at = err.instance_path().as_str().to_string();
         let mut push = |pointer: String, message: String| {
             out.push(Diagnostic {
@@ -228,10 +228,32 @@ fn schema_diagnostics(
                 let found = json_type(err.instance());
                 push(at, format!("{err}, found {found}"));
             }
+            jsonschema::error::ValidationErrorKind::Pattern { pattern } => {
+                let value = err.instance();
+                match types::pattern_meaning(pattern) {
+                    Some(meaning) => push(at, format!("{value} {meaning}")),
+                    None => push(at, err.to_string()),
+                }
+            }
             _ => push(at, err.to_string()),
         }
     }
-    ok
+}
+
+/// serde-saphyr's message without the position (we print our own) or API hints.
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let full = e.to_string();
+    let mut msg = full.lines().next().unwrap_or("invalid YAML").to_string();
+    if let Some(i) = msg.find(" at line ") {
+        msg.truncate(i);
+    }
+    if let Some(i) = msg.find(", set DuplicateKeyPolicy") {
+        msg.truncate(i);
+    }
+    if msg.contains("alias") && msg.contains("limit") {
+        msg = format!("aliases expand beyond envctl's limits ({msg}); is this an alias bomb?");
+    }
+    msg
 }
 
 /// Validates every file; never panics on any input.
@@ -271,33 +293,30 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
                         json_type(&doc.value)
                     ),
                 ));
-            } else if schema_diagnostics(&file.path, &doc, &index, &mut loaded.diagnostics) {
-                match serde_json::from_value::<Environment>(doc.value.clone()) {
-                    Err(e) => loaded.diagnostics.push(Diagnostic::at(
-                        &file.path,
-                        origin.pos,
-                        format!("decoding the environment: {e}"),
-                    )),
-                    Ok(environment) => {
-                        for (pointer, message) in
-                            check::check_environment(&environment, &options.limits)
-                        {
-                            loaded.diagnostics.push(Diagnostic {
-                                file: file.path.clone(),
-                                pos: index.lookup(doc.index, &pointer),
-                                pointer: Some(pointer),
-                                message,
-                            });
-                        }
-                        if loaded.diagnostics.len() == before {
-                            by_name
-                                .entry(environment.metadata.name.clone())
-                                .or_default()
-                                .push(LoadedEnvironment {
-                                    origin: origin.clone(),
-                                    environment,
-                                });
-                        }
+            } else {
+                schema_diagnostics(&file.path, &doc, &index, &mut loaded.diagnostics);
+                for (pointer, message) in check::check_environment(&doc.value, &options.limits) {
+                    loaded.diagnostics.push(Diagnostic {
+                        file: file.path.clone(),
+                        pos: index.lookup(doc.index, &pointer),
+                        pointer: Some(pointer),
+                        message,
+                    });
+                }
+                if loaded.diagnostics.len() == before {
+                    match serde_json::from_value::<Environment>(doc.value) {
+                        Err(e) => loaded.diagnostics.push(Diagnostic::at(
+                            &file.path,
+                            origin.pos,
+                            format!("decoding the environment: {e}"),
+                        )),
+                        Ok(environment) => by_name
+                            .entry(environment.metadata.name.clone())
+                            .or_default()
+                            .push(LoadedEnvironment {
+                                origin,
+                                environment,
+                            }),
                     }
                 }
             }

@@ -8,6 +8,29 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+pub const UUID_PATTERN: &str =
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+pub const REGION_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+pub const CPU_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$";
+pub const MEMORY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
+pub const IMAGE_PATTERN: &str = r"^[^\s]+$";
+
+/// What a schema pattern means, in words, for error messages.
+pub fn pattern_meaning(pattern: &str) -> Option<&'static str> {
+    match pattern {
+        NAME_PATTERN => Some(
+            "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+        ),
+        UUID_PATTERN => Some("must be a UUID such as 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11"),
+        REGION_PATTERN => Some("must be <provider>/<region>, such as aws/us-east-1"),
+        CPU_PATTERN => Some("must be a CPU quantity such as 2, 0.5 or 500m"),
+        MEMORY_PATTERN => Some("must be a memory quantity such as 8Gi or 512Mi"),
+        IMAGE_PATTERN => Some("must be an image reference without whitespace"),
+        _ => None,
+    }
+}
+
 /// The only `apiVersion` this envctl reads.
 pub const API_VERSION: &str = "envctl.materialize.cloud/v1alpha1";
 /// The only `kind` this envctl reads.
@@ -43,7 +66,7 @@ pub enum Kind {
 pub struct Metadata {
     /// The environment's name, a DNS-1123 label; its namespace is `environment-<name>`, so at
     /// most 51 characters.
-    #[schemars(length(min = 1, max = 51), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 51), pattern(NAME_PATTERN))]
     pub name: String,
     /// Labels copied onto the environment's namespace.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -57,12 +80,10 @@ pub struct Metadata {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EnvironmentSpec {
     /// The owning organization's UUID.
-    #[schemars(pattern(
-        r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-    ))]
+    #[schemars(pattern(UUID_PATTERN))]
     pub organization: String,
     /// The cloud region, `<provider>/<region>`, e.g. `aws/us-east-1`.
-    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(pattern(REGION_PATTERN))]
     pub region: String,
     /// The environment's DNS name; the TLS certificate is issued for it.
     #[schemars(length(min = 1, max = 253))]
@@ -116,15 +137,15 @@ impl ImagePullPolicy {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Environmentd {
     /// Container image of environmentd.
-    #[schemars(length(min = 1, max = 512), pattern(r"^[^\s]+$"))]
+    #[schemars(length(min = 1, max = 512), pattern(IMAGE_PATTERN))]
     pub image: String,
     /// Kubernetes CPU quantity requested, e.g. `2` or `500m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$"))]
+    #[schemars(pattern(CPU_PATTERN))]
     pub cpu: Option<String>,
     /// Kubernetes memory quantity, requested and the limit, e.g. `8Gi` or `512Mi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[schemars(pattern(MEMORY_PATTERN))]
     pub memory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,
@@ -184,21 +205,21 @@ impl OrchestratorNamespace {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Service {
     /// The service's id within its orchestrator namespace, e.g. `cluster-0` or `runtime`.
-    #[schemars(length(min = 1, max = 43), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 43), pattern(NAME_PATTERN))]
     pub id: String,
     /// Container image of clusterd.
-    #[schemars(length(min = 1, max = 512), pattern(r"^[^\s]+$"))]
+    #[schemars(length(min = 1, max = 512), pattern(IMAGE_PATTERN))]
     pub image: String,
     /// Number of clusterd processes (StatefulSet replicas).
     #[schemars(range(min = 0))]
     pub scale: u32,
     /// Kubernetes CPU quantity requested, e.g. `2` or `500m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$"))]
+    #[schemars(pattern(CPU_PATTERN))]
     pub cpu: Option<String>,
     /// Kubernetes memory quantity, requested and the limit, e.g. `8Gi` or `512Mi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[schemars(pattern(MEMORY_PATTERN))]
     pub memory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,

@@ -43,6 +43,7 @@ fn read_bounded(path: &Path, shown: &str, max: u64) -> Result<Vec<u8>, Diagnosti
 struct Walk<'a> {
     max_size: u64,
     root_canonical: PathBuf,
+    root_shown: String,
     seen: BTreeSet<PathBuf>,
     files: &'a mut Vec<SourceFile>,
     problems: &'a mut Vec<Diagnostic>,
@@ -64,12 +65,14 @@ impl Walk<'_> {
                 Ok(t) if t.starts_with(&self.root_canonical) => t,
                 Ok(t) => {
                     if depth == 0 || is_manifest_name(path) || t.is_dir() {
+                        let link = fs::read_link(path)
+                            .map(|l| l.display().to_string())
+                            .unwrap_or_default();
                         self.problems.push(Diagnostic::file(
                             &shown,
                             format!(
-                                "symlink leads outside {} (to {}); refused",
-                                self.root_canonical.display(),
-                                t.display()
+                                "symlink to {link} leads outside {}; refused",
+                                self.root_shown
                             ),
                         ));
                     }
@@ -161,6 +164,7 @@ pub fn read_paths(paths: &[PathBuf], max_size: u64) -> (Vec<SourceFile>, Vec<Dia
         let mut walk = Walk {
             max_size,
             root_canonical,
+            root_shown: root.display().to_string(),
             seen: BTreeSet::new(),
             files: &mut files,
             problems: &mut problems,

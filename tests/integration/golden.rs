@@ -1,0 +1,83 @@
+//! Golden tests: every folder of `tests/golden/` holds an input (`in/`, or a `source` file
+//! naming a folder of the repository), optional extra arguments (`args`, one per line), and
+//! the expected transcripts `validate.out` and `render.out`.
+
+use std::path::Path;
+
+use crate::support::{check_golden, repo_root, run_envctl};
+
+fn case_args(case: &Path) -> (std::path::PathBuf, String, Vec<String>) {
+    let extra: Vec<String> = std::fs::read_to_string(case.join("args"))
+        .map(|s| {
+            s.lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    match std::fs::read_to_string(case.join("source")) {
+        Ok(src) => (repo_root(), src.trim().to_string(), extra),
+        Err(_) => (case.to_path_buf(), "in".to_string(), extra),
+    }
+}
+
+#[test]
+fn golden_cases() {
+    let dir = repo_root().join("tests/golden");
+    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+        .expect("listing tests/golden")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 30,
+        "expected the golden corpus, found {} cases",
+        cases.len()
+    );
+    let mut failures = Vec::new();
+    for case in &cases {
+        let (cwd, input, extra) = case_args(case);
+        for command in ["validate", "render"] {
+            let mut args = vec![command.to_string(), input.clone()];
+            args.extend(extra.iter().cloned());
+            let actual = run_envctl(&cwd, &args);
+            let name = case.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+            // Bad inputs must be rejected with exit 2; good ones accepted with exit 0.
+            let want_exit = if name.starts_with("bad-") {
+                "exit: 2\n"
+            } else {
+                "exit: 0\n"
+            };
+            if !actual.starts_with(want_exit) {
+                failures.push(format!(
+                    "{name} {command}: expected {want_exit:?}, got:\n{actual}"
+                ));
+            }
+            if actual.contains("panicked") {
+                failures.push(format!("{name} {command}: panicked:\n{actual}"));
+            }
+            if let Err(e) = check_golden(&case.join(format!("{command}.out")), &actual) {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} golden failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn committed_schema_is_generated_from_the_types() {
+    let path = repo_root().join("schemas/environment.schema.json");
+    let mut actual =
+        serde_json::to_string_pretty(&envctl::manifest::json_schema()).expect("schema to JSON");
+    actual.push('\n');
+    if let Err(e) = check_golden(&path, &actual) {
+        panic!("{e}\nrefresh with: ENVCTL_BLESS=1 cargo test --test integration");
+    }
+}

@@ -1,0 +1,7 @@
+//! The one integration-test binary: golden files (no cluster) and cluster tests (a real
+//! kube-apiserver started by `scripts/control-plane`, or `ENVCTL_TEST_KUBECONFIG`).
+//!
+//! Refresh every golden file with `ENVCTL_BLESS=1 cargo test --test integration`.
+
+mod golden;
+mod support;

@@ -1,0 +1,50 @@
+//! Shared helpers: running the built `envctl` binary and comparing against golden files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn blessing() -> bool {
+    std::env::var_os("ENVCTL_BLESS").is_some_and(|v| v != "0")
+}
+
+/// Runs `envctl ARGS` in `cwd`; returns the transcript `exit: N`, stdout and stderr.
+pub fn run_envctl(cwd: &Path, args: &[String]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("ENVCTL_MAX_SCALE")
+        .env_remove("ENVCTL_MAX_FILE_SIZE")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running the envctl binary");
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status
+            .code()
+            .map_or_else(|| "signal".to_string(), |c| c.to_string()),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Compares `actual` with the golden file at `path` (or rewrites it when blessing).
+/// Returns a readable diff on mismatch.
+pub fn check_golden(path: &Path, actual: &str) -> Result<(), String> {
+    if blessing() {
+        std::fs::write(path, actual).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        return Ok(());
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
+    if expected == actual {
+        return Ok(());
+    }
+    let diff = similar::TextDiff::from_lines(&expected, actual)
+        .unified_diff()
+        .header("expected", "actual")
+        .to_string();
+    Err(format!("{} differs:\n{diff}", path.display()))
+}
