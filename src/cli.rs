@@ -1,14 +1,18 @@
 //! The command line: argument definitions and one `run` that dispatches to the pipeline's
 //! stages. Owns printing and exit codes; holds no reconcile logic of its own.
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cluster::{self, ConnectError};
+use crate::controller::{self, PassOptions, PassPlan};
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, Limits, LoadOptions, Loaded};
+use crate::observe::ObserveError;
+use crate::plan::{MaxPrune, PrunePolicy};
 use crate::render::{self, RenderOptions};
 use crate::source;
 
@@ -33,20 +37,34 @@ impl From<Exit> for std::process::ExitCode {
 pub enum CliError {
     #[error("writing output")]
     Output(#[source] std::io::Error),
-    #[error("encoding objects as {format}: {message}")]
+    #[error("encoding {what} as {format}: {message}")]
     Encode {
+        what: &'static str,
         format: &'static str,
         message: String,
     },
     #[error("{count} invalid input file(s); nothing was rendered")]
     Invalid { count: usize },
+    #[error("connecting to the cluster")]
+    Connect(#[source] ConnectError),
+    #[error("reading the cluster")]
+    Observe(#[source] ObserveError),
+    #[error("starting the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("{failed} object(s) could not be written")]
+    Apply { failed: usize, unreachable: bool },
 }
 
 impl CliError {
     pub fn exit_code(&self) -> Exit {
         match self {
             CliError::Invalid { .. } => Exit::Invalid,
-            CliError::Output(_) | CliError::Encode { .. } => Exit::Failure,
+            CliError::Connect(_) => Exit::Cluster,
+            CliError::Observe(e) if e.is_unreachable() => Exit::Cluster,
+            CliError::Apply {
+                unreachable: true, ..
+            } => Exit::Cluster,
+            _ => Exit::Failure,
         }
     }
 }
@@ -71,25 +89,62 @@ pub enum Command {
         #[command(flatten)]
         manifests: ManifestArgs,
         /// Output format.
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = RenderFormat::Yaml)]
-        output: RenderFormat,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Yaml)]
+        output: Format,
+    },
+    /// Show what `apply` would change: a unified diff per object and a summary.
+    /// Exit 0: nothing to change; 1: changes; 2: invalid input; 3: cluster unreachable.
+    Diff {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        prune: PruneArgs,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+        /// What to compare with: the cluster, or `none` (an empty cluster; no cluster needed).
+        #[arg(long, value_enum, default_value_t = LiveMode::Cluster)]
+        live: LiveMode,
+    },
+    /// One reconcile pass: server-side apply what changed, delete what is gone (with --prune).
+    Apply {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        prune: PruneArgs,
+        /// Output format of the plan that is executed.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
     },
     /// Print the manifest's JSON Schema (the committed schemas/environment.schema.json).
     Schema,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum RenderFormat {
+pub enum Format {
     Yaml,
     Json,
 }
 
-/// Where manifests come from and the platform settings that judge them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LiveMode {
+    Cluster,
+    None,
+}
+
+/// Platform settings that judge and shape manifests.
 #[derive(Debug, Args)]
-pub struct ManifestArgs {
-    /// Manifest files or directories (searched recursively for *.yaml and *.yml).
-    #[arg(default_value = ".")]
-    pub paths: Vec<PathBuf>,
+pub struct PolicyArgs {
     /// Highest `scale` a service may ask for.
     #[arg(long, env = "ENVCTL_MAX_SCALE", default_value_t = 64)]
     pub max_scale: u32,
@@ -100,6 +155,62 @@ pub struct ManifestArgs {
     /// --orchestrator-service-label.
     #[arg(long = "orchestrator-service-label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub orchestrator_service_labels: Vec<(String, String)>,
+}
+
+/// Manifests named as paths.
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Manifest files or directories (searched recursively for *.yaml and *.yml).
+    #[arg(default_value = ".")]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// Manifests from a source.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// A directory of manifests.
+    #[arg(long, env = "ENVCTL_SOURCE", default_value = ".")]
+    pub source: PathBuf,
+    /// A subdirectory of the source holding the manifests.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "ENVCTL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Concurrent requests to the API server.
+    #[arg(long, env = "ENVCTL_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Delete owned objects and environments that are no longer in the source.
+    #[arg(long, env = "ENVCTL_PRUNE")]
+    pub prune: bool,
+    /// Most environments one pass may delete: a count or a share of the live ones (`25%`).
+    #[arg(long, env = "ENVCTL_MAX_PRUNE", default_value = "25%")]
+    pub max_prune: MaxPrune,
+    /// Delete even when more environments would go than --max-prune allows.
+    #[arg(long)]
+    pub allow_mass_prune: bool,
+}
+
+impl PruneArgs {
+    fn policy(&self) -> PrunePolicy {
+        PrunePolicy {
+            enabled: self.prune,
+            allow_mass_prune: self.allow_mass_prune,
+            max_prune: self.max_prune,
+        }
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -117,7 +228,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-impl ManifestArgs {
+impl PolicyArgs {
     pub fn platform_labels(&self) -> BTreeMap<String, String> {
         self.orchestrator_service_labels.iter().cloned().collect()
     }
@@ -137,19 +248,28 @@ impl ManifestArgs {
         }
     }
 
-    /// Reads and validates every manifest; reading problems become diagnostics too.
-    pub fn load(&self) -> Loaded {
-        let (files, problems) = source::read_paths(&self.paths, self.max_file_size);
+    /// Reads and validates every manifest under `paths`; reading problems become
+    /// diagnostics too.
+    pub fn load(&self, paths: &[PathBuf]) -> Loaded {
+        let (files, problems) = source::read_paths(paths, self.max_file_size);
         let mut loaded = manifest::load(&files, &self.load_options());
         if !problems.is_empty() {
-            let unread: std::collections::BTreeSet<String> =
-                problems.iter().map(|d| d.file.clone()).collect();
+            let unread: BTreeSet<String> = problems.iter().map(|d| d.file.clone()).collect();
             loaded.files += unread.len();
             loaded.unattributed_files.extend(unread);
             loaded.diagnostics.extend(problems);
             loaded.diagnostics.sort();
         }
         loaded
+    }
+}
+
+impl SourceArgs {
+    fn root(&self) -> PathBuf {
+        match &self.path {
+            Some(p) => self.source.join(p),
+            None => self.source.clone(),
+        }
     }
 }
 
@@ -161,8 +281,7 @@ fn print_diagnostics(out: &mut impl Write, diagnostics: &[Diagnostic]) -> Result
 }
 
 fn summary(loaded: &Loaded) -> String {
-    let bad_files: std::collections::BTreeSet<&str> =
-        loaded.diagnostics.iter().map(|d| d.file.as_str()).collect();
+    let bad_files: BTreeSet<&str> = loaded.diagnostics.iter().map(|d| d.file.as_str()).collect();
     if loaded.files == 0 {
         return "no manifest files found (*.yaml, *.yml)".to_string();
     }
@@ -182,13 +301,91 @@ fn summary(loaded: &Loaded) -> String {
     )
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)
+}
+
+fn encode_json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<String, CliError> {
+    serde_json::to_string_pretty(v)
+        .map(|mut s| {
+            s.push('\n');
+            s
+        })
+        .map_err(|e| CliError::Encode {
+            what,
+            format: "json",
+            message: e.to_string(),
+        })
+}
+
+/// The plan as `-o json` prints it (documented in the README).
+#[derive(serde::Serialize)]
+struct PlanDocument<'a> {
+    #[serde(flatten)]
+    plan: &'a crate::plan::Plan,
+    diagnostics: &'a [Diagnostic],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<&'a crate::apply::Report>,
+}
+
+fn print_plan(
+    out: &mut impl Write,
+    pass: &PassPlan,
+    loaded: &Loaded,
+    format: PlanFormat,
+    applied: Option<&crate::apply::Report>,
+) -> Result<(), CliError> {
+    match format {
+        PlanFormat::Json => {
+            let doc = PlanDocument {
+                plan: &pass.plan,
+                diagnostics: &loaded.diagnostics,
+                applied,
+            };
+            out.write_all(encode_json("the plan", &doc)?.as_bytes())
+                .map_err(CliError::Output)
+        }
+        PlanFormat::Text => {
+            let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let mut err = std::io::stderr().lock();
+            print_diagnostics(&mut err, &loaded.diagnostics)?;
+            out.write_all(crate::plan::render_text(&pass.plan, color).as_bytes())
+                .map_err(CliError::Output)?;
+            if let Some(r) = applied {
+                for f in &r.failures {
+                    writeln!(
+                        err,
+                        "failed to {} {}: {}",
+                        f.action.as_str(),
+                        f.object,
+                        f.error
+                    )
+                    .map_err(CliError::Output)?;
+                }
+                writeln!(
+                    out,
+                    "applied {}, deleted {}, failed {}",
+                    r.applied,
+                    r.deleted,
+                    r.failures.len()
+                )
+                .map_err(CliError::Output)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<Exit, CliError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match cli.command {
         Command::Validate(args) => {
-            let loaded = args.load();
+            let loaded = args.policy.load(&args.paths);
             print_diagnostics(&mut out, &loaded.diagnostics)?;
             writeln!(out, "{}", summary(&loaded)).map_err(CliError::Output)?;
             Ok(if loaded.is_valid() && loaded.files > 0 {
@@ -198,34 +395,93 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             })
         }
         Command::Render { manifests, output } => {
-            let loaded = manifests.load();
+            let loaded = manifests.policy.load(&manifests.paths);
             if !loaded.is_valid() {
                 let mut err = std::io::stderr().lock();
                 print_diagnostics(&mut err, &loaded.diagnostics)?;
-                return Err(CliError::Invalid {
-                    count: loaded
-                        .diagnostics
-                        .iter()
-                        .map(|d| &d.file)
-                        .collect::<std::collections::BTreeSet<_>>()
-                        .len(),
-                });
+                let files: BTreeSet<&String> = loaded.diagnostics.iter().map(|d| &d.file).collect();
+                return Err(CliError::Invalid { count: files.len() });
             }
             let envs: Vec<&manifest::Environment> =
                 loaded.environments.iter().map(|e| &e.environment).collect();
-            let objects = render::render(&envs, &manifests.render_options());
+            let objects = render::render(&envs, &manifests.policy.render_options());
             let text = encode_objects(&objects, output)?;
             out.write_all(text.as_bytes()).map_err(CliError::Output)?;
             Ok(Exit::Ok)
         }
-        Command::Schema => {
-            let text = serde_json::to_string_pretty(&manifest::json_schema()).map_err(|e| {
-                CliError::Encode {
-                    format: "json",
-                    message: e.to_string(),
-                }
+        Command::Diff {
+            source,
+            cluster,
+            prune,
+            output,
+            live,
+        } => {
+            let loaded = source.policy.load(&[source.root()]);
+            let options = PassOptions {
+                render: source.policy.render_options(),
+                prune: prune.policy(),
+                concurrency: cluster.concurrency,
+            };
+            let pass = runtime()?.block_on(async {
+                let client = match live {
+                    LiveMode::None => None,
+                    LiveMode::Cluster => Some(
+                        cluster::connect(cluster.kubeconfig.as_deref())
+                            .await
+                            .map_err(CliError::Connect)?,
+                    ),
+                };
+                controller::plan_pass(client.as_ref(), &loaded, &options)
+                    .await
+                    .map_err(CliError::Observe)
             })?;
-            writeln!(out, "{text}").map_err(CliError::Output)?;
+            print_plan(&mut out, &pass, &loaded, output, None)?;
+            Ok(if !loaded.is_valid() {
+                Exit::Invalid
+            } else if pass.plan.has_changes() {
+                Exit::Changes
+            } else {
+                Exit::Ok
+            })
+        }
+        Command::Apply {
+            source,
+            cluster,
+            prune,
+            output,
+        } => {
+            let loaded = source.policy.load(&[source.root()]);
+            let options = PassOptions {
+                render: source.policy.render_options(),
+                prune: prune.policy(),
+                concurrency: cluster.concurrency,
+            };
+            let (pass, report) = runtime()?.block_on(async {
+                let client = cluster::connect(cluster.kubeconfig.as_deref())
+                    .await
+                    .map_err(CliError::Connect)?;
+                let pass = controller::plan_pass(Some(&client), &loaded, &options)
+                    .await
+                    .map_err(CliError::Observe)?;
+                let report = controller::apply_pass(&client, &pass, &options).await;
+                Ok::<_, CliError>((pass, report))
+            })?;
+            print_plan(&mut out, &pass, &loaded, output, Some(&report))?;
+            if !report.failures.is_empty() {
+                return Err(CliError::Apply {
+                    failed: report.failures.len(),
+                    unreachable: report.unreachable(),
+                });
+            }
+            Ok(if loaded.is_valid() {
+                Exit::Ok
+            } else {
+                Exit::Invalid
+            })
+        }
+        Command::Schema => {
+            let text = encode_json("the schema", &manifest::json_schema())?;
+            out.write_all(text.as_bytes()).map_err(CliError::Output)?;
             Ok(Exit::Ok)
         }
     }
@@ -234,14 +490,15 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
 /// Objects as a YAML stream (`---` between documents) or a JSON `v1 List`.
 pub fn encode_objects(
     objects: &[render::DesiredObject],
-    format: RenderFormat,
+    format: Format,
 ) -> Result<String, CliError> {
     match format {
-        RenderFormat::Yaml => {
+        Format::Yaml => {
             let mut text = String::new();
             for o in objects {
                 text.push_str("---\n");
                 let doc = serde_saphyr::to_string(&o.object).map_err(|e| CliError::Encode {
+                    what: "objects",
                     format: "yaml",
                     message: e.to_string(),
                 })?;
@@ -252,18 +509,13 @@ pub fn encode_objects(
             }
             Ok(text)
         }
-        RenderFormat::Json => {
+        Format::Json => {
             let list = serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "List",
                 "items": objects.iter().map(|o| &o.object).collect::<Vec<_>>(),
             });
-            let mut text = serde_json::to_string_pretty(&list).map_err(|e| CliError::Encode {
-                format: "json",
-                message: e.to_string(),
-            })?;
-            text.push('\n');
-            Ok(text)
+            encode_json("objects", &list)
         }
     }
 }

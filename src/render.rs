@@ -27,6 +27,8 @@ pub const PROTECT_ANNOTATION: &str = "envctl.materialize.cloud/protect";
 pub const REGION_ANNOTATION: &str = "envctl.materialize.cloud/region";
 pub const ORGANIZATION_ANNOTATION: &str = "envctl.materialize.cloud/organization";
 pub const HOSTNAME_ANNOTATION: &str = "envctl.materialize.cloud/hostname";
+/// Hash of the object envctl last applied; lets `plan` prove "unchanged" without a request.
+pub const HASH_ANNOTATION: &str = "envctl.materialize.cloud/desired-hash";
 pub const CLOUD_PROVIDER_LABEL: &str = "envctl.materialize.cloud/cloud-provider";
 pub const CLOUD_REGION_LABEL: &str = "envctl.materialize.cloud/cloud-region";
 const ORCH_NAMESPACE_LABEL: &str = "environmentd.materialize.cloud/namespace";
@@ -487,14 +489,46 @@ fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Desired
     );
 
     out.into_iter()
-        .map(|(kind, obj_name, object)| DesiredObject {
-            environment: name.clone(),
-            kind,
-            namespace: kind.namespaced().then(|| ns.clone()),
-            name: obj_name,
-            object,
+        .map(|(kind, obj_name, mut object)| {
+            stamp_hash(&mut object);
+            DesiredObject {
+                environment: name.clone(),
+                kind,
+                namespace: kind.namespaced().then(|| ns.clone()),
+                name: obj_name,
+                object,
+            }
         })
         .collect()
+}
+
+/// FNV-1a of the object's canonical JSON: the value of `HASH_ANNOTATION`.
+pub fn desired_hash(object: &Value) -> String {
+    let text = object.to_string();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Stamps `HASH_ANNOTATION` (computed without it) into the object's annotations, kept sorted.
+fn stamp_hash(object: &mut Value) {
+    let hash = desired_hash(object);
+    let Some(Value::Object(meta)) = object.get_mut("metadata") else {
+        return;
+    };
+    let mut annotations: BTreeMap<String, Value> = meta
+        .get("annotations")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    annotations.insert(HASH_ANNOTATION.to_string(), Value::from(hash));
+    meta.insert(
+        "annotations".into(),
+        Value::Object(annotations.into_iter().collect()),
+    );
 }
 
 /// The desired objects of every environment: environments by name, then apply order.

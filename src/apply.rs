@@ -1,0 +1,140 @@
+//! Apply: the only writer to the cluster. Executes a `Plan` exactly: server-side apply
+//! (field manager `envctl`, forced) for creates and updates in kind order, then deletes in
+//! reverse order, guarded by the live object's uid. Environments run concurrently up to a
+//! bound; it never re-decides what the plan said.
+
+use std::collections::BTreeMap;
+
+use futures::{StreamExt, stream};
+use kube::Client;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
+
+use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
+use crate::plan::{Action, Change, Plan};
+
+/// One object that could not be written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub object: String,
+    pub action: Action,
+    pub error: String,
+    #[serde(skip)]
+    pub unreachable: bool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub applied: usize,
+    pub deleted: usize,
+    pub failures: Vec<Failure>,
+}
+
+impl Report {
+    pub fn unreachable(&self) -> bool {
+        !self.failures.is_empty() && self.failures.iter().all(|f| f.unreachable)
+    }
+}
+
+fn error_text(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
+        other => {
+            let mut text = other.to_string();
+            let mut src = std::error::Error::source(other);
+            while let Some(s) = src {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                src = s.source();
+            }
+            text
+        }
+    }
+}
+
+async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error> {
+    let key = &change.key;
+    let api = api(client, key.kind, key.namespace.as_deref());
+    match change.action {
+        Action::Create | Action::Update => {
+            let Some(object) = &change.object else {
+                return Ok(());
+            };
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&key.name, &params, &Patch::Apply(object)).await?;
+        }
+        Action::Delete => {
+            let params = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                preconditions: change.uid.clone().map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&key.name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One environment's changes: each kind's objects concurrently, kinds in order; a failure
+/// stops the later kinds of that environment (a StatefulSet without its Service is worse
+/// than neither).
+async fn execute_environment(client: &Client, changes: Vec<&Change>) -> Report {
+    let mut report = Report::default();
+    let mut groups: Vec<Vec<&Change>> = Vec::new();
+    for c in changes {
+        match groups.last_mut() {
+            Some(g) if g[0].key.kind == c.key.kind && g[0].action == c.action => g.push(c),
+            _ => groups.push(vec![c]),
+        }
+    }
+    for group in groups {
+        let results = futures::future::join_all(group.iter().map(|c| execute_one(client, c))).await;
+        let mut failed = false;
+        for (c, r) in group.iter().zip(results) {
+            match r {
+                Ok(()) if c.action == Action::Delete => report.deleted += 1,
+                Ok(()) => report.applied += 1,
+                Err(e) => {
+                    failed = true;
+                    report.failures.push(Failure {
+                        object: c.key.to_string(),
+                        action: c.action,
+                        error: error_text(&e),
+                        unreachable: is_unreachable_or_refused(&e),
+                    });
+                }
+            }
+        }
+        if failed {
+            break;
+        }
+    }
+    report
+}
+
+/// Executes every change of `plan`, `concurrency` environments at a time.
+pub async fn execute(client: &Client, plan: &Plan, concurrency: usize) -> Report {
+    let mut by_env: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+    for c in &plan.changes {
+        by_env.entry(c.environment.as_str()).or_default().push(c);
+    }
+    let reports: Vec<Report> = stream::iter(by_env.into_values())
+        .map(|changes| execute_environment(client, changes))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut total = Report::default();
+    for r in reports {
+        total.applied += r.applied;
+        total.deleted += r.deleted;
+        total.failures.extend(r.failures);
+    }
+    total.failures.sort_by(|a, b| a.object.cmp(&b.object));
+    total
+}

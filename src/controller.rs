@@ -1,0 +1,85 @@
+//! The reconcile pass shared by `envctl diff`, `envctl apply` and (later) `envctl run`:
+//! loaded manifests -> render -> observe -> plan, and optionally -> apply.
+//!
+//! Owns the order of the named steps and nothing else: each step's logic lives in its module.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use kube::Client;
+
+use crate::apply::{self, Report};
+use crate::manifest::Loaded;
+use crate::observe::{self, ObserveError};
+use crate::plan::{self, Live, Plan, PrunePolicy, SourceHealth};
+use crate::render::{self, DesiredObject, RenderOptions};
+
+/// Settings of one pass.
+#[derive(Debug, Clone)]
+pub struct PassOptions {
+    pub render: RenderOptions,
+    pub prune: PrunePolicy,
+    /// Concurrent requests (dry-runs) and concurrently applied environments.
+    pub concurrency: usize,
+}
+
+/// What a pass found, with timings of its steps.
+#[derive(Debug)]
+pub struct PassPlan {
+    pub desired: Vec<DesiredObject>,
+    pub plan: Plan,
+    pub dry_runs: usize,
+    pub timings: BTreeMap<&'static str, std::time::Duration>,
+}
+
+/// Renders the valid environments and plans them against the cluster (or against an empty
+/// cluster when `client` is `None`).
+pub async fn plan_pass(
+    client: Option<&Client>,
+    loaded: &Loaded,
+    options: &PassOptions,
+) -> Result<PassPlan, ObserveError> {
+    let mut timings = BTreeMap::new();
+    let t = Instant::now();
+    let envs: Vec<&crate::manifest::Environment> =
+        loaded.environments.iter().map(|e| &e.environment).collect();
+    let desired = render::render(&envs, &options.render);
+    timings.insert("render", t.elapsed());
+
+    let t = Instant::now();
+    let live = match client {
+        Some(c) => observe::list_owned(c, None).await?,
+        None => Live::default(),
+    };
+    timings.insert("observe", t.elapsed());
+
+    let t = Instant::now();
+    let to_check = plan::needs_dry_run(&desired, &live);
+    let dry_runs = to_check.len();
+    let answers = match client {
+        Some(c) if !to_check.is_empty() => {
+            observe::dry_run(c, &to_check, options.concurrency).await?
+        }
+        _ => BTreeMap::new(),
+    };
+    timings.insert("dry-run", t.elapsed());
+
+    let t = Instant::now();
+    let health = SourceHealth {
+        invalid_environments: loaded.invalid_names.clone(),
+        unattributed_files: loaded.unattributed_files.clone(),
+    };
+    let plan = plan::build(&desired, &live, &answers, &health, &options.prune);
+    timings.insert("plan", t.elapsed());
+    Ok(PassPlan {
+        desired,
+        plan,
+        dry_runs,
+        timings,
+    })
+}
+
+/// Executes a planned pass.
+pub async fn apply_pass(client: &Client, pass: &PassPlan, options: &PassOptions) -> Report {
+    apply::execute(client, &pass.plan, options.concurrency).await
+}

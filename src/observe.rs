@@ -1,0 +1,138 @@
+//! Observe: reads what is live, never changes it. Lists the objects envctl owns (label
+//! `app.kubernetes.io/managed-by=envctl`) and asks the server what a server-side apply would
+//! make of a desired object (`dryRun=All`), which persists nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::Client;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::Value;
+
+use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
+use crate::plan::{Live, ObjectKey};
+use crate::render::{DesiredObject, MANAGED_BY_KEY, MANAGED_BY_VALUE, ObjectKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error("listing {kind} objects owned by envctl")]
+    List {
+        kind: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("dry-run server-side apply of {key}")]
+    DryRun {
+        key: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("encoding a listed {kind}")]
+    Encode {
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ObserveError {
+    /// The cluster could not be reached or refused envctl's credentials.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ObserveError::List { source, .. } | ObserveError::DryRun { source, .. } => {
+                is_unreachable_or_refused(source)
+            }
+            ObserveError::Encode { .. } => false,
+        }
+    }
+}
+
+/// Kinds listed when observing (Secrets join when envctl stores certificates).
+pub const OBSERVED_KINDS: [ObjectKind; 6] = [
+    ObjectKind::Namespace,
+    ObjectKind::ServiceAccount,
+    ObjectKind::Role,
+    ObjectKind::RoleBinding,
+    ObjectKind::Service,
+    ObjectKind::StatefulSet,
+];
+
+async fn list_kind(client: &Client, kind: ObjectKind) -> Result<Vec<Value>, ObserveError> {
+    let api = api(client, kind, None);
+    let mut params = ListParams::default()
+        .labels(&format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE}"))
+        .limit(500);
+    let mut out = Vec::new();
+    loop {
+        let page = api
+            .list(&params)
+            .await
+            .map_err(|source| ObserveError::List {
+                kind: kind.as_str(),
+                source,
+            })?;
+        for item in page.items {
+            let v = serde_json::to_value(&item).map_err(|source| ObserveError::Encode {
+                kind: kind.as_str(),
+                source,
+            })?;
+            out.push(v);
+        }
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Every object envctl owns, or only those of `environments` when given.
+pub async fn list_owned(
+    client: &Client,
+    environments: Option<&BTreeSet<String>>,
+) -> Result<Live, ObserveError> {
+    let lists =
+        futures::future::try_join_all(OBSERVED_KINDS.iter().map(|k| list_kind(client, *k))).await?;
+    let mut live = Live::default();
+    for (kind, items) in OBSERVED_KINDS.iter().zip(lists) {
+        for item in items {
+            live.insert(*kind, item);
+        }
+    }
+    if let Some(envs) = environments {
+        live.objects
+            .retain(|_, o| o.environment.as_ref().is_some_and(|e| envs.contains(e)));
+    }
+    Ok(live)
+}
+
+/// The server's answer to a dry-run server-side apply of each object, `concurrency` at a time.
+pub async fn dry_run(
+    client: &Client,
+    objects: &[&DesiredObject],
+    concurrency: usize,
+) -> Result<BTreeMap<ObjectKey, Value>, ObserveError> {
+    let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+    stream::iter(objects.iter().map(|d| {
+        let params = params.clone();
+        async move {
+            let key = ObjectKey::of(d);
+            let api = api(client, d.kind, d.namespace.as_deref());
+            let result = api
+                .patch(&d.name, &params, &Patch::Apply(&d.object))
+                .await
+                .map_err(|source| ObserveError::DryRun {
+                    key: key.to_string(),
+                    source,
+                })?;
+            let v = serde_json::to_value(&result).map_err(|source| ObserveError::Encode {
+                kind: d.kind.as_str(),
+                source,
+            })?;
+            Ok::<_, ObserveError>((key, v))
+        }
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .try_collect()
+    .await
+}

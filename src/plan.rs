@@ -1,0 +1,615 @@
+//! Plan: the pure comparison of desired objects with live ones. Decides, for every object,
+//! create / update / delete / unchanged, applies the prune guards, and renders the diff.
+//!
+//! No I/O and no clock: `observe` supplies the live objects and the server's dry-run answers,
+//! `apply` executes the result exactly. Secret data never reaches a diff.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::render::{
+    DesiredObject, ENVIRONMENT_LABEL, HASH_ANNOTATION, ObjectKind, PROTECT_ANNOTATION,
+};
+
+/// Identity of one object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub kind: ObjectKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn of(d: &DesiredObject) -> ObjectKey {
+        ObjectKey {
+            kind: d.kind,
+            namespace: d.namespace.clone(),
+            name: d.name.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind.as_str(), self.name),
+            None => write!(f, "{} {}", self.kind.as_str(), self.name),
+        }
+    }
+}
+
+/// One object envctl owns, as the server has it.
+#[derive(Debug, Clone)]
+pub struct LiveObject {
+    pub key: ObjectKey,
+    /// The `envctl.materialize.cloud/environment` label.
+    pub environment: Option<String>,
+    pub object: Value,
+}
+
+/// Every live object envctl owns.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub objects: BTreeMap<ObjectKey, LiveObject>,
+}
+
+impl Live {
+    /// Adds a listed object (list items come without `apiVersion` and `kind`; they are set
+    /// from `kind`).
+    pub fn insert(&mut self, kind: ObjectKind, mut object: Value) {
+        if let Value::Object(map) = &mut object {
+            map.insert("apiVersion".into(), Value::from(kind.api_version()));
+            map.insert("kind".into(), Value::from(kind.as_str()));
+        }
+        let meta = object.get("metadata");
+        let s = |k: &str| {
+            meta.and_then(|m| m.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let Some(name) = s("name") else { return };
+        let environment = meta
+            .and_then(|m| m.pointer(&format!("/labels/{}", ENVIRONMENT_LABEL.replace('/', "~1"))))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let key = ObjectKey {
+            kind,
+            namespace: if kind.namespaced() {
+                s("namespace")
+            } else {
+                None
+            },
+            name,
+        };
+        self.objects.insert(
+            key.clone(),
+            LiveObject {
+                key,
+                environment,
+                object,
+            },
+        );
+    }
+
+    /// Environments that have a live namespace.
+    pub fn environments(&self) -> BTreeSet<String> {
+        self.objects
+            .values()
+            .filter(|o| o.key.kind == ObjectKind::Namespace)
+            .filter_map(|o| o.environment.clone())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub action: Action,
+    #[serde(flatten)]
+    pub key: ObjectKey,
+    pub environment: String,
+    /// Unified diff of the normalised objects (Secret data masked).
+    pub diff: String,
+    /// What `apply` sends (create and update).
+    #[serde(skip)]
+    pub object: Option<Value>,
+    /// The live object's uid: a delete only removes the object the plan saw.
+    #[serde(skip)]
+    pub uid: Option<String>,
+}
+
+/// A deletion the guards refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    #[serde(flatten)]
+    pub key: ObjectKey,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub create: usize,
+    pub update: usize,
+    pub delete: usize,
+    pub unchanged: usize,
+    pub held: usize,
+    pub orphaned: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Plan {
+    pub summary: Summary,
+    /// Creates and updates in apply order, then deletes in reverse order.
+    pub changes: Vec<Change>,
+    pub held: Vec<Held>,
+    /// Owned objects no longer desired, left alone because pruning is off.
+    pub orphaned: Vec<ObjectKey>,
+}
+
+impl Plan {
+    pub fn has_changes(&self) -> bool {
+        !self.changes.is_empty()
+    }
+}
+
+/// `--max-prune`: how many environments one revision may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxPrune {
+    Count(usize),
+    Percent(u8),
+}
+
+impl std::str::FromStr for MaxPrune {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_suffix('%') {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .map(MaxPrune::Percent)
+                .ok_or_else(|| format!("expected a percentage 0-100%, got {s:?}")),
+            None => s
+                .parse::<usize>()
+                .map(MaxPrune::Count)
+                .map_err(|_| format!("expected a count or a percentage such as 25%, got {s:?}")),
+        }
+    }
+}
+
+impl MaxPrune {
+    fn allowed(self, live_environments: usize) -> usize {
+        match self {
+            MaxPrune::Count(n) => n,
+            MaxPrune::Percent(p) => live_environments * usize::from(p) / 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PrunePolicy {
+    pub enabled: bool,
+    pub allow_mass_prune: bool,
+    pub max_prune: MaxPrune,
+}
+
+/// What the source said beyond its valid environments.
+#[derive(Debug, Clone, Default)]
+pub struct SourceHealth {
+    /// Environments found but invalid: keep their last applied state, never prune them.
+    pub invalid_environments: BTreeSet<String>,
+    /// Files that could not be attributed to an environment: no prune at all while any exist.
+    pub unattributed_files: BTreeSet<String>,
+}
+
+/// Every field of `desired` is in `live` with the same value (lists: same length, element-wise).
+fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d
+            .iter()
+            .all(|(k, v)| l.get(k).is_some_and(|lv| is_subset(v, lv))),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
+        (d, l) => d == l,
+    }
+}
+
+fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
+    object
+        .get("metadata")?
+        .get("annotations")?
+        .get(key)?
+        .as_str()
+}
+
+/// True when applying `desired` provably changes nothing: envctl last applied exactly this
+/// object (same hash) and every desired field still holds its value. Anything else needs the
+/// server's dry-run to decide.
+pub fn provably_unchanged(desired: &Value, live: &Value) -> bool {
+    annotation(desired, HASH_ANNOTATION).is_some()
+        && annotation(desired, HASH_ANNOTATION) == annotation(live, HASH_ANNOTATION)
+        && is_subset(desired, live)
+}
+
+/// The desired objects that exist live but are not provably unchanged: they need a dry-run.
+pub fn needs_dry_run<'a>(desired: &'a [DesiredObject], live: &Live) -> Vec<&'a DesiredObject> {
+    desired
+        .iter()
+        .filter(|d| {
+            live.objects
+                .get(&ObjectKey::of(d))
+                .is_some_and(|l| !provably_unchanged(&d.object, &l.object))
+        })
+        .collect()
+}
+
+const SERVER_METADATA: [&str; 8] = [
+    "managedFields",
+    "resourceVersion",
+    "uid",
+    "generation",
+    "creationTimestamp",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+];
+
+/// The same value with every mapping's keys sorted, so both sides of a diff line up.
+fn sorted(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), sorted(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Drops what the server owns (managedFields, resourceVersion, status...), and envctl's own
+/// bookkeeping annotation, so that only meaningful differences remain; keys come sorted.
+pub fn normalize(object: &Value) -> Value {
+    let mut v = sorted(object);
+    if let Value::Object(map) = &mut v {
+        map.remove("status");
+        if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+            for k in SERVER_METADATA {
+                meta.remove(k);
+            }
+            if let Some(Value::Object(ann)) = meta.get_mut("annotations") {
+                ann.remove(HASH_ANNOTATION);
+                if ann.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Replaces Secret values by markers; a value that differs between the two sides is marked
+/// as changed without revealing either.
+fn mask_secrets(old: &mut Value, new: &mut Value) {
+    for field in ["data", "stringData"] {
+        let old_map = old
+            .get(field)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let new_map = new
+            .get(field)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(Value::Object(m)) = old.get_mut(field) {
+            for v in m.values_mut() {
+                *v = Value::from("(masked)");
+            }
+        }
+        if let Some(Value::Object(m)) = new.get_mut(field) {
+            for (k, v) in m.iter_mut() {
+                let changed = old_map.get(k) != new_map.get(k);
+                *v = Value::from(if changed && !old_map.is_empty() {
+                    "(masked, changed)"
+                } else {
+                    "(masked)"
+                });
+            }
+        }
+    }
+}
+
+fn to_yaml(v: &Value) -> String {
+    if v.is_null() {
+        return String::new();
+    }
+    serde_saphyr::to_string(v).unwrap_or_else(|e| format!("# cannot show object: {e}\n"))
+}
+
+fn unified(key: &ObjectKey, old: &Value, new: &Value) -> String {
+    let (mut old, mut new) = (old.clone(), new.clone());
+    if key.kind == ObjectKind::Secret {
+        mask_secrets(&mut old, &mut new);
+    }
+    let (a, b) = (to_yaml(&old), to_yaml(&new));
+    similar::TextDiff::from_lines(&a, &b)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("live/{key}"), &format!("desired/{key}"))
+        .to_string()
+}
+
+/// Builds the plan. `dry_run` holds the server's would-be object for every object
+/// `needs_dry_run` returned.
+pub fn build(
+    desired: &[DesiredObject],
+    live: &Live,
+    dry_run: &BTreeMap<ObjectKey, Value>,
+    health: &SourceHealth,
+    prune: &PrunePolicy,
+) -> Plan {
+    let mut plan = Plan::default();
+    let desired_envs: BTreeSet<&str> = desired.iter().map(|d| d.environment.as_str()).collect();
+    let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(ObjectKey::of).collect();
+
+    for d in desired {
+        let key = ObjectKey::of(d);
+        match live.objects.get(&key) {
+            None => plan.changes.push(Change {
+                action: Action::Create,
+                diff: unified(&key, &Value::Null, &normalize(&d.object)),
+                key,
+                environment: d.environment.clone(),
+                object: Some(d.object.clone()),
+                uid: None,
+            }),
+            Some(l) => {
+                let would_be = match dry_run.get(&key) {
+                    Some(w) => w,
+                    None if provably_unchanged(&d.object, &l.object) => {
+                        plan.summary.unchanged += 1;
+                        continue;
+                    }
+                    // Not provable and no dry-run answer: show the rendered object (never
+                    // claim "unchanged" without proof).
+                    None => &d.object,
+                };
+                let (old, new) = (normalize(&l.object), normalize(would_be));
+                if old == new {
+                    plan.summary.unchanged += 1;
+                } else {
+                    plan.changes.push(Change {
+                        action: Action::Update,
+                        diff: unified(&key, &old, &new),
+                        key,
+                        environment: d.environment.clone(),
+                        object: Some(d.object.clone()),
+                        uid: None,
+                    });
+                }
+            }
+        }
+    }
+
+    // Owned live objects that are no longer desired.
+    let live_envs = live.environments();
+    let mut gone_envs: Vec<&LiveObject> = Vec::new();
+    let mut gone_objects: Vec<&LiveObject> = Vec::new();
+    for l in live.objects.values() {
+        if desired_keys.contains(&l.key) {
+            continue;
+        }
+        let env = l.environment.as_deref().unwrap_or("");
+        if desired_envs.contains(env) {
+            gone_objects.push(l);
+        } else if l.key.kind == ObjectKind::Namespace {
+            gone_envs.push(l);
+        } else if !live_envs.contains(env) {
+            // An owned object whose environment has no namespace of ours: delete it alone.
+            gone_objects.push(l);
+        }
+        // Objects inside a namespace that goes away go with it.
+    }
+
+    let blanket_refusal = if desired.is_empty() {
+        Some("the source has no valid environment; nothing is pruned".to_string())
+    } else if !health.unattributed_files.is_empty() {
+        Some(format!(
+            "{} could not be read, so the environments it holds are unknown; nothing is pruned",
+            health
+                .unattributed_files
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    } else {
+        None
+    };
+    let allowed = prune.max_prune.allowed(live_envs.len());
+    let deletable_envs: Vec<&&LiveObject> = gone_envs
+        .iter()
+        .filter(|l| {
+            !health
+                .invalid_environments
+                .contains(l.environment.as_deref().unwrap_or(""))
+                && annotation(&l.object, PROTECT_ANNOTATION) != Some("true")
+        })
+        .collect();
+    let mass = deletable_envs.len() > allowed && !prune.allow_mass_prune;
+
+    let mut deletes: Vec<Change> = Vec::new();
+    for l in gone_envs.iter().chain(gone_objects.iter()) {
+        let env = l.environment.clone();
+        let env_name = env.as_deref().unwrap_or("");
+        let reason = if !prune.enabled {
+            plan.orphaned.push(l.key.clone());
+            continue;
+        } else if let Some(r) = &blanket_refusal {
+            Some(r.clone())
+        } else if health.invalid_environments.contains(env_name) {
+            Some(format!(
+                "environment {env_name:?} has an invalid manifest; it keeps its last applied state"
+            ))
+        } else if l.key.kind == ObjectKind::Namespace
+            && annotation(&l.object, PROTECT_ANNOTATION) == Some("true")
+        {
+            Some(format!(
+                "namespace is annotated {PROTECT_ANNOTATION}: \"true\""
+            ))
+        } else if l.key.kind == ObjectKind::Namespace && mass {
+            Some(format!(
+                "this revision would delete {} of {} environments, more than --max-prune allows ({allowed}); pass --allow-mass-prune to proceed",
+                deletable_envs.len(),
+                live_envs.len()
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => plan.held.push(Held {
+                key: l.key.clone(),
+                environment: env,
+                reason,
+            }),
+            None => deletes.push(Change {
+                action: Action::Delete,
+                diff: unified(&l.key, &normalize(&l.object), &Value::Null),
+                key: l.key.clone(),
+                environment: env.unwrap_or_default(),
+                object: None,
+                uid: l
+                    .object
+                    .pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            }),
+        }
+    }
+    // Deletes go in reverse apply order: StatefulSets before Services ... Namespaces last.
+    deletes.sort_by(|a, b| b.key.kind.cmp(&a.key.kind).then_with(|| a.key.cmp(&b.key)));
+    plan.changes.extend(deletes);
+
+    for c in &plan.changes {
+        match c.action {
+            Action::Create => plan.summary.create += 1,
+            Action::Update => plan.summary.update += 1,
+            Action::Delete => plan.summary.delete += 1,
+        }
+    }
+    plan.summary.held = plan.held.len();
+    plan.summary.orphaned = plan.orphaned.len();
+    plan
+}
+
+/// The plan as text: a unified diff per change, then notes and the summary line.
+pub fn render_text(plan: &Plan, color: bool) -> String {
+    let mut out = String::new();
+    for c in &plan.changes {
+        let header = format!(
+            "{} {} (environment {})\n",
+            c.action.as_str(),
+            c.key,
+            c.environment
+        );
+        if color {
+            out.push_str(&format!("\x1b[1m{}\x1b[0m", header));
+        } else {
+            out.push_str(&header);
+        }
+        for line in c.diff.lines() {
+            let painted = match line.as_bytes().first() {
+                _ if !color => line.to_string(),
+                Some(b'+') if !line.starts_with("+++") => format!("\x1b[32m{line}\x1b[0m"),
+                Some(b'-') if !line.starts_with("---") => format!("\x1b[31m{line}\x1b[0m"),
+                Some(b'@') => format!("\x1b[36m{line}\x1b[0m"),
+                _ => line.to_string(),
+            };
+            out.push_str(&painted);
+            out.push('\n');
+        }
+    }
+    for h in &plan.held {
+        out.push_str(&format!("held: not deleting {}: {}\n", h.key, h.reason));
+    }
+    if !plan.orphaned.is_empty() {
+        out.push_str(&format!(
+            "note: {} owned object(s) are no longer in the source and would be deleted with --prune\n",
+            plan.orphaned.len()
+        ));
+    }
+    let s = &plan.summary;
+    out.push_str(&format!(
+        "{} to create, {} to update, {} to delete, {} unchanged\n",
+        s.create, s.update, s.delete, s.unchanged
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn subset_tolerates_server_defaults() {
+        let desired = json!({"spec": {"replicas": 2, "ports": [{"name": "a", "port": 1}]}});
+        let live = json!({"spec": {"replicas": 2, "revisionHistoryLimit": 10,
+            "ports": [{"name": "a", "port": 1, "targetPort": 1}]}});
+        assert!(is_subset(&desired, &live));
+        let scaled = json!({"spec": {"replicas": 3, "ports": [{"name": "a", "port": 1}]}});
+        assert!(!is_subset(&desired, &scaled));
+    }
+
+    #[test]
+    fn max_prune_parses() {
+        assert_eq!("25%".parse::<MaxPrune>(), Ok(MaxPrune::Percent(25)));
+        assert_eq!("3".parse::<MaxPrune>(), Ok(MaxPrune::Count(3)));
+        assert!("x".parse::<MaxPrune>().is_err());
+        assert_eq!(MaxPrune::Percent(25).allowed(10), 2);
+    }
+
+    #[test]
+    fn secret_values_never_shown() {
+        let key = ObjectKey {
+            kind: ObjectKind::Secret,
+            namespace: Some("ns".into()),
+            name: "s".into(),
+        };
+        let old = json!({"data": {"tls.key": "c2VjcmV0MQ=="}});
+        let new = json!({"data": {"tls.key": "c2VjcmV0Mg=="}});
+        let d = unified(&key, &old, &new);
+        assert!(!d.contains("c2VjcmV0"), "{d}");
+        assert!(d.contains("(masked, changed)"), "{d}");
+    }
+}
