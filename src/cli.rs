@@ -155,6 +155,18 @@ pub struct PolicyArgs {
     /// --orchestrator-service-label.
     #[arg(long = "orchestrator-service-label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub orchestrator_service_labels: Vec<(String, String)>,
+    /// This envctl's instance name: it owns (and prunes) only objects labelled with it, so
+    /// several instances can share a cluster.
+    #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE, value_parser = parse_instance)]
+    pub instance: String,
+}
+
+fn parse_instance(s: &str) -> Result<String, String> {
+    match manifest::check::label_value_problem("instance", s) {
+        Some(m) => Err(m),
+        None if s.is_empty() => Err("the instance name must not be empty".into()),
+        None => Ok(s.to_string()),
+    }
 }
 
 /// Manifests named as paths.
@@ -245,6 +257,7 @@ impl PolicyArgs {
     pub fn render_options(&self) -> RenderOptions {
         RenderOptions {
             orchestrator_service_labels: self.platform_labels(),
+            instance: self.instance.clone(),
         }
     }
 

@@ -48,7 +48,7 @@ pub async fn plan_pass(
 
     let t = Instant::now();
     let live = match client {
-        Some(c) => observe::list_owned(c, None).await?,
+        Some(c) => observe::list_owned(c, &options.render.instance, None).await?,
         None => Live::default(),
     };
     timings.insert("observe", t.elapsed());

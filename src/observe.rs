@@ -1,5 +1,5 @@
-//! Observe: reads what is live, never changes it. Lists the objects envctl owns (label
-//! `app.kubernetes.io/managed-by=envctl`) and asks the server what a server-side apply would
+//! Observe: reads what is live, never changes it. Lists the objects envctl owns (labels
+//! `app.kubernetes.io/managed-by=envctl` and its instance) and asks the server what a server-side apply would
 //! make of a desired object (`dryRun=All`), which persists nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
 use crate::plan::{Live, ObjectKey};
-use crate::render::{DesiredObject, MANAGED_BY_KEY, MANAGED_BY_VALUE, ObjectKind};
+use crate::render::{DesiredObject, ObjectKind, owned_selector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -57,11 +57,13 @@ pub const OBSERVED_KINDS: [ObjectKind; 6] = [
     ObjectKind::StatefulSet,
 ];
 
-async fn list_kind(client: &Client, kind: ObjectKind) -> Result<Vec<Value>, ObserveError> {
+async fn list_kind(
+    client: &Client,
+    kind: ObjectKind,
+    selector: &str,
+) -> Result<Vec<Value>, ObserveError> {
     let api = api(client, kind, None);
-    let mut params = ListParams::default()
-        .labels(&format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE}"))
-        .limit(500);
+    let mut params = ListParams::default().labels(selector).limit(500);
     let mut out = Vec::new();
     loop {
         let page = api
@@ -86,13 +88,17 @@ async fn list_kind(client: &Client, kind: ObjectKind) -> Result<Vec<Value>, Obse
     Ok(out)
 }
 
-/// Every object envctl owns, or only those of `environments` when given.
+/// Every object envctl's `instance` owns, or only those of `environments` when given.
 pub async fn list_owned(
     client: &Client,
+    instance: &str,
     environments: Option<&BTreeSet<String>>,
 ) -> Result<Live, ObserveError> {
-    let lists =
-        futures::future::try_join_all(OBSERVED_KINDS.iter().map(|k| list_kind(client, *k))).await?;
+    let selector = owned_selector(instance);
+    let lists = futures::future::try_join_all(
+        OBSERVED_KINDS.iter().map(|k| list_kind(client, *k, &selector)),
+    )
+    .await?;
     let mut live = Live::default();
     for (kind, items) in OBSERVED_KINDS.iter().zip(lists) {
         for item in items {

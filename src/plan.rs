@@ -238,6 +238,13 @@ fn is_subset(desired: &Value, live: &Value) -> bool {
     }
 }
 
+/// Deletion has begun (`metadata.deletionTimestamp` is set).
+fn is_terminating(object: &Value) -> bool {
+    object
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+}
+
 fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
     object
         .get("metadata")?
@@ -382,8 +389,28 @@ pub fn build(
     let desired_envs: BTreeSet<&str> = desired.iter().map(|d| d.environment.as_str()).collect();
     let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(ObjectKey::of).collect();
 
+    // Environments whose namespace is being deleted: nothing can be created in it until it
+    // is gone, so the whole environment waits.
+    let terminating_envs: BTreeSet<&str> = live
+        .objects
+        .values()
+        .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
+        .filter_map(|l| l.environment.as_deref())
+        .collect();
     for d in desired {
         let key = ObjectKey::of(d);
+        let terminating = terminating_envs.contains(d.environment.as_str())
+            || live.objects.get(&key).is_some_and(|l| is_terminating(&l.object));
+        if terminating {
+            if key.kind == ObjectKind::Namespace || d.kind.namespaced() && !terminating_envs.contains(d.environment.as_str()) {
+                plan.held.push(Held {
+                    key,
+                    environment: Some(d.environment.clone()),
+                    reason: "it is being deleted; it is re-created once it is gone".to_string(),
+                });
+            }
+            continue;
+        }
         match live.objects.get(&key) {
             None => plan.changes.push(Change {
                 action: Action::Create,
@@ -426,7 +453,7 @@ pub fn build(
     let mut gone_envs: Vec<&LiveObject> = Vec::new();
     let mut gone_objects: Vec<&LiveObject> = Vec::new();
     for l in live.objects.values() {
-        if desired_keys.contains(&l.key) {
+        if desired_keys.contains(&l.key) || is_terminating(&l.object) {
             continue;
         }
         let env = l.environment.as_deref().unwrap_or("");
@@ -500,7 +527,7 @@ pub fn build(
             Some(reason) => plan.held.push(Held {
                 key: l.key.clone(),
                 environment: env,
-                reason,
+                reason: format!("not deleted: {reason}"),
             }),
             None => deletes.push(Change {
                 action: Action::Delete,
@@ -560,7 +587,7 @@ pub fn render_text(plan: &Plan, color: bool) -> String {
         }
     }
     for h in &plan.held {
-        out.push_str(&format!("held: not deleting {}: {}\n", h.key, h.reason));
+        out.push_str(&format!("held {}: {}\n", h.key, h.reason));
     }
     if !plan.orphaned.is_empty() {
         out.push_str(&format!(

@@ -23,6 +23,10 @@ use crate::manifest::{ENVIRONMENTD_PORTS, Environment};
 pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "envctl";
 pub const ENVIRONMENT_LABEL: &str = "envctl.materialize.cloud/environment";
+/// Which envctl instance owns the object: instances sharing a cluster never touch each
+/// other's objects.
+pub const INSTANCE_LABEL: &str = "envctl.materialize.cloud/instance";
+pub const DEFAULT_INSTANCE: &str = "default";
 pub const PROTECT_ANNOTATION: &str = "envctl.materialize.cloud/protect";
 pub const REGION_ANNOTATION: &str = "envctl.materialize.cloud/region";
 pub const ORGANIZATION_ANNOTATION: &str = "envctl.materialize.cloud/organization";
@@ -114,10 +118,21 @@ pub struct DesiredObject {
 }
 
 /// Settings that are not part of any manifest.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RenderOptions {
     /// `--orchestrator-service-label KEY=VALUE`: on every pod and Service.
     pub orchestrator_service_labels: BTreeMap<String, String>,
+    /// `--instance`: the value of `INSTANCE_LABEL`.
+    pub instance: String,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            orchestrator_service_labels: BTreeMap::new(),
+            instance: DEFAULT_INSTANCE.to_string(),
+        }
+    }
 }
 
 fn to_value<T: Serialize>(kind: ObjectKind, obj: &T) -> Value {
@@ -137,11 +152,17 @@ fn to_value<T: Serialize>(kind: ObjectKind, obj: &T) -> Value {
     v
 }
 
-fn ownership(env: &Environment) -> BTreeMap<String, String> {
+fn ownership(env: &Environment, options: &RenderOptions) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY_KEY.to_string(), MANAGED_BY_VALUE.to_string()),
         (ENVIRONMENT_LABEL.to_string(), env.metadata.name.clone()),
+        (INSTANCE_LABEL.to_string(), options.instance.clone()),
     ])
+}
+
+/// The label selector of everything one instance owns.
+pub fn owned_selector(instance: &str) -> String {
+    format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE},{INSTANCE_LABEL}={instance}")
 }
 
 fn meta(env: &Environment, name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
@@ -277,7 +298,7 @@ fn pod_and_service_labels(env: &Environment, options: &RenderOptions) -> BTreeMa
 fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<DesiredObject> {
     let name = &env.metadata.name;
     let ns = env.namespace();
-    let owner = ownership(env);
+    let owner = ownership(env, options);
     let shared = pod_and_service_labels(env, options);
     let mut out: Vec<(ObjectKind, String, Value)> = Vec::new();
 

@@ -1,4 +1,5 @@
-//! Golden tests: every folder of `tests/golden/` holds an input (`in/`, or a `source` file
+//! Golden tests: every folder of `tests/golden/` with an `in/` folder or a `source` file holds an
+//! input (`in/`, or a `source` file
 //! naming a folder of the repository), optional extra arguments (`args`, one per line), and
 //! the expected transcripts `validate.out` and `render.out`.
 
@@ -28,7 +29,7 @@ fn golden_cases() {
         .expect("listing tests/golden")
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.is_dir())
+        .filter(|p| p.join("in").is_dir() || p.join("source").is_file())
         .collect();
     cases.sort();
     assert!(

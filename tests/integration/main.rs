@@ -3,5 +3,7 @@
 //!
 //! Refresh every golden file with `ENVCTL_BLESS=1 cargo test --test integration`.
 
+mod cluster;
+mod diff;
 mod golden;
 mod support;

@@ -1,0 +1,136 @@
+//! The cluster harness: a real kube-apiserver for every test that needs one.
+//!
+//! `ENVCTL_TEST_KUBECONFIG` names any cluster to use; otherwise `scripts/control-plane up`
+//! starts (or reuses) the local control plane once per test run. Without a cluster a test
+//! is skipped, unless `ENVCTL_REQUIRE_CLUSTER=1` (set by `.ci/run`): then it FAILS.
+//! Every test works under its own envctl instance and environment names, and cleans up.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams};
+
+use crate::support::repo_root;
+
+pub struct TestCluster {
+    pub kubeconfig: PathBuf,
+}
+
+fn start() -> Result<TestCluster, String> {
+    if let Some(path) = std::env::var_os("ENVCTL_TEST_KUBECONFIG") {
+        return Ok(TestCluster {
+            kubeconfig: PathBuf::from(path),
+        });
+    }
+    let out = Command::new(repo_root().join("scripts/control-plane"))
+        .arg("up")
+        .output()
+        .map_err(|e| format!("running scripts/control-plane up: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/control-plane up failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .last()
+        .ok_or("scripts/control-plane up printed nothing")?;
+    Ok(TestCluster {
+        kubeconfig: PathBuf::from(last.trim()),
+    })
+}
+
+/// The test cluster, or `None` (test skipped) when there is none and none is required.
+pub fn require() -> Option<&'static TestCluster> {
+    static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+    match CLUSTER.get_or_init(start) {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var("ENVCTL_REQUIRE_CLUSTER").as_deref() == Ok("1") => {
+            panic!("a cluster is required (ENVCTL_REQUIRE_CLUSTER=1) but none could start: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no cluster: {e}");
+            None
+        }
+    }
+}
+
+/// A name unique to this test run and call: `<prefix>-<pid><n>`.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{:x}{n}", (std::process::id() ^ nanos) & 0xfffff)
+}
+
+impl TestCluster {
+    pub async fn client(&self) -> Client {
+        envctl::cluster::connect(Some(&self.kubeconfig))
+            .await
+            .expect("connecting to the test cluster")
+    }
+
+    /// `envctl ARGS --kubeconfig K` in `cwd`: (exit code, stdout, stderr).
+    pub fn envctl(&self, cwd: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .current_dir(cwd)
+            .env("NO_COLOR", "1")
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("running envctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Waits until the namespace is gone (deletion finished), or panics after `timeout`.
+pub async fn wait_namespace_gone(client: &Client, name: &str, timeout: Duration) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let start = Instant::now();
+    loop {
+        match api.get_opt(name).await.expect("reading a namespace") {
+            None => return,
+            Some(_) if start.elapsed() > timeout => {
+                panic!("namespace {name} still exists after {timeout:?}")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Deletes every namespace of envctl instance `instance` and waits until they are gone.
+pub async fn cleanup_instance(client: &Client, instance: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let selector = format!("{}={instance}", envctl::render::INSTANCE_LABEL);
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("listing test namespaces");
+    for ns in &list.items {
+        if let Some(name) = &ns.metadata.name {
+            let _ = api.delete(name, &DeleteParams::default()).await;
+        }
+    }
+    for ns in &list.items {
+        if let Some(name) = &ns.metadata.name {
+            wait_namespace_gone(client, name, Duration::from_secs(120)).await;
+        }
+    }
+}
