@@ -124,7 +124,7 @@ pub enum Command {
     Schema,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Yaml,
     Json,
@@ -417,9 +417,14 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             }
             let envs: Vec<&manifest::Environment> =
                 loaded.environments.iter().map(|e| &e.environment).collect();
-            let objects = render::render(&envs, &manifests.policy.render_options());
-            let text = encode_objects(&objects, output)?;
-            out.write_all(text.as_bytes()).map_err(CliError::Output)?;
+            let mut buffered = std::io::BufWriter::with_capacity(1 << 20, out);
+            write_rendered(
+                &mut buffered,
+                &envs,
+                &manifests.policy.render_options(),
+                output,
+            )?;
+            buffered.flush().map_err(CliError::Output)?;
             Ok(Exit::Ok)
         }
         Command::Diff {
@@ -500,35 +505,65 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
     }
 }
 
-/// Objects as a YAML stream (`---` between documents) or a JSON `v1 List`.
-pub fn encode_objects(
-    objects: &[render::DesiredObject],
+/// Renders `envs` and writes their objects as a YAML stream (`---` before each document) or
+/// a JSON `v1 List`, in batches encoded in parallel, so memory stays bounded.
+pub fn write_rendered(
+    out: &mut impl Write,
+    envs: &[&manifest::Environment],
+    options: &RenderOptions,
     format: Format,
-) -> Result<String, CliError> {
-    match format {
-        Format::Yaml => {
-            let mut text = String::new();
-            for o in objects {
-                text.push_str("---\n");
-                let doc = serde_saphyr::to_string(&o.object).map_err(|e| CliError::Encode {
-                    what: "objects",
-                    format: "yaml",
-                    message: e.to_string(),
-                })?;
-                text.push_str(&doc);
-                if !doc.ends_with('\n') {
-                    text.push('\n');
+) -> Result<(), CliError> {
+    let encode = |env: &manifest::Environment, first: bool| -> String {
+        let mut text = String::new();
+        for (i, o) in render::render_environment(env, options).iter().enumerate() {
+            match format {
+                Format::Yaml => {
+                    text.push_str("---\n");
+                    crate::yaml::write_yaml(&mut text, &o.object);
+                }
+                Format::Json => {
+                    if !(first && i == 0) {
+                        text.push_str(",\n");
+                    }
+                    text.push_str(&serde_json::to_string_pretty(&o.object).unwrap_or_default());
                 }
             }
-            Ok(text)
         }
-        Format::Json => {
-            let list = serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "List",
-                "items": objects.iter().map(|o| &o.object).collect::<Vec<_>>(),
-            });
-            encode_json("objects", &list)
+        text
+    };
+    if format == Format::Json {
+        out.write_all(b"{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\n")
+            .map_err(CliError::Output)?;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (batch_no, batch) in envs.chunks(256 * threads).enumerate() {
+        let per_thread = batch.len().div_ceil(threads).max(1);
+        let parts: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .chunks(per_thread)
+                .enumerate()
+                .map(|(part_no, part)| {
+                    scope.spawn(move || {
+                        let mut text = String::new();
+                        for (i, env) in part.iter().enumerate() {
+                            let first = batch_no == 0 && part_no == 0 && i == 0;
+                            text.push_str(&encode(env, first));
+                        }
+                        text
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for p in parts {
+            out.write_all(p.as_bytes()).map_err(CliError::Output)?;
         }
     }
+    if format == Format::Json {
+        out.write_all(b"\n]}\n").map_err(CliError::Output)?;
+    }
+    Ok(())
 }

@@ -13,5 +13,6 @@ pub mod observe;
 pub mod plan;
 pub mod render;
 pub mod source;
+pub mod yaml;
 
 pub use cli::run;

@@ -96,7 +96,9 @@ pub async fn list_owned(
 ) -> Result<Live, ObserveError> {
     let selector = owned_selector(instance);
     let lists = futures::future::try_join_all(
-        OBSERVED_KINDS.iter().map(|k| list_kind(client, *k, &selector)),
+        OBSERVED_KINDS
+            .iter()
+            .map(|k| list_kind(client, *k, &selector)),
     )
     .await?;
     let mut live = Live::default();

@@ -285,28 +285,11 @@ const SERVER_METADATA: [&str; 8] = [
     "deletionGracePeriodSeconds",
 ];
 
-/// The same value with every mapping's keys sorted, so both sides of a diff line up.
-fn sorted(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k.clone(), sorted(v)))
-                    .collect(),
-            )
-        }
-        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
-        other => other.clone(),
-    }
-}
-
 /// Drops what the server owns (managedFields, resourceVersion, status...), and envctl's own
-/// bookkeeping annotation, so that only meaningful differences remain; keys come sorted.
+/// bookkeeping annotation, so that only meaningful differences remain (JSON maps keep their
+/// keys sorted, so both sides of a diff line up).
 pub fn normalize(object: &Value) -> Value {
-    let mut v = sorted(object);
+    let mut v = object.clone();
     if let Value::Object(map) = &mut v {
         map.remove("status");
         if let Some(Value::Object(meta)) = map.get_mut("metadata") {
@@ -356,19 +339,12 @@ fn mask_secrets(old: &mut Value, new: &mut Value) {
     }
 }
 
-fn to_yaml(v: &Value) -> String {
-    if v.is_null() {
-        return String::new();
-    }
-    serde_saphyr::to_string(v).unwrap_or_else(|e| format!("# cannot show object: {e}\n"))
-}
-
 fn unified(key: &ObjectKey, old: &Value, new: &Value) -> String {
     let (mut old, mut new) = (old.clone(), new.clone());
     if key.kind == ObjectKind::Secret {
         mask_secrets(&mut old, &mut new);
     }
-    let (a, b) = (to_yaml(&old), to_yaml(&new));
+    let (a, b) = (crate::yaml::to_yaml(&old), crate::yaml::to_yaml(&new));
     similar::TextDiff::from_lines(&a, &b)
         .unified_diff()
         .context_radius(3)
@@ -400,9 +376,14 @@ pub fn build(
     for d in desired {
         let key = ObjectKey::of(d);
         let terminating = terminating_envs.contains(d.environment.as_str())
-            || live.objects.get(&key).is_some_and(|l| is_terminating(&l.object));
+            || live
+                .objects
+                .get(&key)
+                .is_some_and(|l| is_terminating(&l.object));
         if terminating {
-            if key.kind == ObjectKind::Namespace || d.kind.namespaced() && !terminating_envs.contains(d.environment.as_str()) {
+            if key.kind == ObjectKind::Namespace
+                || d.kind.namespaced() && !terminating_envs.contains(d.environment.as_str())
+            {
                 plan.held.push(Held {
                     key,
                     environment: Some(d.environment.clone()),

@@ -135,19 +135,12 @@ impl Default for RenderOptions {
     }
 }
 
+/// The object as JSON (keys sorted: apiVersion, kind, metadata, spec...).
 fn to_value<T: Serialize>(kind: ObjectKind, obj: &T) -> Value {
     let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
     if let Value::Object(map) = &mut v {
-        // k8s-openapi leaves these to `Resource`; put them first for readable output.
-        let mut out = serde_json::Map::new();
-        out.insert("apiVersion".into(), Value::from(kind.api_version()));
-        out.insert("kind".into(), Value::from(kind.as_str()));
-        for (k, val) in std::mem::take(map) {
-            if k != "apiVersion" && k != "kind" {
-                out.insert(k, val);
-            }
-        }
-        *map = out;
+        map.insert("apiVersion".into(), Value::from(kind.api_version()));
+        map.insert("kind".into(), Value::from(kind.as_str()));
     }
     v
 }
@@ -295,7 +288,8 @@ fn pod_and_service_labels(env: &Environment, options: &RenderOptions) -> BTreeMa
     labels
 }
 
-fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<DesiredObject> {
+/// The desired objects of one environment, in apply order.
+pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<DesiredObject> {
     let name = &env.metadata.name;
     let ns = env.namespace();
     let owner = ownership(env, options);
@@ -523,33 +517,39 @@ fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Desired
         .collect()
 }
 
-/// FNV-1a of the object's canonical JSON: the value of `HASH_ANNOTATION`.
+/// The value of `HASH_ANNOTATION`: FNV-1a over the 8-byte words of the object's compact
+/// JSON (its length mixed in last). Stable across runs and platforms; not cryptographic.
 pub fn desired_hash(object: &Value) -> String {
-    let text = object.to_string();
+    let text = serde_json::to_vec(object).unwrap_or_default();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
+    let mut words = text.chunks_exact(8);
+    for w in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        h ^= u64::from_le_bytes(word);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    for &b in words.remainder() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
+    h ^= text.len() as u64;
+    h = h.wrapping_mul(0x0100_0000_01b3);
     format!("{h:016x}")
 }
 
-/// Stamps `HASH_ANNOTATION` (computed without it) into the object's annotations, kept sorted.
+/// Stamps `HASH_ANNOTATION` (computed without it) into the object's annotations.
 fn stamp_hash(object: &mut Value) {
     let hash = desired_hash(object);
     let Some(Value::Object(meta)) = object.get_mut("metadata") else {
         return;
     };
-    let mut annotations: BTreeMap<String, Value> = meta
-        .get("annotations")
-        .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
-    annotations.insert(HASH_ANNOTATION.to_string(), Value::from(hash));
-    meta.insert(
-        "annotations".into(),
-        Value::Object(annotations.into_iter().collect()),
-    );
+    let annotations = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if let Value::Object(a) = annotations {
+        a.insert(HASH_ANNOTATION.to_string(), Value::from(hash));
+    }
 }
 
 /// The desired objects of every environment: environments by name, then apply order.

@@ -52,12 +52,12 @@ pub fn label_key_problem(key: &str) -> Option<String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(p) = prefix {
-        if !is_dns1123_subdomain(p) {
-            return Some(format!(
-                "label key {key:?}: prefix {p:?} must be a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)"
-            ));
-        }
+    if let Some(p) = prefix
+        && !is_dns1123_subdomain(p)
+    {
+        return Some(format!(
+            "label key {key:?}: prefix {p:?} must be a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)"
+        ));
     }
     if !is_qualified_name_part(name) {
         return Some(format!(
@@ -194,13 +194,13 @@ fn services(doc: &Value) -> Vec<(OrchestratorNamespace, usize, &Value)> {
 /// can report alongside schema errors; fields of the wrong type are left to the schema.
 pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    if let Some(name) = doc.pointer("/metadata/name").and_then(Value::as_str) {
-        if name == "default" || name.starts_with("kube-") || name == "system" {
-            out.push((
-                "/metadata/name".to_string(),
-                format!("environment name {name:?} is reserved"),
-            ));
-        }
+    if let Some(name) = doc.pointer("/metadata/name").and_then(Value::as_str)
+        && (name == "default" || name.starts_with("kube-") || name == "system")
+    {
+        out.push((
+            "/metadata/name".to_string(),
+            format!("environment name {name:?} is reserved"),
+        ));
     }
     check_labels(
         "/metadata/labels",
@@ -227,10 +227,10 @@ pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> 
             ));
         }
     }
-    if let Some(host) = doc.pointer("/spec/hostname").and_then(Value::as_str) {
-        if let Some(m) = hostname_problem(host) {
-            out.push(("/spec/hostname".to_string(), m));
-        }
+    if let Some(host) = doc.pointer("/spec/hostname").and_then(Value::as_str)
+        && let Some(m) = hostname_problem(host)
+    {
+        out.push(("/spec/hostname".to_string(), m));
     }
     check_env_vars(
         "/spec/environmentd/env",
@@ -259,16 +259,16 @@ pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> 
                 ));
             }
         }
-        if let Some(scale) = svc.get("scale").and_then(Value::as_u64) {
-            if scale > u64::from(limits.max_scale) {
-                out.push((
-                    format!("{base}/scale"),
-                    format!(
-                        "scale {scale} is above the configured maximum of {} (--max-scale)",
-                        limits.max_scale
-                    ),
-                ));
-            }
+        if let Some(scale) = svc.get("scale").and_then(Value::as_u64)
+            && scale > u64::from(limits.max_scale)
+        {
+            out.push((
+                format!("{base}/scale"),
+                format!(
+                    "scale {scale} is above the configured maximum of {} (--max-scale)",
+                    limits.max_scale
+                ),
+            ));
         }
         for (k, v) in &string_map(svc.get("labels")) {
             let p = format!("{base}/labels/{}", escape_segment(k));
@@ -299,13 +299,13 @@ pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> 
                     ));
                 }
             }
-            if let Some(number) = port.get("port").and_then(Value::as_u64) {
-                if !numbers.insert(number) {
-                    out.push((
-                        format!("{pp}/port"),
-                        format!("duplicate port number {number} in this service"),
-                    ));
-                }
+            if let Some(number) = port.get("port").and_then(Value::as_u64)
+                && !numbers.insert(number)
+            {
+                out.push((
+                    format!("{pp}/port"),
+                    format!("duplicate port number {number} in this service"),
+                ));
             }
         }
         check_env_vars(&format!("{base}/env"), svc.get("env"), &mut out);

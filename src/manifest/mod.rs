@@ -148,8 +148,8 @@ struct Document {
     value: Value,
 }
 
-/// Parses one file into JSON documents, or the diagnostics that prevent it.
-fn parse_file(file: &SourceFile) -> Result<(Vec<Document>, PositionIndex), Diagnostic> {
+/// Parses one file into JSON documents and its text, or the diagnostic that prevents it.
+fn parse_file(file: &SourceFile) -> Result<(Vec<Document>, &str), Diagnostic> {
     let text = std::str::from_utf8(&file.bytes).map_err(|e| {
         Diagnostic::at(
             &file.path,
@@ -170,7 +170,6 @@ fn parse_file(file: &SourceFile) -> Result<(Vec<Document>, PositionIndex), Diagn
                 format!("invalid YAML: {}", yaml_message(&e)),
             )
         })?;
-    let index = PositionIndex::build(text);
     let docs: Vec<Document> = docs
         .into_iter()
         .enumerate()
@@ -183,59 +182,142 @@ fn parse_file(file: &SourceFile) -> Result<(Vec<Document>, PositionIndex), Diagn
             "file holds no environment (it is empty or only comments)",
         ));
     }
-    Ok((docs, index))
+    Ok((docs, text))
 }
 
-fn schema_diagnostics(
-    file: &str,
-    doc: &Document,
-    index: &PositionIndex,
-    out: &mut Vec<Diagnostic>,
-) {
+/// A position index built on first use: valid files never need one.
+struct LazyIndex<'a> {
+    text: &'a str,
+    index: Option<PositionIndex>,
+}
+
+impl LazyIndex<'_> {
+    fn lookup(&mut self, doc: usize, pointer: &str) -> Option<Pos> {
+        let text = self.text;
+        self.index
+            .get_or_insert_with(|| PositionIndex::build(text))
+            .lookup(doc, pointer)
+    }
+}
+
+/// What one file yielded.
+#[derive(Default)]
+struct FileOutcome {
+    environments: Vec<LoadedEnvironment>,
+    diagnostics: Vec<Diagnostic>,
+    invalid_names: BTreeSet<String>,
+    unattributed: bool,
+}
+
+fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
+    let mut out = FileOutcome::default();
+    let (docs, text) = match parse_file(file) {
+        Ok(x) => x,
+        Err(d) => {
+            out.diagnostics.push(d);
+            out.unattributed = true;
+            return out;
+        }
+    };
+    let mut index = LazyIndex { text, index: None };
+    for doc in docs {
+        let name = doc
+            .value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let before = out.diagnostics.len();
+        let origin = Origin {
+            file: file.path.clone(),
+            document: doc.index,
+            pos: None,
+        };
+        if !doc.value.is_object() {
+            let pos = index.lookup(doc.index, "");
+            out.diagnostics.push(Diagnostic::at(
+                &file.path,
+                pos,
+                format!(
+                    "expected an Environment mapping, found {}",
+                    json_type(&doc.value)
+                ),
+            ));
+        } else {
+            let mut found = Vec::new();
+            schema_problems(&doc.value, &mut found);
+            found.extend(check::check_environment(&doc.value, &options.limits));
+            for (pointer, message) in found {
+                out.diagnostics.push(Diagnostic {
+                    file: file.path.clone(),
+                    pos: index.lookup(doc.index, &pointer),
+                    pointer: Some(pointer),
+                    message,
+                });
+            }
+            if out.diagnostics.len() == before {
+                match serde_json::from_value::<Environment>(doc.value) {
+                    Err(e) => out.diagnostics.push(Diagnostic::at(
+                        &file.path,
+                        index.lookup(doc.index, ""),
+                        format!("decoding the environment: {e}"),
+                    )),
+                    Ok(environment) => out.environments.push(LoadedEnvironment {
+                        origin,
+                        environment,
+                    }),
+                }
+            }
+        }
+        if out.diagnostics.len() > before {
+            match name {
+                Some(n) => {
+                    out.invalid_names.insert(n);
+                }
+                None => out.unattributed = true,
+            }
+        }
+    }
+    out
+}
+
+/// Schema violations of one document as (JSON pointer, message).
+fn schema_problems(value: &Value, out: &mut Vec<(String, String)>) {
     let validator = match compiled_schema() {
         Ok(v) => v,
         Err(e) => {
-            out.push(Diagnostic::file(file, e.clone()));
+            out.push((String::new(), e.clone()));
             return;
         }
     };
-    for err in validator.iter_errors(&doc.value) {
+    for err in validator.iter_errors(value) {
         let at = err.instance_path().as_str().to_string();
-        let mut push = |pointer: String, message: String| {
-            out.push(Diagnostic {
-                file: file.to_string(),
-                pos: index.lookup(doc.index, &pointer),
-                pointer: Some(pointer),
-                message,
-            });
-        };
         match err.kind() {
             jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
                 for field in unexpected {
-                    push(
+                    out.push((
                         format!("{at}/{}", positions::escape_segment(field)),
                         format!("unknown field {field:?}"),
-                    );
+                    ));
                 }
             }
             jsonschema::error::ValidationErrorKind::Required { property } => {
                 let name = property
                     .as_str()
                     .map_or_else(|| property.to_string(), str::to_string);
-                push(at, format!("missing required field {name:?}"));
+                out.push((at, format!("missing required field {name:?}")));
             }
             jsonschema::error::ValidationErrorKind::Type { .. } => {
                 let found = json_type(err.instance());
-                push(at, format!("{err}, found {found}"));
+                out.push((at, format!("{err}, found {found}")));
             }
             jsonschema::error::ValidationErrorKind::Pattern { pattern } => {
                 let value = err.instance();
                 match types::pattern_meaning(pattern) {
-                    Some(meaning) => push(at, format!("{value} {meaning}")),
-                    None => push(at, err.to_string()),
+                    Some(meaning) => out.push((at, format!("{value} {meaning}"))),
+                    None => out.push((at, err.to_string())),
                 }
             }
-            _ => push(at, err.to_string()),
+            _ => out.push((at, err.to_string())),
         }
     }
 }
@@ -256,91 +338,76 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
     msg
 }
 
-/// Validates every file; never panics on any input.
+/// Validates every file (in parallel); never panics on any input.
 pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
     let mut loaded = Loaded {
         files: files.len(),
         ..Loaded::default()
     };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = files.len().div_ceil(threads).max(64);
+    let outcomes: Vec<FileOutcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|f| load_file(f, options))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![FileOutcome {
+                        diagnostics: vec![Diagnostic::file("", "internal error while validating")],
+                        unattributed: true,
+                        ..FileOutcome::default()
+                    }]
+                })
+            })
+            .collect()
+    });
     let mut by_name: BTreeMap<String, Vec<LoadedEnvironment>> = BTreeMap::new();
-    for file in files {
-        let (docs, index) = match parse_file(file) {
-            Ok(x) => x,
-            Err(d) => {
-                loaded.diagnostics.push(d);
-                loaded.unattributed_files.insert(file.path.clone());
-                continue;
-            }
-        };
-        for doc in docs {
-            let name = doc
-                .value
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            let before = loaded.diagnostics.len();
-            let origin = Origin {
-                file: file.path.clone(),
-                document: doc.index,
-                pos: index.lookup(doc.index, ""),
-            };
-            if !doc.value.is_object() {
-                loaded.diagnostics.push(Diagnostic::at(
-                    &file.path,
-                    origin.pos,
-                    format!(
-                        "expected an Environment mapping, found {}",
-                        json_type(&doc.value)
-                    ),
-                ));
-            } else {
-                schema_diagnostics(&file.path, &doc, &index, &mut loaded.diagnostics);
-                for (pointer, message) in check::check_environment(&doc.value, &options.limits) {
-                    loaded.diagnostics.push(Diagnostic {
-                        file: file.path.clone(),
-                        pos: index.lookup(doc.index, &pointer),
-                        pointer: Some(pointer),
-                        message,
-                    });
-                }
-                if loaded.diagnostics.len() == before {
-                    match serde_json::from_value::<Environment>(doc.value) {
-                        Err(e) => loaded.diagnostics.push(Diagnostic::at(
-                            &file.path,
-                            origin.pos,
-                            format!("decoding the environment: {e}"),
-                        )),
-                        Ok(environment) => by_name
-                            .entry(environment.metadata.name.clone())
-                            .or_default()
-                            .push(LoadedEnvironment {
-                                origin,
-                                environment,
-                            }),
-                    }
-                }
-            }
-            if loaded.diagnostics.len() > before {
-                match name {
-                    Some(n) => {
-                        loaded.invalid_names.insert(n);
-                    }
-                    None => {
-                        loaded.unattributed_files.insert(file.path.clone());
-                    }
-                }
-            }
+    for (file, outcome) in files.iter().zip(outcomes) {
+        loaded.diagnostics.extend(outcome.diagnostics);
+        loaded.invalid_names.extend(outcome.invalid_names);
+        if outcome.unattributed {
+            loaded.unattributed_files.insert(file.path.clone());
+        }
+        for env in outcome.environments {
+            by_name
+                .entry(env.environment.metadata.name.clone())
+                .or_default()
+                .push(env);
         }
     }
+    // Positions are only needed when a duplicate is reported.
+    let locate = |origin: &Origin| -> Origin {
+        let pos = files
+            .iter()
+            .find(|f| f.path == origin.file)
+            .and_then(|f| std::str::from_utf8(&f.bytes).ok())
+            .and_then(|t| {
+                PositionIndex::build(t.strip_prefix('\u{feff}').unwrap_or(t))
+                    .lookup(origin.document, "")
+            });
+        Origin {
+            pos,
+            ..origin.clone()
+        }
+    };
     // Names and hostnames must be unique across all files.
     let mut hostnames: BTreeMap<String, Origin> = BTreeMap::new();
     for (name, mut defs) in by_name {
         if defs.len() > 1 || loaded.invalid_names.contains(&name) {
-            let first = defs[0].origin.clone();
+            let first = locate(&defs[0].origin);
             for d in defs.iter().skip(1) {
                 loaded.diagnostics.push(Diagnostic {
                     file: d.origin.file.clone(),
-                    pos: d.origin.pos,
+                    pos: locate(&d.origin).pos,
                     pointer: Some("/metadata/name".into()),
                     message: format!(
                         "environment {name:?} is defined more than once (also at {first})"
@@ -358,9 +425,10 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
         let Some(def) = defs.pop() else { continue };
         let host = def.environment.spec.hostname.clone();
         if let Some(other) = hostnames.get(&host) {
+            let other = locate(other);
             loaded.diagnostics.push(Diagnostic {
                 file: def.origin.file.clone(),
-                pos: def.origin.pos,
+                pos: locate(&def.origin).pos,
                 pointer: Some("/spec/hostname".into()),
                 message: format!("hostname {host:?} is already used by the environment at {other}"),
             });
@@ -427,6 +495,50 @@ spec:
             l.diagnostics
                 .iter()
                 .any(|d| d.message == "unknown field \"regoin\"")
+        );
+    }
+
+    /// Inputs never seen before: every truncation and thousands of byte mutations of the first
+    /// example are judged without a panic, and every problem names the file.
+    #[test]
+    fn mutated_examples_never_panic() {
+        let original = include_str!("../../examples/environments/acme-prod.yaml").as_bytes();
+        let check = |bytes: Vec<u8>| {
+            let loaded = load(
+                &[SourceFile {
+                    path: "m.yaml".into(),
+                    bytes,
+                }],
+                &LoadOptions::default(),
+            );
+            assert!(loaded.is_valid() || loaded.diagnostics.iter().all(|d| d.file == "m.yaml"));
+            loaded.is_valid()
+        };
+        for end in 0..original.len() {
+            check(original[..end].to_vec());
+        }
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b" :-{}[]#&*!|>'\"%@`\t\n0aZ\xff,.?";
+        let mut rejected = 0;
+        for _ in 0..3000 {
+            let mut bytes = original.to_vec();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() as usize) % bytes.len();
+                bytes[i] = alphabet[(next() as usize) % alphabet.len()];
+            }
+            if !check(bytes) {
+                rejected += 1;
+            }
+        }
+        assert!(
+            rejected > 1000,
+            "most mutations should be rejected, {rejected} were"
         );
     }
 

@@ -58,22 +58,43 @@ async fn control_plane_apply_read_back_delete() {
         dir.path(),
         &[("A", &env), ("B", &format!("{env}-b"))],
     );
-    let (code, out, err) = cluster.envctl(dir.path(), &["apply", "--source", ".", "--instance", &instance]);
+    let (code, out, err) = cluster.envctl(
+        dir.path(),
+        &["apply", "--source", ".", "--instance", &instance],
+    );
     assert_eq!(code, 0, "apply failed:\n{out}\n{err}");
 
     let ns = format!("environment-{env}");
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let got = sts.get("compute-cluster-0").await.expect("reading the StatefulSet back");
+    let got = sts
+        .get("compute-cluster-0")
+        .await
+        .expect("reading the StatefulSet back");
     let labels = got.metadata.labels.clone().unwrap_or_default();
-    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("envctl"));
-    assert_eq!(labels.get("environmentd.materialize.cloud/service-id").map(String::as_str), Some("cluster-0"));
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("envctl")
+    );
+    assert_eq!(
+        labels
+            .get("environmentd.materialize.cloud/service-id")
+            .map(String::as_str),
+        Some("cluster-0")
+    );
     assert_eq!(got.spec.as_ref().and_then(|s| s.replicas), Some(2));
     let managers: Vec<(String, String)> = got
         .metadata
         .managed_fields
         .unwrap_or_default()
         .into_iter()
-        .map(|m| (m.manager.unwrap_or_default(), m.operation.unwrap_or_default()))
+        .map(|m| {
+            (
+                m.manager.unwrap_or_default(),
+                m.operation.unwrap_or_default(),
+            )
+        })
         .collect();
     assert!(
         managers.contains(&("envctl".to_string(), "Apply".to_string())),
@@ -110,7 +131,11 @@ async fn diff_is_exact_before_and_after_apply() {
             .to_string();
         let renamed = format!("{name}-{suffix}");
         names.push(renamed.clone());
-        let text = text.replacen(&format!("  name: {name}\n"), &format!("  name: {renamed}\n"), 1);
+        let text = text.replacen(
+            &format!("  name: {name}\n"),
+            &format!("  name: {renamed}\n"),
+            1,
+        );
         std::fs::write(dir.path().join(path.file_name().expect("name")), text).expect("write");
     }
     let args = ["--source", ".", "--instance", instance.as_str()];
@@ -122,7 +147,10 @@ async fn diff_is_exact_before_and_after_apply() {
     };
     let (code, out, _) = diff(&[]);
     assert_eq!(code, 1, "diff before apply must report changes:\n{out}");
-    assert!(out.contains("0 to update, 0 to delete, 0 unchanged"), "{out}");
+    assert!(
+        out.contains("0 to update, 0 to delete, 0 unchanged"),
+        "{out}"
+    );
 
     let mut a = vec!["apply"];
     a.extend(args);
@@ -130,12 +158,24 @@ async fn diff_is_exact_before_and_after_apply() {
     assert_eq!(code, 0, "apply failed:\n{out}\n{err}");
 
     let (code, out, err) = diff(&[]);
-    assert_eq!(code, 0, "diff right after apply must be empty:\n{out}\n{err}");
+    assert_eq!(
+        code, 0,
+        "diff right after apply must be empty:\n{out}\n{err}"
+    );
     assert!(!out.contains("---"), "diff printed an object:\n{out}");
-    assert!(out.starts_with("0 to create, 0 to update, 0 to delete, "), "{out}");
+    assert!(
+        out.starts_with("0 to create, 0 to update, 0 to delete, "),
+        "{out}"
+    );
 
     // A manual scale is drift: exactly one replicas change.
-    let ns = format!("environment-{}", names.iter().find(|n| n.starts_with("acme-prod")).expect("acme-prod"));
+    let ns = format!(
+        "environment-{}",
+        names
+            .iter()
+            .find(|n| n.starts_with("acme-prod"))
+            .expect("acme-prod")
+    );
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     sts.patch(
         "compute-cluster-0",
@@ -147,7 +187,10 @@ async fn diff_is_exact_before_and_after_apply() {
     let (code, out, _) = diff(&[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("-  replicas: 7\n+  replicas: 2\n"), "{out}");
-    assert!(out.contains("0 to create, 1 to update, 0 to delete"), "{out}");
+    assert!(
+        out.contains("0 to create, 1 to update, 0 to delete"),
+        "{out}"
+    );
 
     cleanup_instance(&client, &instance).await;
 }
@@ -160,7 +203,11 @@ async fn diff_lifecycle_golden() {
     let client = cluster.client().await;
     let instance = unique("life");
     let (a, b) = (unique("a"), unique("b"));
-    let vars = [("INSTANCE", instance.as_str()), ("A", a.as_str()), ("B", b.as_str())];
+    let vars = [
+        ("INSTANCE", instance.as_str()),
+        ("A", a.as_str()),
+        ("B", b.as_str()),
+    ];
     let root = repo_root().join("tests/golden/diff-lifecycle");
     let mut steps: Vec<_> = std::fs::read_dir(&root)
         .expect("steps")
@@ -177,14 +224,22 @@ async fn diff_lifecycle_golden() {
         let extra: Vec<String> = std::fs::read_to_string(step.join("args"))
             .map(|s| s.lines().map(str::to_string).collect())
             .unwrap_or_default();
-        let mut base = vec!["--source".to_string(), "in".into(), "--instance".into(), instance.clone()];
+        let mut base = vec![
+            "--source".to_string(),
+            "in".into(),
+            "--instance".into(),
+            instance.clone(),
+        ];
         base.extend(extra);
         for (format, file) in [("text", "diff.out"), ("json", "diff.json.out")] {
             let mut args = vec!["diff".to_string(), "-o".into(), format.into()];
             args.extend(base.iter().cloned());
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
             let (code, out, err) = cluster.envctl(work.path(), &argv);
-            let transcript = placeholders(&format!("exit: {code}\n--- stdout\n{out}--- stderr\n{err}"), &vars);
+            let transcript = placeholders(
+                &format!("exit: {code}\n--- stdout\n{out}--- stderr\n{err}"),
+                &vars,
+            );
             if let Err(e) = check_golden(&step.join(file), &transcript) {
                 failures.push(e);
             }
@@ -193,10 +248,20 @@ async fn diff_lifecycle_golden() {
         args.extend(base.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, out, err) = cluster.envctl(work.path(), &argv);
-        assert_eq!(code, 0, "apply of step {} failed:\n{out}\n{err}", step.display());
+        assert_eq!(
+            code,
+            0,
+            "apply of step {} failed:\n{out}\n{err}",
+            step.display()
+        );
         // A deleted environment's namespace must be gone before the next step reads.
         if step.ends_with("06-remove-environment") {
-            wait_namespace_gone(&client, &format!("environment-{b}"), Duration::from_secs(120)).await;
+            wait_namespace_gone(
+                &client,
+                &format!("environment-{b}"),
+                Duration::from_secs(120),
+            )
+            .await;
         }
     }
     cleanup_instance(&client, &instance).await;
