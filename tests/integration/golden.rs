@@ -82,3 +82,27 @@ fn committed_schema_is_generated_from_the_types() {
         panic!("{e}\nrefresh with: ENVCTL_BLESS=1 cargo test --test integration");
     }
 }
+
+/// `diff --live none` plans against an empty cluster: no cluster needed, everything is a create.
+#[test]
+fn diff_without_a_cluster() {
+    let out = run_envctl(
+        &repo_root(),
+        &[
+            "diff".into(),
+            "--live".into(),
+            "none".into(),
+            "--source".into(),
+            "examples/environments".into(),
+        ],
+    );
+    assert!(out.starts_with("exit: 1\n"), "{out}");
+    assert!(
+        out.contains("44 to create, 0 to update, 0 to delete, 0 unchanged"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+++ desired/StatefulSet environment-acme-prod/compute-cluster-0"),
+        "{out}"
+    );
+}
