@@ -53,6 +53,24 @@ pub enum CliError {
     Runtime(#[source] std::io::Error),
     #[error("{failed} object(s) could not be written")]
     Apply { failed: usize, unreachable: bool },
+    #[error("reading the Git source")]
+    Git(#[source] crate::source::git::GitError),
+    #[error("creating the cache folder {path}")]
+    CacheDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the webhook secret from {path}")]
+    WebhookSecret {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running the controller")]
+    Run(#[source] crate::controller::run::RunError),
+    #[error("reading environment status")]
+    Status(#[source] crate::status::StatusError),
 }
 
 impl CliError {
@@ -64,6 +82,8 @@ impl CliError {
             CliError::Apply {
                 unreachable: true, ..
             } => Exit::Cluster,
+            CliError::Status(_) => Exit::Cluster,
+            CliError::Git(_) => Exit::Invalid,
             _ => Exit::Failure,
         }
     }
@@ -120,8 +140,137 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
         output: PlanFormat,
     },
+    /// The GitOps controller: poll the source, reconcile every new revision, revert drift.
+    Run(Box<RunArgs>),
+    /// Print every environment with its applied revision, state and last error.
+    Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// This envctl's instance name.
+        #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE)]
+        instance: String,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+    },
     /// Print the manifest's JSON Schema (the committed schemas/environment.schema.json).
     Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// How often to ask the source whether it moved.
+    #[arg(long, env = "ENVCTL_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+    /// How often to reconcile everything even when nothing moved.
+    #[arg(long, env = "ENVCTL_RESYNC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub resync_interval: std::time::Duration,
+    /// Address of the HTTP listener (/healthz, /readyz, /metrics, /hooks/git).
+    #[arg(long, env = "ENVCTL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the shared secret of the Git webhook (HMAC-SHA256); without it the
+    /// webhook is off.
+    #[arg(long, env = "ENVCTL_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Elect a leader on a Lease so that only one replica writes.
+    #[arg(long, env = "ENVCTL_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_elect_namespace: String,
+    /// This replica's identity in the Lease (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_elect_identity: Option<String>,
+    /// How long a lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease: std::time::Duration,
+    /// Log format.
+    #[arg(long, env = "ENVCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENVCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
+    use crate::controller::leader::LeaseConfig;
+    use crate::controller::run::{RunOptions, RunSource};
+    init_logging(args.log_format);
+    let webhook_secret = match &args.webhook_secret_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map(|b| String::from_utf8_lossy(&b).trim().as_bytes().to_vec())
+                .map_err(|source| CliError::WebhookSecret {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let source = if args.source.is_git() {
+        RunSource::Git(Box::new(args.source.git()?))
+    } else {
+        RunSource::Directory(args.source.root())
+    };
+    let identity = args.leader_elect_identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "envctl".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let instance = args.source.policy.instance.clone();
+    let options = RunOptions {
+        source,
+        load: args.source.policy.load_options(),
+        max_file_size: args.source.policy.max_file_size,
+        pass: PassOptions {
+            render: args.source.policy.render_options(),
+            prune: args.prune.policy(),
+            concurrency: args.cluster.concurrency,
+        },
+        interval: args.interval,
+        resync: args.resync_interval,
+        listen: args.listen,
+        webhook_secret,
+        leader: args.leader_elect.then(|| LeaseConfig {
+            namespace: args.leader_elect_namespace.clone(),
+            name: format!("envctl-{instance}"),
+            identity,
+            duration: args.leader_elect_lease,
+            renew_every: args.leader_elect_lease / 3,
+        }),
+    };
+    runtime()?.block_on(async {
+        let client = cluster::connect(args.cluster.kubeconfig.as_deref())
+            .await
+            .map_err(CliError::Connect)?;
+        crate::controller::run::run(client, options)
+            .await
+            .map_err(CliError::Run)
+    })?;
+    Ok(Exit::Ok)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,15 +328,35 @@ pub struct ManifestArgs {
     pub policy: PolicyArgs,
 }
 
-/// Manifests from a source.
+/// Manifests from a source: a directory, or a Git repository (a URL, or a local repository
+/// with --ref).
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// A directory of manifests.
+    /// A directory of manifests, or a Git repository: file://, git://, http(s)://, ssh:// URL,
+    /// or a local repository path together with --ref.
     #[arg(long, env = "ENVCTL_SOURCE", default_value = ".")]
-    pub source: PathBuf,
-    /// A subdirectory of the source holding the manifests.
+    pub source: String,
+    /// Git branch, tag, full ref or commit id (default for Git URLs: main).
+    #[arg(long = "ref", env = "ENVCTL_REF")]
+    pub reference: Option<String>,
+    /// A folder of the source holding the manifests.
+    #[arg(long, env = "ENVCTL_PATH")]
+    pub path: Option<String>,
+    /// Git user name (default: from the URL, else "git").
+    #[arg(long, env = "ENVCTL_GIT_USERNAME")]
+    pub git_username: Option<String>,
+    /// File holding an HTTPS token for Git.
+    #[arg(long, env = "ENVCTL_GIT_TOKEN_FILE")]
+    pub git_token_file: Option<PathBuf>,
+    /// Name of an environment variable holding an HTTPS token for Git.
     #[arg(long)]
-    pub path: Option<PathBuf>,
+    pub git_token_env: Option<String>,
+    /// SSH private key file for ssh:// sources.
+    #[arg(long, env = "ENVCTL_GIT_SSH_KEY_FILE")]
+    pub git_ssh_key_file: Option<PathBuf>,
+    /// Where fetched Git objects are kept.
+    #[arg(long, env = "ENVCTL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -278,12 +447,97 @@ impl PolicyArgs {
 }
 
 impl SourceArgs {
+    /// Whether the source is a Git repository rather than a plain directory.
+    pub fn is_git(&self) -> bool {
+        self.source.contains("://") || self.reference.is_some()
+    }
+
     fn root(&self) -> PathBuf {
+        let base = PathBuf::from(&self.source);
         match &self.path {
-            Some(p) => self.source.join(p),
-            None => self.source.clone(),
+            Some(p) => base.join(p),
+            None => base,
         }
     }
+
+    /// The Git backend for this source.
+    pub fn git(&self) -> Result<crate::source::git::Git2Source, CliError> {
+        use crate::source::git::{Credentials, Git2Source, GitSpec};
+        let credentials = Credentials::load(
+            self.git_username.clone(),
+            self.git_token_file.as_deref(),
+            self.git_token_env.as_deref(),
+            self.git_ssh_key_file.clone(),
+        )
+        .map_err(CliError::Git)?;
+        let spec = GitSpec {
+            url: self.source.clone(),
+            reference: self.reference.clone().unwrap_or_else(|| "main".into()),
+            path: self.path.clone(),
+        };
+        let mut key = crate::render::Fnv64::new();
+        key.write(self.source.as_bytes());
+        let base = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
+        let dir = base.join("git").join(key.hex());
+        std::fs::create_dir_all(&dir).map_err(|source| CliError::CacheDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Git2Source::open(spec, credentials, &dir).map_err(CliError::Git)
+    }
+
+    /// Reads and validates the source once (fetching it when it is Git).
+    pub fn load(&self) -> Result<Loaded, CliError> {
+        if !self.is_git() {
+            return Ok(self.policy.load(&[self.root()]));
+        }
+        use crate::source::git::GitBackend;
+        let mut git = self.git()?;
+        let commit = git.fetch().map_err(CliError::Git)?;
+        let (files, problems) = git
+            .read(&commit, self.policy.max_file_size)
+            .map_err(CliError::Git)?;
+        let mut loaded = manifest::load(&files, &self.policy.load_options());
+        if !problems.is_empty() {
+            let unread: BTreeSet<String> = problems.iter().map(|d| d.file.clone()).collect();
+            loaded.files += unread.len();
+            loaded.unattributed_files.extend(unread);
+            loaded.diagnostics.extend(problems);
+            loaded.diagnostics.sort();
+        }
+        Ok(loaded)
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME").or_else(|| std::env::var_os("HOME")) {
+        Some(base) if std::env::var_os("XDG_CACHE_HOME").is_some() => {
+            PathBuf::from(base).join("envctl")
+        }
+        Some(home) => PathBuf::from(home).join(".cache").join("envctl"),
+        None => std::env::temp_dir().join("envctl"),
+    }
+}
+
+/// A duration such as `500ms`, `30s`, `10m` or `1h`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration such as 30s, 10m or 1h, got {s:?}"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("unknown unit in {s:?}: use ms, s, m or h")),
+    };
+    if ms == 0 {
+        return Err("the duration must be above zero".into());
+    }
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 fn print_diagnostics(out: &mut impl Write, diagnostics: &[Diagnostic]) -> Result<(), CliError> {
@@ -434,7 +688,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             output,
             live,
         } => {
-            let loaded = source.policy.load(&[source.root()]);
+            let loaded = source.load()?;
             let options = PassOptions {
                 render: source.policy.render_options(),
                 prune: prune.policy(),
@@ -468,7 +722,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             prune,
             output,
         } => {
-            let loaded = source.policy.load(&[source.root()]);
+            let loaded = source.load()?;
             let options = PassOptions {
                 render: source.policy.render_options(),
                 prune: prune.policy(),
@@ -496,6 +750,27 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             } else {
                 Exit::Invalid
             })
+        }
+        Command::Run(args) => run_controller(*args),
+        Command::Status {
+            cluster,
+            instance,
+            output,
+        } => {
+            let rows = runtime()?.block_on(async {
+                let client = cluster::connect(cluster.kubeconfig.as_deref())
+                    .await
+                    .map_err(CliError::Connect)?;
+                crate::status::read_all(&client, &instance)
+                    .await
+                    .map_err(CliError::Status)
+            })?;
+            let text = match output {
+                PlanFormat::Json => encode_json("the status", &rows)?,
+                PlanFormat::Text => crate::status::table(&rows),
+            };
+            out.write_all(text.as_bytes()).map_err(CliError::Output)?;
+            Ok(Exit::Ok)
         }
         Command::Schema => {
             let text = encode_json("the schema", &manifest::json_schema())?;

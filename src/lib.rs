@@ -13,6 +13,7 @@ pub mod observe;
 pub mod plan;
 pub mod render;
 pub mod source;
+pub mod status;
 pub mod yaml;
 
 pub use cli::run;

@@ -517,25 +517,56 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
         .collect()
 }
 
-/// The value of `HASH_ANNOTATION`: FNV-1a over the 8-byte words of the object's compact
-/// JSON (its length mixed in last). Stable across runs and platforms; not cryptographic.
+/// FNV-1a (64-bit) over 8-byte little-endian words, then the remaining bytes, with the
+/// total length mixed in last. Stable across runs and platforms; not cryptographic.
+#[derive(Debug, Clone)]
+pub struct Fnv64 {
+    h: u64,
+    len: u64,
+}
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fnv64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+
+    pub fn new() -> Fnv64 {
+        Fnv64 {
+            h: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+        }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            self.h ^= u64::from_le_bytes(word);
+            self.h = self.h.wrapping_mul(Self::PRIME);
+        }
+        for &b in words.remainder() {
+            self.h ^= u64::from(b);
+            self.h = self.h.wrapping_mul(Self::PRIME);
+        }
+        self.len = self.len.wrapping_add(bytes.len() as u64);
+    }
+
+    pub fn hex(&self) -> String {
+        let h = (self.h ^ self.len).wrapping_mul(Self::PRIME);
+        format!("{h:016x}")
+    }
+}
+
+/// The value of `HASH_ANNOTATION`: `Fnv64` of the object's compact JSON.
 pub fn desired_hash(object: &Value) -> String {
-    let text = serde_json::to_vec(object).unwrap_or_default();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut words = text.chunks_exact(8);
-    for w in &mut words {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        h ^= u64::from_le_bytes(word);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    for &b in words.remainder() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= text.len() as u64;
-    h = h.wrapping_mul(0x0100_0000_01b3);
-    format!("{h:016x}")
+    let mut h = Fnv64::new();
+    h.write(&serde_json::to_vec(object).unwrap_or_default());
+    h.hex()
 }
 
 /// Stamps `HASH_ANNOTATION` (computed without it) into the object's annotations.

@@ -61,6 +61,8 @@ pub struct Loaded {
     /// Names of environments that were found but are invalid: they must keep their last
     /// applied state and must never be pruned.
     pub invalid_names: BTreeSet<String>,
+    /// The first problem of each invalid environment, as `FILE:LINE:COL: error: ...`.
+    pub invalid_reasons: BTreeMap<String, String>,
     /// Files that failed before any environment name could be read from them. While there are
     /// any, nothing may be pruned: the lost environment could be any of the live ones.
     pub unattributed_files: BTreeSet<String>,
@@ -206,6 +208,7 @@ struct FileOutcome {
     environments: Vec<LoadedEnvironment>,
     diagnostics: Vec<Diagnostic>,
     invalid_names: BTreeSet<String>,
+    invalid_reasons: BTreeMap<String, String>,
     unattributed: bool,
 }
 
@@ -271,6 +274,9 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
         if out.diagnostics.len() > before {
             match name {
                 Some(n) => {
+                    out.invalid_reasons
+                        .entry(n.clone())
+                        .or_insert_with(|| out.diagnostics[before].to_string());
                     out.invalid_names.insert(n);
                 }
                 None => out.unattributed = true,
@@ -374,6 +380,7 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
     for (file, outcome) in files.iter().zip(outcomes) {
         loaded.diagnostics.extend(outcome.diagnostics);
         loaded.invalid_names.extend(outcome.invalid_names);
+        loaded.invalid_reasons.extend(outcome.invalid_reasons);
         if outcome.unattributed {
             loaded.unattributed_files.insert(file.path.clone());
         }

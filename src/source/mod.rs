@@ -4,6 +4,8 @@
 //! Owns file-system traversal only; it never parses YAML (`manifest` does) and never talks to
 //! the cluster.
 
+pub mod git;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;

@@ -29,6 +29,8 @@ pub struct PassPlan {
     pub desired: Vec<DesiredObject>,
     pub plan: Plan,
     pub dry_runs: usize,
+    /// Annotations of the live namespaces, by namespace name (for status bookkeeping).
+    pub live_namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub timings: BTreeMap<&'static str, std::time::Duration>,
 }
 
@@ -71,10 +73,29 @@ pub async fn plan_pass(
     };
     let plan = plan::build(&desired, &live, &answers, &health, &options.prune);
     timings.insert("plan", t.elapsed());
+    let live_namespaces = live
+        .objects
+        .values()
+        .filter(|o| o.key.kind == crate::render::ObjectKind::Namespace)
+        .map(|o| {
+            let annotations = o
+                .object
+                .pointer("/metadata/annotations")
+                .and_then(serde_json::Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (o.key.name.clone(), annotations)
+        })
+        .collect();
     Ok(PassPlan {
         desired,
         plan,
         dry_runs,
+        live_namespaces,
         timings,
     })
 }
@@ -83,3 +104,7 @@ pub async fn plan_pass(
 pub async fn apply_pass(client: &Client, pass: &PassPlan, options: &PassOptions) -> Report {
     apply::execute(client, &pass.plan, options.concurrency).await
 }
+
+pub mod http;
+pub mod leader;
+pub mod run;

@@ -1,0 +1,563 @@
+//! `envctl run`: the GitOps loop. Each tick asks the source whether it moved (ls-remote, no
+//! fetch), fetches only then, and reconciles with the same pass as `envctl apply`. Watches on
+//! the owned objects bring drift back within seconds; a webhook or a full resync can wake it
+//! early. With leader election only the leader writes.
+//!
+//! Owns scheduling and bookkeeping; every decision about objects is the pass's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::Client;
+use kube::runtime::watcher;
+use tokio::sync::{Notify, watch};
+
+use super::http::{self, Shared};
+use super::leader::{self, LeaseConfig};
+use super::{PassOptions, apply_pass, plan_pass};
+use crate::diagnostic::Diagnostic;
+use crate::manifest::{self, LoadOptions, Loaded, SourceFile};
+use crate::observe::OBSERVED_KINDS;
+use crate::plan::Action;
+use crate::render::{self, owned_selector};
+use crate::source::git::{GitBackend, GitError};
+use crate::status::{
+    self, ApiVerb, EnvState, EnvStatus, Events, Metrics, PollLabels, PollResult, Trigger,
+    TriggerLabels,
+};
+
+/// Where `run` reads manifests.
+pub enum RunSource {
+    Git(Box<dyn GitBackend>),
+    Directory(PathBuf),
+}
+
+pub struct RunOptions {
+    pub source: RunSource,
+    pub load: LoadOptions,
+    pub max_file_size: u64,
+    pub pass: PassOptions,
+    pub interval: Duration,
+    pub resync: Duration,
+    pub listen: SocketAddr,
+    pub webhook_secret: Option<Vec<u8>>,
+    pub leader: Option<LeaseConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving HTTP on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One revision of the source, as read.
+#[derive(Clone)]
+struct Revision {
+    id: String,
+    files: Vec<SourceFile>,
+    problems: Vec<Diagnostic>,
+    /// Paths that changed since the previous revision, when known.
+    changed: Option<BTreeSet<String>>,
+}
+
+type SharedGit = Arc<Mutex<Box<dyn GitBackend>>>;
+
+/// Asks the source whether it moved; fetches and reads only then.
+async fn poll(
+    source: &PollSource,
+    current: Option<&Revision>,
+    max: u64,
+) -> Result<Option<Revision>, String> {
+    match source {
+        PollSource::Git(git) => {
+            let git = git.clone();
+            let known = current.map(|r| r.id.clone());
+            tokio::task::spawn_blocking(move || -> Result<Option<Revision>, GitError> {
+                let mut g = git.lock().unwrap_or_else(|e| e.into_inner());
+                let head = g.remote_head()?;
+                if known.as_deref() == Some(head.as_str()) {
+                    return Ok(None);
+                }
+                let id = g.fetch()?;
+                let (files, problems) = g.read(&id, max)?;
+                let changed = known.as_deref().and_then(|k| g.changed(k, &id));
+                Ok(Some(Revision {
+                    id,
+                    files,
+                    problems,
+                    changed,
+                }))
+            })
+            .await
+            .map_err(|e| format!("the Git task failed: {e}"))?
+            .map_err(|e| error_chain(&e))
+        }
+        PollSource::Directory(root) => {
+            let root = root.clone();
+            let (files, problems) =
+                tokio::task::spawn_blocking(move || crate::source::read_paths(&[root], max))
+                    .await
+                    .map_err(|e| format!("reading the directory failed: {e}"))?;
+            let mut h = render::Fnv64::new();
+            for f in &files {
+                h.write(f.path.as_bytes());
+                h.write(&f.bytes);
+            }
+            for p in &problems {
+                h.write(p.to_string().as_bytes());
+            }
+            let id = format!("dir-{}", h.hex());
+            if current.is_some_and(|c| c.id == id) {
+                return Ok(None);
+            }
+            Ok(Some(Revision {
+                id,
+                files,
+                problems,
+                changed: None,
+            }))
+        }
+    }
+}
+
+enum PollSource {
+    Git(SharedGit),
+    Directory(PathBuf),
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// What of an owned object can drift: labels, annotations (but envctl's status ones), and
+/// the spec (through `metadata.generation` where the kind has one). Status-only updates, such
+/// as the StatefulSet controller's, leave it unchanged.
+fn drift_fingerprint(obj: &kube::api::DynamicObject) -> String {
+    let mut h = render::Fnv64::new();
+    let meta = &obj.metadata;
+    if let Some(labels) = &meta.labels {
+        h.write(serde_json::to_string(labels).unwrap_or_default().as_bytes());
+    }
+    if let Some(annotations) = &meta.annotations {
+        for (k, v) in annotations {
+            if ![
+                status::REVISION_ANNOTATION,
+                status::STATE_ANNOTATION,
+                status::ERROR_ANNOTATION,
+                status::APPLIED_AT_ANNOTATION,
+            ]
+            .contains(&k.as_str())
+            {
+                h.write(k.as_bytes());
+                h.write(v.as_bytes());
+            }
+        }
+    }
+    match meta.generation {
+        Some(g) => h.write(&g.to_le_bytes()),
+        None => h.write(
+            obj.data
+                .get("spec")
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        ),
+    }
+    h.write(&[u8::from(meta.deletion_timestamp.is_some())]);
+    h.hex()
+}
+
+/// Watches every owned kind; a change of what can drift wakes the loop.
+fn spawn_drift_watchers(client: &Client, instance: &str, drift: Arc<Notify>) {
+    for kind in OBSERVED_KINDS {
+        let api = crate::cluster::api(client, kind, None);
+        let config = watcher::Config::default().labels(&owned_selector(instance));
+        let drift = drift.clone();
+        tokio::spawn(async move {
+            let mut stream = watcher(api, config).boxed();
+            let mut seen: std::collections::HashMap<String, String> = Default::default();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(obj)) | Ok(watcher::Event::InitApply(obj)) => {
+                        let key = format!("{:?}/{:?}", obj.metadata.namespace, obj.metadata.name);
+                        let fp = drift_fingerprint(&obj);
+                        let initial = !seen.contains_key(&key);
+                        if seen.insert(key, fp.clone()).is_some_and(|old| old != fp) && !initial {
+                            drift.notify_one();
+                        }
+                    }
+                    Ok(watcher::Event::Delete(obj)) => {
+                        seen.remove(&format!(
+                            "{:?}/{:?}",
+                            obj.metadata.namespace, obj.metadata.name
+                        ));
+                        drift.notify_one();
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(kind = kind.as_str(), error = %e, "watch interrupted; it resumes");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn load(revision: &Revision, options: &LoadOptions) -> Loaded {
+    let mut loaded = manifest::load(&revision.files, options);
+    if !revision.problems.is_empty() {
+        let unread: BTreeSet<String> = revision.problems.iter().map(|d| d.file.clone()).collect();
+        loaded.files += unread.len();
+        loaded.unattributed_files.extend(unread);
+        loaded.diagnostics.extend(revision.problems.iter().cloned());
+        loaded.diagnostics.sort();
+    }
+    loaded
+}
+
+struct Loop {
+    client: Client,
+    opts: RunOptions,
+    metrics: Arc<Metrics>,
+    events: Events,
+    /// Status last written per environment: (revision, state, error).
+    written: BTreeMap<String, (String, EnvState, Option<String>)>,
+}
+
+impl Loop {
+    async fn reconcile(&mut self, revision: &Revision, trigger: Trigger) {
+        let started = Instant::now();
+        self.metrics
+            .reconciles
+            .get_or_create(&TriggerLabels { trigger })
+            .inc();
+        let loaded = load(revision, &self.opts.load);
+        for d in &loaded.diagnostics {
+            tracing::warn!(revision = %revision.id, "{d}");
+        }
+        let pass = match plan_pass(Some(&self.client), &loaded, &self.opts.pass).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "planning failed; nothing was changed");
+                return;
+            }
+        };
+        self.metrics
+            .count_api(ApiVerb::List, OBSERVED_KINDS.len() as u64);
+        self.metrics
+            .count_api(ApiVerb::DryRun, pass.dry_runs as u64);
+        let report = apply_pass(&self.client, &pass, &self.opts.pass).await;
+        let writes = pass
+            .plan
+            .changes
+            .iter()
+            .filter(|c| c.action != Action::Delete)
+            .count();
+        self.metrics.count_api(ApiVerb::Apply, writes as u64);
+        self.metrics
+            .count_api(ApiVerb::Delete, (pass.plan.changes.len() - writes) as u64);
+
+        // Per-environment outcome.
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        for f in &report.failures {
+            let env = pass
+                .plan
+                .changes
+                .iter()
+                .find(|c| c.key.to_string() == f.object)
+                .map(|c| c.environment.clone())
+                .unwrap_or_default();
+            failed
+                .entry(env)
+                .or_insert_with(|| format!("{} {}: {}", f.action.as_str(), f.object, f.error));
+        }
+        let mut touched: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for c in &pass.plan.changes {
+            let e = touched.entry(c.environment.as_str()).or_default();
+            if c.action == Action::Delete {
+                e.1 += 1;
+            } else {
+                e.0 += 1;
+            }
+        }
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut counts: BTreeMap<EnvState, i64> = BTreeMap::new();
+        let mut statuses = Vec::new();
+        for env in &loaded.environments {
+            let name = env.environment.metadata.name.clone();
+            let file_changed = revision
+                .changed
+                .as_ref()
+                .is_none_or(|c| c.contains(&env.origin.file));
+            let (state, error) = match failed.get(&name) {
+                Some(e) => (EnvState::Failed, Some(e.clone())),
+                None => (EnvState::Applied, None),
+            };
+            *counts.entry(state).or_default() += 1;
+            let previous = self.written.get(&name).cloned();
+            let revision_id =
+                if file_changed || touched.contains_key(name.as_str()) || previous.is_none() {
+                    revision.id.clone()
+                } else {
+                    previous
+                        .as_ref()
+                        .map_or(revision.id.clone(), |p| p.0.clone())
+                };
+            statuses.push(EnvStatus {
+                namespace: env.environment.namespace(),
+                environment: name,
+                revision: revision_id,
+                state,
+                error,
+            });
+        }
+        for name in &loaded.invalid_names {
+            *counts.entry(EnvState::Invalid).or_default() += 1;
+            let reason = loaded
+                .invalid_reasons
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| "invalid manifest".into());
+            let previous_revision = self
+                .written
+                .get(name)
+                .map(|p| p.0.clone())
+                .unwrap_or_default();
+            statuses.push(EnvStatus {
+                namespace: crate::manifest::namespace_for(name),
+                environment: name.clone(),
+                revision: previous_revision,
+                state: EnvState::Invalid,
+                error: Some(reason),
+            });
+        }
+        self.metrics.set_states(&counts);
+        self.metrics.set_revision(&revision.id);
+
+        // Status annotations: written only when they change.
+        let live_ns = &pass.live_namespaces;
+        for s in statuses {
+            let key = (s.revision.clone(), s.state, s.error.clone());
+            let recorded = live_ns.get(&s.namespace);
+            let same_as_live = recorded.is_some_and(|a| {
+                a.get(status::REVISION_ANNOTATION) == Some(&s.revision)
+                    && a.get(status::STATE_ANNOTATION).map(String::as_str) == Some(s.state.as_str())
+                    && a.get(status::ERROR_ANNOTATION) == s.error.as_ref()
+            });
+            let namespace_exists =
+                recorded.is_some() || touched.contains_key(s.environment.as_str());
+            if !same_as_live && namespace_exists && self.written.get(&s.environment) != Some(&key) {
+                match status::annotate(&self.client, &s, &now).await {
+                    Ok(()) => self.metrics.count_api(ApiVerb::StatusPatch, 1),
+                    Err(e) => tracing::warn!(error = %error_chain(&e), "writing status"),
+                }
+            }
+            let changed = self.written.insert(s.environment.clone(), key.clone()) != Some(key);
+            let counts = touched.get(s.environment.as_str());
+            match (s.state, counts) {
+                (EnvState::Failed, _) if changed => {
+                    let note = s.error.clone().unwrap_or_default();
+                    self.events
+                        .publish(&s.namespace, true, "ApplyFailed", note)
+                        .await
+                }
+                (EnvState::Invalid, _) if changed => {
+                    let note = format!(
+                        "kept at its last applied state: {}",
+                        s.error.clone().unwrap_or_default()
+                    );
+                    self.events
+                        .publish(&s.namespace, true, "InvalidManifest", note)
+                        .await
+                }
+                (EnvState::Applied, Some((applied, deleted))) => {
+                    let note = format!(
+                        "revision {}: {applied} object(s) applied, {deleted} deleted",
+                        revision.id
+                    );
+                    self.events
+                        .publish(&s.namespace, false, "Applied", note)
+                        .await
+                }
+                _ => {}
+            }
+        }
+        for h in &pass.plan.held {
+            tracing::warn!(object = %h.key, reason = %h.reason, "held");
+        }
+        for c in
+            pass.plan.changes.iter().filter(|c| {
+                c.action == Action::Delete && c.key.kind == render::ObjectKind::Namespace
+            })
+        {
+            tracing::info!(namespace = %c.key.name, "pruned environment");
+        }
+        let elapsed = started.elapsed();
+        self.metrics
+            .reconcile_seconds
+            .observe(elapsed.as_secs_f64());
+        if !pass.plan.has_changes() && trigger == Trigger::Drift {
+            tracing::debug!(
+                ms = elapsed.as_millis() as u64,
+                "drift check: nothing to change"
+            );
+            return;
+        }
+        tracing::info!(
+            revision = %revision.id,
+            trigger = ?trigger,
+            create = pass.plan.summary.create,
+            update = pass.plan.summary.update,
+            delete = pass.plan.summary.delete,
+            unchanged = pass.plan.summary.unchanged,
+            held = pass.plan.summary.held,
+            invalid = loaded.invalid_names.len(),
+            failed = report.failures.len(),
+            ms = elapsed.as_millis() as u64,
+            "reconciled"
+        );
+    }
+}
+
+/// Runs the controller until interrupted.
+pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
+        ready: Default::default(),
+        webhook_secret: opts.webhook_secret.clone(),
+        poke: Notify::new(),
+    });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    tracing::info!(addr = %opts.listen, "listening");
+    let router = http::router(shared.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the HTTP listener stopped");
+        }
+    });
+
+    let (lead_tx, lead_rx) = watch::channel(opts.leader.is_none());
+    if let Some(cfg) = opts.leader.clone() {
+        tokio::spawn(leader::run(client.clone(), cfg, lead_tx));
+    }
+    let drift = Arc::new(Notify::new());
+    spawn_drift_watchers(&client, &opts.pass.render.instance, drift.clone());
+
+    let source = match &opts.source {
+        RunSource::Git(_) => None,
+        RunSource::Directory(root) => Some(PollSource::Directory(root.clone())),
+    };
+    let mut opts = opts;
+    let poll_source = match source {
+        Some(s) => s,
+        None => match std::mem::replace(&mut opts.source, RunSource::Directory(PathBuf::new())) {
+            RunSource::Git(g) => PollSource::Git(Arc::new(Mutex::new(g))),
+            RunSource::Directory(d) => PollSource::Directory(d),
+        },
+    };
+    let events = Events::new(client.clone(), &opts.pass.render.instance);
+    let interval = opts.interval;
+    let resync = opts.resync;
+    let max = opts.max_file_size;
+    let mut state = Loop {
+        client,
+        opts,
+        metrics: metrics.clone(),
+        events,
+        written: BTreeMap::new(),
+    };
+    let mut current: Option<Revision> = None;
+    let mut last_pass = Instant::now();
+    let mut trigger = Trigger::Poll;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
+                _ = shared.poke.notified() => trigger = Trigger::Webhook,
+                _ = drift.notified() => {
+                    // Let a burst of watch events settle into one pass.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    trigger = Trigger::Drift;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("interrupted; stopping");
+                    return Ok(());
+                }
+            }
+        }
+        first = false;
+        if !*lead_rx.borrow() {
+            // A standby is healthy and ready; it only waits.
+            shared.ready.store(true, Ordering::Relaxed);
+            continue;
+        }
+        let moved = match poll(&poll_source, current.as_ref(), max).await {
+            Ok(Some(rev)) => {
+                metrics
+                    .polls
+                    .get_or_create(&PollLabels {
+                        result: PollResult::Fetched,
+                    })
+                    .inc();
+                tracing::info!(revision = %rev.id, "new revision");
+                current = Some(rev);
+                true
+            }
+            Ok(None) => {
+                metrics
+                    .polls
+                    .get_or_create(&PollLabels {
+                        result: PollResult::Unchanged,
+                    })
+                    .inc();
+                false
+            }
+            Err(e) => {
+                metrics
+                    .polls
+                    .get_or_create(&PollLabels {
+                        result: PollResult::Error,
+                    })
+                    .inc();
+                tracing::warn!(error = %e, "polling the source failed; keeping the last revision");
+                false
+            }
+        };
+        let resync_due = last_pass.elapsed() >= resync;
+        let Some(rev) = current.clone() else { continue };
+        let why = if moved || trigger == Trigger::Drift || trigger == Trigger::Webhook {
+            trigger
+        } else if resync_due {
+            Trigger::Resync
+        } else {
+            continue; // nothing moved: no fetch was made, nothing is written
+        };
+        state.reconcile(&rev, why).await;
+        last_pass = Instant::now();
+        shared.ready.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,408 @@
+//! Status: what envctl tells people about each environment — namespace annotations
+//! (revision, state, last error), Kubernetes Events, Prometheus metrics — and the table of
+//! `envctl status`. Writes only status annotations and Events; objects are `apply`'s.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::cluster::FIELD_MANAGER;
+use crate::render::owned_selector;
+
+pub const REVISION_ANNOTATION: &str = "envctl.materialize.cloud/revision";
+pub const STATE_ANNOTATION: &str = "envctl.materialize.cloud/state";
+pub const ERROR_ANNOTATION: &str = "envctl.materialize.cloud/last-error";
+pub const APPLIED_AT_ANNOTATION: &str = "envctl.materialize.cloud/applied-at";
+
+/// The state of one environment after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelValue)]
+pub enum EnvState {
+    /// Everything applied at the revision.
+    Applied,
+    /// Some object could not be written.
+    Failed,
+    /// The manifest is invalid; the last applied state is kept.
+    Invalid,
+}
+
+impl EnvState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvState::Applied => "applied",
+            EnvState::Failed => "failed",
+            EnvState::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: EnvState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum PollResult {
+    /// The remote's ref did not move: no fetch.
+    Unchanged,
+    /// A new commit was fetched.
+    Fetched,
+    /// The remote could not be asked or fetched.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PollLabels {
+    pub result: PollResult,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum ApiVerb {
+    List,
+    DryRun,
+    Apply,
+    Delete,
+    StatusPatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub verb: ApiVerb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum Trigger {
+    Poll,
+    Webhook,
+    Drift,
+    Resync,
+    Watch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TriggerLabels {
+    pub trigger: Trigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RevisionLabels {
+    pub revision: String,
+}
+
+/// Every metric envctl exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconcile_seconds: Histogram,
+    pub reconciles: Family<TriggerLabels, Counter>,
+    pub environments: Family<StateLabels, Gauge>,
+    pub polls: Family<PollLabels, Counter>,
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub applied_revision: Family<RevisionLabels, Gauge>,
+    last_revision: Mutex<Option<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("envctl");
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let reconciles = Family::<TriggerLabels, Counter>::default();
+        let environments = Family::<StateLabels, Gauge>::default();
+        let polls = Family::<PollLabels, Counter>::default();
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        let applied_revision = Family::<RevisionLabels, Gauge>::default();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconcile passes by what triggered them",
+            reconciles.clone(),
+        );
+        registry.register(
+            "environments",
+            "Environments by state after the last pass",
+            environments.clone(),
+        );
+        registry.register("polls", "Source polls by result", polls.clone());
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API by kind of request",
+            api_requests.clone(),
+        );
+        registry.register(
+            "applied_revision",
+            "The source revision last applied (value 1)",
+            applied_revision.clone(),
+        );
+        Metrics {
+            registry,
+            reconcile_seconds,
+            reconciles,
+            environments,
+            polls,
+            api_requests,
+            applied_revision,
+            last_revision: Mutex::new(None),
+        }
+    }
+
+    pub fn set_revision(&self, revision: &str) {
+        let mut last = self.last_revision.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = last.take() {
+            self.applied_revision
+                .remove(&RevisionLabels { revision: old });
+        }
+        self.applied_revision
+            .get_or_create(&RevisionLabels {
+                revision: revision.to_string(),
+            })
+            .set(1);
+        *last = Some(revision.to_string());
+    }
+
+    pub fn set_states(&self, counts: &BTreeMap<EnvState, i64>) {
+        for s in [EnvState::Applied, EnvState::Failed, EnvState::Invalid] {
+            self.environments
+                .get_or_create(&StateLabels { state: s })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+    }
+
+    pub fn count_api(&self, verb: ApiVerb, n: u64) {
+        self.api_requests
+            .get_or_create(&ApiLabels { verb })
+            .inc_by(n);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One environment's status as written to its namespace.
+#[derive(Debug, Clone)]
+pub struct EnvStatus {
+    pub environment: String,
+    pub namespace: String,
+    pub revision: String,
+    pub state: EnvState,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("annotating namespace {namespace} with its status")]
+    Annotate {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing environments")]
+    List(#[source] kube::Error),
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Writes the status annotations of one environment's namespace (a merge patch of
+/// annotations only; nothing else of the namespace is touched).
+pub async fn annotate(client: &Client, status: &EnvStatus, now: &str) -> Result<(), StatusError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(REVISION_ANNOTATION.into(), status.revision.clone().into());
+    annotations.insert(STATE_ANNOTATION.into(), status.state.as_str().into());
+    annotations.insert(
+        ERROR_ANNOTATION.into(),
+        status
+            .error
+            .as_deref()
+            .map_or(serde_json::Value::Null, |e| truncate(e, 1024).into()),
+    );
+    if status.state == EnvState::Applied {
+        annotations.insert(APPLIED_AT_ANNOTATION.into(), now.into());
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    match api
+        .patch(&status.namespace, &params, &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(StatusError::Annotate {
+            namespace: status.namespace.clone(),
+            source,
+        }),
+    }
+}
+
+/// Publishes Kubernetes Events about environments (reported as `envctl`).
+pub struct Events {
+    recorder: Recorder,
+}
+
+impl Events {
+    pub fn new(client: Client, instance: &str) -> Events {
+        let reporter = Reporter {
+            controller: "envctl".into(),
+            instance: Some(instance.to_string()),
+        };
+        Events {
+            recorder: Recorder::new(client, reporter),
+        }
+    }
+
+    /// An Event on the environment's namespace; failures to publish are logged, not fatal.
+    pub async fn publish(&self, namespace: &str, warning: bool, reason: &str, note: String) {
+        // The Event lives in the environment's own namespace, which must match the reference.
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Namespace".into()),
+            name: Some(namespace.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(truncate(&note, 1024)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(namespace, reason, error = %e, "publishing an event failed");
+        }
+    }
+}
+
+/// One row of `envctl status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusRow {
+    pub environment: String,
+    pub namespace: String,
+    pub revision: String,
+    pub state: String,
+    pub applied_at: String,
+    pub last_error: String,
+}
+
+/// Every environment of `instance` with its recorded status.
+pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>, StatusError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let list = api
+        .list(&ListParams::default().labels(&owned_selector(instance)))
+        .await
+        .map_err(StatusError::List)?;
+    let mut rows: Vec<StatusRow> = list
+        .items
+        .into_iter()
+        .map(|ns| {
+            let labels = ns.metadata.labels.unwrap_or_default();
+            let ann = ns.metadata.annotations.unwrap_or_default();
+            let get = |k: &str| ann.get(k).cloned().unwrap_or_default();
+            let terminating = ns.metadata.deletion_timestamp.is_some();
+            StatusRow {
+                environment: labels
+                    .get(crate::render::ENVIRONMENT_LABEL)
+                    .cloned()
+                    .unwrap_or_default(),
+                namespace: ns.metadata.name.unwrap_or_default(),
+                revision: get(REVISION_ANNOTATION),
+                state: if terminating {
+                    "deleting".to_string()
+                } else {
+                    get(STATE_ANNOTATION)
+                },
+                applied_at: get(APPLIED_AT_ANNOTATION),
+                last_error: get(ERROR_ANNOTATION),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.environment.cmp(&b.environment));
+    Ok(rows)
+}
+
+/// The rows as an aligned text table.
+pub fn table(rows: &[StatusRow]) -> String {
+    let header = ["ENVIRONMENT", "REVISION", "STATE", "APPLIED", "LAST ERROR"];
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.environment.clone(),
+                r.revision.chars().take(12).collect(),
+                if r.state.is_empty() {
+                    "-".into()
+                } else {
+                    r.state.clone()
+                },
+                if r.applied_at.is_empty() {
+                    "-".into()
+                } else {
+                    r.applied_at.clone()
+                },
+                r.last_error.replace('\n', " "),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for c in &cells {
+        for (i, v) in c.iter().enumerate() {
+            widths[i] = widths[i].max(v.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |vals: [&str; 5]| {
+        for (i, v) in vals.iter().enumerate() {
+            if i == 4 {
+                out.push_str(v);
+            } else {
+                out.push_str(&format!("{v:<w$}  ", w = widths[i]));
+            }
+        }
+        while out.ends_with(' ') {
+            out.pop();
+        }
+        out.push('\n');
+    };
+    line(header);
+    for c in &cells {
+        line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
+    }
+    out
+}
