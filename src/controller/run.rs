@@ -71,6 +71,9 @@ struct Revision {
 
 type SharedGit = Arc<Mutex<Box<dyn GitBackend>>>;
 
+/// Longest a poll (ls-remote, fetch and read) may take before the loop goes on without it.
+const POLL_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Asks the source whether it moved; fetches and reads only then.
 async fn poll(
     source: &PollSource,
@@ -81,25 +84,36 @@ async fn poll(
         PollSource::Git(git) => {
             let git = git.clone();
             let known = current.map(|r| r.id.clone());
-            tokio::task::spawn_blocking(move || -> Result<Option<Revision>, GitError> {
-                let mut g = git.lock().unwrap_or_else(|e| e.into_inner());
-                let head = g.remote_head()?;
-                if known.as_deref() == Some(head.as_str()) {
-                    return Ok(None);
-                }
-                let id = g.fetch()?;
-                let (files, problems) = g.read(&id, max)?;
-                let changed = known.as_deref().and_then(|k| g.changed(k, &id));
-                Ok(Some(Revision {
-                    id,
-                    files,
-                    problems,
-                    changed,
-                }))
-            })
-            .await
-            .map_err(|e| format!("the Git task failed: {e}"))?
-            .map_err(|e| error_chain(&e))
+            let task = tokio::task::spawn_blocking(move || -> Result<Option<Revision>, String> {
+                // A poll that outlived its timeout may still hold the source: skip this one.
+                let mut g = match git.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        return Err("the previous poll is still running".into());
+                    }
+                };
+                let result = (|| -> Result<Option<Revision>, GitError> {
+                    let head = g.remote_head()?;
+                    if known.as_deref() == Some(head.as_str()) {
+                        return Ok(None);
+                    }
+                    let id = g.fetch()?;
+                    let (files, problems) = g.read(&id, max)?;
+                    let changed = known.as_deref().and_then(|k| g.changed(k, &id));
+                    Ok(Some(Revision {
+                        id,
+                        files,
+                        problems,
+                        changed,
+                    }))
+                })();
+                result.map_err(|e| error_chain(&e))
+            });
+            match tokio::time::timeout(POLL_TIMEOUT, task).await {
+                Ok(joined) => joined.map_err(|e| format!("the Git task failed: {e}"))?,
+                Err(_) => Err(format!("the poll took longer than {POLL_TIMEOUT:?}")),
+            }
         }
         PollSource::Directory(root) => {
             let root = root.clone();

@@ -48,6 +48,22 @@ pub enum GitError {
     Credentials { what: String },
 }
 
+/// Bounds every network operation of libgit2: a connect gives up after 10 s, a silent
+/// server after 30 s (libgit2 waits forever by default, which would stall the controller).
+/// Call before any Git operation; later calls do nothing.
+pub fn configure_timeouts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: these set libgit2 globals without synchronisation. `Once` makes this the only
+        // writer, and it runs before the first Git operation of the process, so no libgit2
+        // call can race with it.
+        unsafe {
+            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(10_000);
+            let _ = git2::opts::set_server_timeout_in_milliseconds(30_000);
+        }
+    });
+}
+
 /// How to authenticate to the remote.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {

@@ -5,5 +5,6 @@
 
 mod cluster;
 mod diff;
+mod gitops;
 mod golden;
 mod support;

@@ -1,0 +1,684 @@
+//! `envctl run` against a real `git daemon` on loopback and the test cluster: pushes,
+//! drift, invalid manifests, prune guards, the webhook, leader failover and an unreachable
+//! remote.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+
+use crate::cluster::{TestCluster, cleanup_instance, require, unique, wait_namespace_gone};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .output()
+        .expect("running git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bare repository served by `git daemon` on loopback, and a work clone to push from.
+struct GitServer {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    work: PathBuf,
+    port: u16,
+    daemon: Option<Child>,
+}
+
+impl GitServer {
+    fn start() -> GitServer {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let base = dir.path().join("srv");
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&base).expect("mkdir");
+        std::fs::create_dir_all(work.join("environments")).expect("mkdir");
+        git(&base, &["init", "-q", "--bare", "-b", "main", "envs.git"]);
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(
+            &work,
+            &[
+                "remote",
+                "add",
+                "origin",
+                base.join("envs.git").to_str().expect("utf-8 path"),
+            ],
+        );
+        std::fs::write(work.join("README.md"), "environments\n").expect("write");
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "init"]);
+        git(&work, &["push", "-q", "origin", "main"]);
+        let mut server = GitServer {
+            _dir: dir,
+            base,
+            work,
+            port: free_port(),
+            daemon: None,
+        };
+        server.serve();
+        server
+    }
+
+    fn serve(&mut self) {
+        // Run git-daemon itself: `git daemon` would fork it, and killing `git` would leave the
+        // server running.
+        let exec_path = Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .expect("git --exec-path");
+        let child = Command::new(Path::new(&exec_path).join("git-daemon"))
+            .args([
+                "--reuseaddr",
+                "--export-all",
+                "--listen=127.0.0.1",
+                &format!("--port={}", self.port),
+                &format!("--base-path={}", self.base.display()),
+            ])
+            .arg(&self.base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting git daemon (Debian package git)");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "git daemon did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("git://127.0.0.1:{}/envs.git", self.port)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.work.join("environments").join(name), text)
+            .expect("writing a manifest");
+    }
+
+    fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.work.join("environments").join(name));
+    }
+
+    fn push(&self, message: &str) {
+        git(&self.work, &["add", "-A"]);
+        git(
+            &self.work,
+            &["commit", "-q", "--allow-empty", "-m", message],
+        );
+        git(&self.work, &["push", "-q", "origin", "main"]);
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An `envctl run` child process, killed on drop.
+struct Controller {
+    child: Child,
+    log: PathBuf,
+    listen: u16,
+}
+
+impl Controller {
+    fn start(cluster: &TestCluster, git: &GitServer, instance: &str, extra: &[&str]) -> Controller {
+        Self::start_every(cluster, git, instance, "1s", extra)
+    }
+
+    fn start_every(
+        cluster: &TestCluster,
+        git: &GitServer,
+        instance: &str,
+        interval: &str,
+        extra: &[&str],
+    ) -> Controller {
+        let listen = free_port();
+        let log = std::env::temp_dir().join(format!("{instance}-{listen}.log"));
+        let file = std::fs::File::create(&log).expect("a log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_envctl"))
+            .args([
+                "run",
+                "--source",
+                &git.url(),
+                "--ref",
+                "main",
+                "--path",
+                "environments",
+            ])
+            .args(["--instance", instance, "--interval", interval])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{listen}"))
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .arg("--cache-dir")
+            .arg(std::env::temp_dir().join(format!("{instance}-{listen}-cache")))
+            .args(extra)
+            .env("ENVCTL_LOG", "info")
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("starting envctl run");
+        Controller { child, log, listen }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A raw HTTP/1.1 request to the controller's listener: (status code, body).
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> (u16, String) {
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", self.listen)).expect("connecting to envctl");
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).expect("writing a request");
+        s.write_all(body).expect("writing a body");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, resp)
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn env_yaml(name: &str, scale: i64, services: &[&str]) -> String {
+    let mut compute = String::new();
+    for id in services {
+        compute.push_str(&format!(
+            "      - {{id: {id}, image: \"materialize/clusterd:v0.130.0\", scale: {scale}}}\n"
+        ));
+    }
+    format!(
+        "apiVersion: envctl.materialize.cloud/v1alpha1
+kind: Environment
+metadata:
+  name: {name}
+spec:
+  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11
+  region: aws/us-east-1
+  hostname: {name}.us-east-1.aws.example.cloud
+  tls: {{enabled: false}}
+  environmentd:
+    image: materialize/environmentd:v0.130.0
+  services:
+    compute:
+{compute}  serviceLabels: {{tier: gold}}
+"
+    )
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, log: &dyn Fn() -> String, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n--- controller log ---\n{}",
+                log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn replicas(client: &Client, env: &str, name: &str) -> Option<i32> {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{env}"));
+    api.get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.spec.and_then(|s| s.replicas))
+}
+
+async fn ns_annotations(client: &Client, env: &str) -> Option<BTreeMap<String, String>> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.get_opt(&format!("environment-{env}"))
+        .await
+        .ok()
+        .flatten()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .map(|n| n.metadata.annotations.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gitops_lifecycle() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("ops");
+    let (a, b) = (unique("a"), unique("b"));
+    let git = GitServer::start();
+    git.write("a.yaml", &env_yaml(&a, 2, &["cluster-0", "cluster-1"]));
+    git.write("b.yaml", &env_yaml(&b, 1, &["cluster-0"]));
+    git.push("two environments");
+    let ctl = Controller::start(cluster, &git, &instance, &["--prune", "--max-prune", "1"]);
+    let log = || ctl.log();
+    let t = Duration::from_secs(30);
+
+    wait_for("both environments applied", t, &log, || async {
+        replicas(&client, &a, "compute-cluster-1").await == Some(2)
+            && replicas(&client, &b, "compute-cluster-0").await == Some(1)
+    })
+    .await;
+
+    // Drift: a manual scale, a deleted Service and a removed label come back.
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{a}"));
+    sts.patch(
+        "compute-cluster-0",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 7}})),
+    )
+    .await
+    .expect("scaling by hand");
+    let svc: Api<Service> = Api::namespaced(client.clone(), &format!("environment-{a}"));
+    svc.delete("compute-cluster-1", &DeleteParams::default())
+        .await
+        .expect("deleting a Service by hand");
+    sts.patch(
+        "compute-cluster-1",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"tier": null}}})),
+    )
+    .await
+    .expect("removing a label by hand");
+    wait_for("drift reverted", Duration::from_secs(15), &log, || async {
+        let label = sts
+            .get_opt("compute-cluster-1")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.metadata.labels)
+            .and_then(|l| l.get("tier").cloned());
+        replicas(&client, &a, "compute-cluster-0").await == Some(2)
+            && svc
+                .get_opt("compute-cluster-1")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            && label.as_deref() == Some("gold")
+    })
+    .await;
+
+    // A pushed scale change, then a removed service.
+    git.write("a.yaml", &env_yaml(&a, 3, &["cluster-0", "cluster-1"]));
+    git.push("scale a");
+    wait_for("scale 3 applied", t, &log, || async {
+        replicas(&client, &a, "compute-cluster-0").await == Some(3)
+    })
+    .await;
+    git.write("a.yaml", &env_yaml(&a, 3, &["cluster-0"]));
+    git.push("remove cluster-1");
+    wait_for("cluster-1 pruned", t, &log, || async {
+        replicas(&client, &a, "compute-cluster-1").await.is_none()
+            && svc
+                .get_opt("compute-cluster-1")
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+    })
+    .await;
+
+    // One invalid manifest among valid ones: it keeps its state, the other proceeds.
+    git.write(
+        "a.yaml",
+        &env_yaml(&a, 3, &["cluster-0"]).replace("scale: 3", "scale: -1"),
+    );
+    git.write("b.yaml", &env_yaml(&b, 2, &["cluster-0"]));
+    git.push("a broken, b scaled");
+    wait_for("b applied while a is invalid", t, &log, || async {
+        let ann = ns_annotations(&client, &a).await.unwrap_or_default();
+        replicas(&client, &b, "compute-cluster-0").await == Some(2)
+            && ann
+                .get("envctl.materialize.cloud/state")
+                .map(String::as_str)
+                == Some("invalid")
+    })
+    .await;
+    assert_eq!(
+        replicas(&client, &a, "compute-cluster-0").await,
+        Some(3),
+        "an invalid manifest changed its environment"
+    );
+    let ann = ns_annotations(&client, &a).await.unwrap_or_default();
+    let err = ann
+        .get("envctl.materialize.cloud/last-error")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        err.contains("environments/a.yaml:") && err.contains("/spec/services/compute/0/scale"),
+        "{err}"
+    );
+
+    // Removing an environment's file prunes it (with --prune).
+    git.write("a.yaml", &env_yaml(&a, 3, &["cluster-0"]));
+    git.remove("b.yaml");
+    git.push("a fixed, b removed");
+    wait_namespace_gone(
+        &client,
+        &format!("environment-{b}"),
+        Duration::from_secs(120),
+    )
+    .await;
+    let ann = ns_annotations(&client, &a).await.unwrap_or_default();
+    assert_eq!(
+        ann.get("envctl.materialize.cloud/state")
+            .map(String::as_str),
+        Some("applied")
+    );
+
+    // An empty tree prunes nothing.
+    git.remove("a.yaml");
+    git.push("empty");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        ns_annotations(&client, &a).await.is_some(),
+        "an empty source pruned an environment\n{}",
+        ctl.log()
+    );
+    assert!(
+        ctl.log().contains("the source has no valid environment"),
+        "{}",
+        ctl.log()
+    );
+
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gitops_without_prune_keeps_removed_environments() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("noprune");
+    let (a, b) = (unique("a"), unique("b"));
+    let git = GitServer::start();
+    git.write("a.yaml", &env_yaml(&a, 1, &["cluster-0"]));
+    git.write("b.yaml", &env_yaml(&b, 1, &["cluster-0"]));
+    git.push("two");
+    let ctl = Controller::start(cluster, &git, &instance, &[]);
+    let log = || ctl.log();
+    wait_for("applied", Duration::from_secs(30), &log, || async {
+        replicas(&client, &b, "compute-cluster-0").await == Some(1)
+    })
+    .await;
+    git.remove("b.yaml");
+    git.push("remove b");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        ns_annotations(&client, &b).await.is_some(),
+        "removed without --prune\n{}",
+        ctl.log()
+    );
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}
+
+fn sign(secret: &[u8], body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, body);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_needs_a_valid_signature() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("hook");
+    let a = unique("a");
+    let git = GitServer::start();
+    git.write("a.yaml", &env_yaml(&a, 1, &["cluster-0"]));
+    git.push("one");
+    let secret_dir = tempfile::tempdir().expect("temp dir");
+    let secret_file = secret_dir.path().join("secret");
+    std::fs::write(&secret_file, "s3cret\n").expect("write");
+    // A long interval: only the first poll and the webhook can bring changes.
+    let secret = secret_file.to_str().expect("utf-8 path");
+    let ctl = Controller::start_every(
+        cluster,
+        &git,
+        &instance,
+        "1h",
+        &["--webhook-secret-file", secret, "--resync-interval", "1h"],
+    );
+    let log = || ctl.log();
+    wait_for(
+        "first revision applied",
+        Duration::from_secs(30),
+        &log,
+        || async { replicas(&client, &a, "compute-cluster-0").await == Some(1) },
+    )
+    .await;
+
+    git.write("a.yaml", &env_yaml(&a, 4, &["cluster-0"]));
+    git.push("scale to 4");
+    let body = br#"{"ref":"refs/heads/main"}"#;
+    let (code, _) = ctl.http(
+        "POST",
+        "/hooks/git",
+        &[("X-Hub-Signature-256", sign(b"wrong", body))],
+        body,
+    );
+    assert_eq!(code, 401);
+    let (code, _) = ctl.http("POST", "/hooks/git", &[], body);
+    assert_eq!(code, 401);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        replicas(&client, &a, "compute-cluster-0").await,
+        Some(1),
+        "a bad signature triggered a poll"
+    );
+
+    let (code, _) = ctl.http(
+        "POST",
+        "/hooks/git",
+        &[("X-Hub-Signature-256", sign(b"s3cret", body))],
+        body,
+    );
+    assert_eq!(code, 202);
+    wait_for(
+        "webhook-triggered apply",
+        Duration::from_secs(10),
+        &log,
+        || async { replicas(&client, &a, "compute-cluster-0").await == Some(4) },
+    )
+    .await;
+    let (code, metrics) = ctl.http("GET", "/metrics", &[], b"");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("envctl_reconciles_total{trigger=\"Webhook\"} 1"),
+        "{metrics}"
+    );
+    let (code, _) = ctl.http("GET", "/readyz", &[], b"");
+    assert_eq!(code, 200);
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_failover() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("ha");
+    let a = unique("a");
+    let git = GitServer::start();
+    git.write("a.yaml", &env_yaml(&a, 1, &["cluster-0"]));
+    git.push("one");
+    let lease = [
+        "--leader-elect",
+        "--leader-elect-namespace",
+        "default",
+        "--leader-elect-lease",
+        "3s",
+    ];
+    let mut one = Controller::start(
+        cluster,
+        &git,
+        &instance,
+        &[&lease[..], &["--leader-elect-identity", "one"]].concat(),
+    );
+    let mut two = Controller::start(
+        cluster,
+        &git,
+        &instance,
+        &[&lease[..], &["--leader-elect-identity", "two"]].concat(),
+    );
+    let (log_one, log_two) = (one.log.clone(), two.log.clone());
+    let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let log = || {
+        format!(
+            "--- one ---\n{}\n--- two ---\n{}",
+            read(&log_one),
+            read(&log_two)
+        )
+    };
+    wait_for(
+        "applied by the leader",
+        Duration::from_secs(30),
+        &log,
+        || async { replicas(&client, &a, "compute-cluster-0").await == Some(1) },
+    )
+    .await;
+    let leaders = [
+        one.log().contains("became the leader"),
+        two.log().contains("became the leader"),
+    ];
+    assert_eq!(
+        leaders.iter().filter(|l| **l).count(),
+        1,
+        "exactly one leader expected\n{}",
+        log()
+    );
+    let standby_reconciled = if leaders[0] { two.log() } else { one.log() };
+    assert!(
+        !standby_reconciled.contains("reconciled"),
+        "the standby wrote\n{}",
+        log()
+    );
+
+    if leaders[0] {
+        one.kill()
+    } else {
+        two.kill()
+    }
+    git.write("a.yaml", &env_yaml(&a, 5, &["cluster-0"]));
+    git.push("scale to 5 after failover");
+    wait_for(
+        "applied by the new leader",
+        Duration::from_secs(30),
+        &log,
+        || async { replicas(&client, &a, "compute-cluster-0").await == Some(5) },
+    )
+    .await;
+    drop(one);
+    drop(two);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    let _ = leases
+        .delete(&format!("envctl-{instance}"), &DeleteParams::default())
+        .await;
+    cleanup_instance(&client, &instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_remote_prunes_nothing_and_resumes() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("down");
+    let a = unique("a");
+    let mut git = GitServer::start();
+    git.write("a.yaml", &env_yaml(&a, 1, &["cluster-0"]));
+    git.push("one");
+    let ctl = Controller::start(cluster, &git, &instance, &["--prune"]);
+    let log = || ctl.log();
+    wait_for("applied", Duration::from_secs(30), &log, || async {
+        replicas(&client, &a, "compute-cluster-0").await == Some(1)
+    })
+    .await;
+    git.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        ctl.log().contains("polling the source failed"),
+        "{}",
+        ctl.log()
+    );
+    assert!(
+        ns_annotations(&client, &a).await.is_some(),
+        "pruned while the remote was down"
+    );
+    git.write("a.yaml", &env_yaml(&a, 2, &["cluster-0"]));
+    git.push("while the daemon is down");
+    git.serve();
+    wait_for("resumed", Duration::from_secs(30), &log, || async {
+        replicas(&client, &a, "compute-cluster-0").await == Some(2)
+    })
+    .await;
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}
