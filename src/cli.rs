@@ -193,6 +193,9 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "ENVCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// With a directory source: reconcile as soon as files change (a fast edit loop).
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -243,12 +246,14 @@ fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
     let instance = args.source.policy.instance.clone();
     let options = RunOptions {
         source,
+        watch: args.watch,
         load: args.source.policy.load_options(),
         max_file_size: args.source.policy.max_file_size,
         pass: PassOptions {
             render: args.source.policy.render_options(),
             prune: args.prune.policy(),
             concurrency: args.cluster.concurrency,
+            scope: None,
         },
         interval: args.interval,
         resync: args.resync_interval,
@@ -693,6 +698,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 render: source.policy.render_options(),
                 prune: prune.policy(),
                 concurrency: cluster.concurrency,
+                scope: None,
             };
             let pass = runtime()?.block_on(async {
                 let client = match live {
@@ -727,6 +733,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 render: source.policy.render_options(),
                 prune: prune.policy(),
                 concurrency: cluster.concurrency,
+                scope: None,
             };
             let (pass, report) = runtime()?.block_on(async {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())

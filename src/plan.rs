@@ -223,6 +223,16 @@ pub struct SourceHealth {
     pub invalid_environments: BTreeSet<String>,
     /// Files that could not be attributed to an environment: no prune at all while any exist.
     pub unattributed_files: BTreeSet<String>,
+    /// When set, only these environments are planned (their objects created, updated or
+    /// deleted); the others are left as they are. Removed environments are still pruned.
+    pub scope: Option<BTreeSet<String>>,
+}
+
+impl SourceHealth {
+    /// Whether environment `env` is planned in this pass.
+    pub fn in_scope(&self, env: &str) -> bool {
+        self.scope.as_ref().is_none_or(|s| s.contains(env))
+    }
 }
 
 /// Every field of `desired` is in `live` with the same value (lists: same length, element-wise).
@@ -262,10 +272,16 @@ pub fn provably_unchanged(desired: &Value, live: &Value) -> bool {
         && is_subset(desired, live)
 }
 
-/// The desired objects that exist live but are not provably unchanged: they need a dry-run.
-pub fn needs_dry_run<'a>(desired: &'a [DesiredObject], live: &Live) -> Vec<&'a DesiredObject> {
+/// The desired objects (of environments in scope) that exist live but are not provably
+/// unchanged: they need a dry-run.
+pub fn needs_dry_run<'a>(
+    desired: &'a [DesiredObject],
+    live: &Live,
+    health: &SourceHealth,
+) -> Vec<&'a DesiredObject> {
     desired
         .iter()
+        .filter(|d| health.in_scope(&d.environment))
         .filter(|d| {
             live.objects
                 .get(&ObjectKey::of(d))
@@ -373,7 +389,7 @@ pub fn build(
         .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
         .filter_map(|l| l.environment.as_deref())
         .collect();
-    for d in desired {
+    for d in desired.iter().filter(|d| health.in_scope(&d.environment)) {
         let key = ObjectKey::of(d);
         let terminating = terminating_envs.contains(d.environment.as_str())
             || live
@@ -438,6 +454,9 @@ pub fn build(
             continue;
         }
         let env = l.environment.as_deref().unwrap_or("");
+        if desired_envs.contains(env) && !health.in_scope(env) {
+            continue; // in the source but not planned this time: leave it as it is
+        }
         if desired_envs.contains(env) {
             gone_objects.push(l);
         } else if l.key.kind == ObjectKind::Namespace {
@@ -597,6 +616,75 @@ mod tests {
         assert!(is_subset(&desired, &live));
         let scaled = json!({"spec": {"replicas": 3, "ports": [{"name": "a", "port": 1}]}});
         assert!(!is_subset(&desired, &scaled));
+    }
+
+    fn object(env: &str, kind: ObjectKind, name: &str, replicas: i64) -> Value {
+        json!({"apiVersion": kind.api_version(), "kind": kind.as_str(),
+            "metadata": {"name": name, "namespace": format!("environment-{env}"),
+                "labels": {crate::render::ENVIRONMENT_LABEL: env}},
+            "spec": {"replicas": replicas}})
+    }
+
+    /// Out-of-scope environments are neither changed nor pruned, even when their live objects
+    /// differ from (or are missing in) the desired ones; removed environments still go.
+    #[test]
+    fn scope_limits_what_is_planned() {
+        let desired = vec![
+            DesiredObject {
+                environment: "a".into(),
+                kind: ObjectKind::StatefulSet,
+                namespace: Some("environment-a".into()),
+                name: "s".into(),
+                object: object("a", ObjectKind::StatefulSet, "s", 2),
+            },
+            DesiredObject {
+                environment: "b".into(),
+                kind: ObjectKind::StatefulSet,
+                namespace: Some("environment-b".into()),
+                name: "s".into(),
+                object: object("b", ObjectKind::StatefulSet, "s", 2),
+            },
+        ];
+        let mut live = Live::default();
+        live.insert(
+            ObjectKind::StatefulSet,
+            object("a", ObjectKind::StatefulSet, "s", 1),
+        );
+        live.insert(
+            ObjectKind::StatefulSet,
+            object("b", ObjectKind::StatefulSet, "s", 1),
+        );
+        live.insert(
+            ObjectKind::StatefulSet,
+            object("b", ObjectKind::StatefulSet, "old", 1),
+        );
+        let mut ns_c = object("c", ObjectKind::Namespace, "environment-c", 0);
+        ns_c["metadata"]
+            .as_object_mut()
+            .map(|m| m.remove("namespace"));
+        live.insert(ObjectKind::Namespace, ns_c);
+        let health = SourceHealth {
+            scope: Some(BTreeSet::from(["a".to_string()])),
+            ..SourceHealth::default()
+        };
+        let prune = PrunePolicy {
+            enabled: true,
+            allow_mass_prune: true,
+            max_prune: MaxPrune::Count(10),
+        };
+        let plan = build(&desired, &live, &BTreeMap::new(), &health, &prune);
+        let touched: Vec<String> = plan
+            .changes
+            .iter()
+            .map(|c| format!("{} {}", c.action.as_str(), c.key))
+            .collect();
+        assert_eq!(
+            touched,
+            vec![
+                "update StatefulSet environment-a/s".to_string(),
+                "delete Namespace environment-c".to_string()
+            ]
+        );
     }
 
     #[test]

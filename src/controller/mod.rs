@@ -21,6 +21,8 @@ pub struct PassOptions {
     pub prune: PrunePolicy,
     /// Concurrent requests (dry-runs) and concurrently applied environments.
     pub concurrency: usize,
+    /// Plan only these environments (see `SourceHealth::scope`); `None` plans all.
+    pub scope: Option<std::collections::BTreeSet<String>>,
 }
 
 /// What a pass found, with timings of its steps.
@@ -55,8 +57,13 @@ pub async fn plan_pass(
     };
     timings.insert("observe", t.elapsed());
 
+    let health = SourceHealth {
+        invalid_environments: loaded.invalid_names.clone(),
+        unattributed_files: loaded.unattributed_files.clone(),
+        scope: options.scope.clone(),
+    };
     let t = Instant::now();
-    let to_check = plan::needs_dry_run(&desired, &live);
+    let to_check = plan::needs_dry_run(&desired, &live, &health);
     let dry_runs = to_check.len();
     let answers = match client {
         Some(c) if !to_check.is_empty() => {
@@ -67,10 +74,6 @@ pub async fn plan_pass(
     timings.insert("dry-run", t.elapsed());
 
     let t = Instant::now();
-    let health = SourceHealth {
-        invalid_environments: loaded.invalid_names.clone(),
-        unattributed_files: loaded.unattributed_files.clone(),
-    };
     let plan = plan::build(&desired, &live, &answers, &health, &options.prune);
     timings.insert("plan", t.elapsed());
     let live_namespaces = live

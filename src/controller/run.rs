@@ -39,6 +39,8 @@ pub enum RunSource {
 
 pub struct RunOptions {
     pub source: RunSource,
+    /// With a directory source: reconcile on file changes (debounced), not only each interval.
+    pub watch: bool,
     pub load: LoadOptions,
     pub max_file_size: u64,
     pub pass: PassOptions,
@@ -51,6 +53,12 @@ pub struct RunOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("watching {path} for changes")]
+    Watch {
+        path: String,
+        #[source]
+        source: notify::Error,
+    },
     #[error("serving HTTP on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -256,7 +264,9 @@ struct Loop {
 }
 
 impl Loop {
-    async fn reconcile(&mut self, revision: &Revision, trigger: Trigger) {
+    /// `scoped`: plan only the environments whose files changed in this revision (plus any
+    /// not known to be applied); drift, webhook-less resyncs and the first pass plan all.
+    async fn reconcile(&mut self, revision: &Revision, trigger: Trigger, scoped: bool) {
         let started = Instant::now();
         self.metrics
             .reconciles
@@ -266,7 +276,28 @@ impl Loop {
         for d in &loaded.diagnostics {
             tracing::warn!(revision = %revision.id, "{d}");
         }
-        let pass = match plan_pass(Some(&self.client), &loaded, &self.opts.pass).await {
+        let mut pass_options = self.opts.pass.clone();
+        if let (true, Some(changed)) = (scoped, &revision.changed) {
+            let scope: BTreeSet<String> = loaded
+                .environments
+                .iter()
+                .filter(|e| {
+                    let name = &e.environment.metadata.name;
+                    changed.contains(&e.origin.file)
+                        || self
+                            .written
+                            .get(name)
+                            .is_none_or(|w| w.1 != EnvState::Applied)
+                })
+                .map(|e| e.environment.metadata.name.clone())
+                .collect();
+            tracing::debug!(
+                environments = scope.len(),
+                "planning only the environments that changed"
+            );
+            pass_options.scope = Some(scope);
+        }
+        let pass = match plan_pass(Some(&self.client), &loaded, &pass_options).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "planning failed; nothing was changed");
@@ -277,7 +308,7 @@ impl Loop {
             .count_api(ApiVerb::List, OBSERVED_KINDS.len() as u64);
         self.metrics
             .count_api(ApiVerb::DryRun, pass.dry_runs as u64);
-        let report = apply_pass(&self.client, &pass, &self.opts.pass).await;
+        let report = apply_pass(&self.client, &pass, &pass_options).await;
         let writes = pass
             .plan
             .changes
@@ -492,6 +523,34 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             RunSource::Directory(d) => PollSource::Directory(d),
         },
     };
+    // `--watch`: file changes in a directory source wake the loop (debounced).
+    let file_changes = Arc::new(Notify::new());
+    let _debouncer = match (&poll_source, opts.watch) {
+        (PollSource::Directory(root), true) => {
+            let wake = file_changes.clone();
+            let mut debouncer = notify_debouncer_full::new_debouncer(
+                Duration::from_millis(300),
+                None,
+                move |result: notify_debouncer_full::DebounceEventResult| {
+                    if result.is_ok_and(|events| !events.is_empty()) {
+                        wake.notify_one();
+                    }
+                },
+            )
+            .map_err(|source| RunError::Watch {
+                path: root.display().to_string(),
+                source,
+            })?;
+            debouncer
+                .watch(root, notify::RecursiveMode::Recursive)
+                .map_err(|source| RunError::Watch {
+                    path: root.display().to_string(),
+                    source,
+                })?;
+            Some(debouncer)
+        }
+        _ => None,
+    };
     let events = Events::new(client.clone(), &opts.pass.render.instance);
     let interval = opts.interval;
     let resync = opts.resync;
@@ -512,6 +571,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
                 _ = shared.poke.notified() => trigger = Trigger::Webhook,
+                _ = file_changes.notified() => trigger = Trigger::Watch,
                 _ = drift.notified() => {
                     // Let a burst of watch events settle into one pass.
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -570,7 +630,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         } else {
             continue; // nothing moved: no fetch was made, nothing is written
         };
-        state.reconcile(&rev, why).await;
+        state.reconcile(&rev, why, moved).await;
         last_pass = Instant::now();
         shared.ready.store(true, Ordering::Relaxed);
     }

@@ -682,3 +682,54 @@ async fn unreachable_remote_prunes_nothing_and_resumes() {
     drop(ctl);
     cleanup_instance(&client, &instance).await;
 }
+
+/// `--watch` on a directory source: an edit is applied within seconds, long before the
+/// (one-hour) interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_applies_directory_edits() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("watch");
+    let a = unique("a");
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 1, &["cluster-0"])).expect("write");
+    let listen = free_port();
+    let log = dir.path().join("envctl.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args([
+            "run",
+            "--watch",
+            "--interval",
+            "1h",
+            "--instance",
+            &instance,
+        ])
+        .arg("--source")
+        .arg(dir.path())
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{listen}"))
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("envctl run");
+    let ctl = Controller { child, log, listen };
+    let log = || ctl.log();
+    wait_for("first apply", Duration::from_secs(30), &log, || async {
+        replicas(&client, &a, "compute-cluster-0").await == Some(1)
+    })
+    .await;
+    std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 3, &["cluster-0"])).expect("write");
+    wait_for(
+        "the edit applied",
+        Duration::from_secs(10),
+        &log,
+        || async { replicas(&client, &a, "compute-cluster-0").await == Some(3) },
+    )
+    .await;
+    assert!(ctl.log().contains("trigger=Watch"), "{}", ctl.log());
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}
