@@ -253,6 +253,7 @@ fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
             render: args.source.policy.render_options(),
             prune: args.prune.policy(),
             concurrency: args.cluster.concurrency,
+            diffs: false,
             scope: None,
         },
         interval: args.interval,
@@ -698,6 +699,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 render: source.policy.render_options(),
                 prune: prune.policy(),
                 concurrency: cluster.concurrency,
+                diffs: true,
                 scope: None,
             };
             let pass = runtime()?.block_on(async {
@@ -709,7 +711,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                             .map_err(CliError::Connect)?,
                     ),
                 };
-                controller::plan_pass(client.as_ref(), &loaded, &options)
+                controller::plan_pass(client.as_ref(), None, &loaded, &options)
                     .await
                     .map_err(CliError::Observe)
             })?;
@@ -733,13 +735,14 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 render: source.policy.render_options(),
                 prune: prune.policy(),
                 concurrency: cluster.concurrency,
+                diffs: true,
                 scope: None,
             };
             let (pass, report) = runtime()?.block_on(async {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())
                     .await
                     .map_err(CliError::Connect)?;
-                let pass = controller::plan_pass(Some(&client), &loaded, &options)
+                let pass = controller::plan_pass(Some(&client), None, &loaded, &options)
                     .await
                     .map_err(CliError::Observe)?;
                 let report = controller::apply_pass(&client, &pass, &options).await;

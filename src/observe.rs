@@ -4,10 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::Arc;
+
 use futures::{StreamExt, TryStreamExt, stream};
 use kube::Client;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
+use tokio::sync::Notify;
 
 use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
 use crate::plan::{Live, ObjectKey};
@@ -143,4 +148,105 @@ pub async fn dry_run(
     .buffer_unordered(concurrency.max(1))
     .try_collect()
     .await
+}
+
+/// What of an owned object can drift: labels, annotations (but envctl's status ones), and
+/// the spec (through `metadata.generation` where the kind has one). Status-only updates, such
+/// as the StatefulSet controller's, leave it unchanged.
+fn drift_fingerprint(obj: &DynamicObject) -> String {
+    let mut h = crate::render::Fnv64::new();
+    let meta = &obj.metadata;
+    if let Some(labels) = &meta.labels {
+        h.write(serde_json::to_string(labels).unwrap_or_default().as_bytes());
+    }
+    if let Some(annotations) = &meta.annotations {
+        for (k, v) in annotations {
+            if !crate::status::STATUS_ANNOTATIONS.contains(&k.as_str()) {
+                h.write(k.as_bytes());
+                h.write(v.as_bytes());
+            }
+        }
+    }
+    match meta.generation {
+        Some(g) => h.write(&g.to_le_bytes()),
+        None => h.write(
+            obj.data
+                .get("spec")
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        ),
+    }
+    h.write(&[u8::from(meta.deletion_timestamp.is_some())]);
+    h.hex()
+}
+
+/// A watch-fed cache of every owned object (managedFields and status dropped, which the plan
+/// never reads), so a controller pass needs no LIST. A change to what can drift wakes `drift`.
+pub struct Cache {
+    stores: Vec<(ObjectKind, Store<DynamicObject>)>,
+}
+
+impl Cache {
+    /// Starts one watch per owned kind.
+    pub fn start(client: &Client, instance: &str, drift: Arc<Notify>) -> Cache {
+        let mut stores = Vec::new();
+        for kind in OBSERVED_KINDS {
+            let ar = crate::cluster::api_resource(kind);
+            let api = api(client, kind, None);
+            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+            let reader = writer.as_reader();
+            stores.push((kind, reader.clone()));
+            let config = watcher::Config::default().labels(&owned_selector(instance));
+            let drift = drift.clone();
+            let stream = watcher(api, config)
+                .default_backoff()
+                .modify(|o: &mut DynamicObject| {
+                    o.metadata.managed_fields = None;
+                    if let Some(m) = o.data.as_object_mut() {
+                        m.remove("status");
+                    }
+                })
+                .inspect(move |event| match event {
+                    Ok(watcher::Event::Apply(obj)) => {
+                        let key = ObjectRef::from_obj_with(obj, ar.clone());
+                        if reader
+                            .get(&key)
+                            .is_some_and(|old| drift_fingerprint(&old) != drift_fingerprint(obj))
+                        {
+                            drift.notify_one();
+                        }
+                    }
+                    Ok(watcher::Event::Delete(_)) => drift.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(kind = kind.as_str(), error = %e, "watch interrupted; it resumes"),
+                });
+            tokio::spawn(async move {
+                reflector::reflector(writer, stream)
+                    .for_each(|_| async {})
+                    .await;
+            });
+        }
+        Cache { stores }
+    }
+
+    /// Waits until every watch has listed once.
+    pub async fn ready(&self) {
+        for (_, store) in &self.stores {
+            let _ = store.wait_until_ready().await;
+        }
+    }
+
+    /// The cached objects as `Live`.
+    pub fn live(&self) -> Live {
+        let mut live = Live::default();
+        for (kind, store) in &self.stores {
+            for obj in store.state() {
+                if let Ok(v) = serde_json::to_value(&*obj) {
+                    live.insert(*kind, v);
+                }
+            }
+        }
+        live
+    }
 }

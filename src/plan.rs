@@ -59,11 +59,16 @@ pub struct Live {
 
 impl Live {
     /// Adds a listed object (list items come without `apiVersion` and `kind`; they are set
-    /// from `kind`).
+    /// from `kind`). `managedFields` and `status`, which no plan reads, are dropped to save
+    /// memory.
     pub fn insert(&mut self, kind: ObjectKind, mut object: Value) {
         if let Value::Object(map) = &mut object {
             map.insert("apiVersion".into(), Value::from(kind.api_version()));
             map.insert("kind".into(), Value::from(kind.as_str()));
+            map.remove("status");
+            if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+                meta.remove("managedFields");
+            }
         }
         let meta = object.get("metadata");
         let s = |k: &str| {
@@ -370,16 +375,28 @@ fn unified(key: &ObjectKey, old: &Value, new: &Value) -> String {
 
 /// Builds the plan. `dry_run` holds the server's would-be object for every object
 /// `needs_dry_run` returned.
+/// Builds the plan, taking the desired objects (they move into the changes that apply
+/// them). `with_diffs`: render the unified diff of every change (for people; a controller
+/// skips it).
 pub fn build(
-    desired: &[DesiredObject],
+    desired: Vec<DesiredObject>,
     live: &Live,
     dry_run: &BTreeMap<ObjectKey, Value>,
     health: &SourceHealth,
     prune: &PrunePolicy,
+    with_diffs: bool,
 ) -> Plan {
     let mut plan = Plan::default();
-    let desired_envs: BTreeSet<&str> = desired.iter().map(|d| d.environment.as_str()).collect();
+    let desired_envs: BTreeSet<String> = desired.iter().map(|d| d.environment.clone()).collect();
     let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(ObjectKey::of).collect();
+    let nothing_desired = desired.is_empty();
+    let unified = |key: &ObjectKey, old: &Value, new: &Value| {
+        if with_diffs {
+            unified(key, old, new)
+        } else {
+            String::new()
+        }
+    };
 
     // Environments whose namespace is being deleted: nothing can be created in it until it
     // is gone, so the whole environment waits.
@@ -389,8 +406,11 @@ pub fn build(
         .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
         .filter_map(|l| l.environment.as_deref())
         .collect();
-    for d in desired.iter().filter(|d| health.in_scope(&d.environment)) {
-        let key = ObjectKey::of(d);
+    for d in desired
+        .into_iter()
+        .filter(|d| health.in_scope(&d.environment))
+    {
+        let key = ObjectKey::of(&d);
         let terminating = terminating_envs.contains(d.environment.as_str())
             || live
                 .objects
@@ -413,22 +433,22 @@ pub fn build(
                 action: Action::Create,
                 diff: unified(&key, &Value::Null, &normalize(&d.object)),
                 key,
-                environment: d.environment.clone(),
-                object: Some(d.object.clone()),
+                environment: d.environment,
+                object: Some(d.object),
                 uid: None,
             }),
             Some(l) => {
-                let would_be = match dry_run.get(&key) {
-                    Some(w) => w,
+                let new = match dry_run.get(&key) {
+                    Some(w) => normalize(w),
                     None if provably_unchanged(&d.object, &l.object) => {
                         plan.summary.unchanged += 1;
                         continue;
                     }
                     // Not provable and no dry-run answer: show the rendered object (never
                     // claim "unchanged" without proof).
-                    None => &d.object,
+                    None => normalize(&d.object),
                 };
-                let (old, new) = (normalize(&l.object), normalize(would_be));
+                let old = normalize(&l.object);
                 if old == new {
                     plan.summary.unchanged += 1;
                 } else {
@@ -436,8 +456,8 @@ pub fn build(
                         action: Action::Update,
                         diff: unified(&key, &old, &new),
                         key,
-                        environment: d.environment.clone(),
-                        object: Some(d.object.clone()),
+                        environment: d.environment,
+                        object: Some(d.object),
                         uid: None,
                     });
                 }
@@ -468,7 +488,7 @@ pub fn build(
         // Objects inside a namespace that goes away go with it.
     }
 
-    let blanket_refusal = if desired.is_empty() {
+    let blanket_refusal = if nothing_desired {
         Some("the source has no valid environment; nothing is pruned".to_string())
     } else if !health.unattributed_files.is_empty() {
         Some(format!(
@@ -672,7 +692,7 @@ mod tests {
             allow_mass_prune: true,
             max_prune: MaxPrune::Count(10),
         };
-        let plan = build(&desired, &live, &BTreeMap::new(), &health, &prune);
+        let plan = build(desired, &live, &BTreeMap::new(), &health, &prune, true);
         let touched: Vec<String> = plan
             .changes
             .iter()

@@ -23,6 +23,13 @@ pub const REVISION_ANNOTATION: &str = "envctl.materialize.cloud/revision";
 pub const STATE_ANNOTATION: &str = "envctl.materialize.cloud/state";
 pub const ERROR_ANNOTATION: &str = "envctl.materialize.cloud/last-error";
 pub const APPLIED_AT_ANNOTATION: &str = "envctl.materialize.cloud/applied-at";
+/// Every annotation `status` writes (none of them is drift).
+pub const STATUS_ANNOTATIONS: [&str; 4] = [
+    REVISION_ANNOTATION,
+    STATE_ANNOTATION,
+    ERROR_ANNOTATION,
+    APPLIED_AT_ANNOTATION,
+];
 
 /// The state of one environment after a pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelValue)]

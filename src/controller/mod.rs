@@ -12,7 +12,7 @@ use crate::apply::{self, Report};
 use crate::manifest::Loaded;
 use crate::observe::{self, ObserveError};
 use crate::plan::{self, Live, Plan, PrunePolicy, SourceHealth};
-use crate::render::{self, DesiredObject, RenderOptions};
+use crate::render::{self, RenderOptions};
 
 /// Settings of one pass.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub struct PassOptions {
     pub prune: PrunePolicy,
     /// Concurrent requests (dry-runs) and concurrently applied environments.
     pub concurrency: usize,
+    /// Render a unified diff per change (for `diff` and `apply` output).
+    pub diffs: bool,
     /// Plan only these environments (see `SourceHealth::scope`); `None` plans all.
     pub scope: Option<std::collections::BTreeSet<String>>,
 }
@@ -28,7 +30,6 @@ pub struct PassOptions {
 /// What a pass found, with timings of its steps.
 #[derive(Debug)]
 pub struct PassPlan {
-    pub desired: Vec<DesiredObject>,
     pub plan: Plan,
     pub dry_runs: usize,
     /// Annotations of the live namespaces, by namespace name (for status bookkeeping).
@@ -37,9 +38,11 @@ pub struct PassPlan {
 }
 
 /// Renders the valid environments and plans them against the cluster (or against an empty
-/// cluster when `client` is `None`).
+/// cluster when `client` is `None`). Live objects come from `cache` when given (a
+/// controller's watches), else from LISTs.
 pub async fn plan_pass(
     client: Option<&Client>,
+    cache: Option<&observe::Cache>,
     loaded: &Loaded,
     options: &PassOptions,
 ) -> Result<PassPlan, ObserveError> {
@@ -51,9 +54,10 @@ pub async fn plan_pass(
     timings.insert("render", t.elapsed());
 
     let t = Instant::now();
-    let live = match client {
-        Some(c) => observe::list_owned(c, &options.render.instance, None).await?,
-        None => Live::default(),
+    let live = match (cache, client) {
+        (Some(cache), _) => cache.live(),
+        (None, Some(c)) => observe::list_owned(c, &options.render.instance, None).await?,
+        (None, None) => Live::default(),
     };
     timings.insert("observe", t.elapsed());
 
@@ -74,7 +78,14 @@ pub async fn plan_pass(
     timings.insert("dry-run", t.elapsed());
 
     let t = Instant::now();
-    let plan = plan::build(&desired, &live, &answers, &health, &options.prune);
+    let plan = plan::build(
+        desired,
+        &live,
+        &answers,
+        &health,
+        &options.prune,
+        options.diffs,
+    );
     timings.insert("plan", t.elapsed());
     let live_namespaces = live
         .objects
@@ -95,7 +106,6 @@ pub async fn plan_pass(
         })
         .collect();
     Ok(PassPlan {
-        desired,
         plan,
         dry_runs,
         live_namespaces,

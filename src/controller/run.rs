@@ -6,15 +6,15 @@
 //! Owns scheduling and bookkeeping; every decision about objects is the pass's.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kube::Client;
-use kube::runtime::watcher;
 use tokio::sync::{Notify, watch};
 
 use super::http::{self, Shared};
@@ -24,7 +24,7 @@ use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, LoadOptions, Loaded, SourceFile};
 use crate::observe::OBSERVED_KINDS;
 use crate::plan::Action;
-use crate::render::{self, owned_selector};
+use crate::render;
 use crate::source::git::{GitBackend, GitError};
 use crate::status::{
     self, ApiVerb, EnvState, EnvStatus, Events, Metrics, PollLabels, PollResult, Trigger,
@@ -167,81 +167,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// What of an owned object can drift: labels, annotations (but envctl's status ones), and
-/// the spec (through `metadata.generation` where the kind has one). Status-only updates, such
-/// as the StatefulSet controller's, leave it unchanged.
-fn drift_fingerprint(obj: &kube::api::DynamicObject) -> String {
-    let mut h = render::Fnv64::new();
-    let meta = &obj.metadata;
-    if let Some(labels) = &meta.labels {
-        h.write(serde_json::to_string(labels).unwrap_or_default().as_bytes());
-    }
-    if let Some(annotations) = &meta.annotations {
-        for (k, v) in annotations {
-            if ![
-                status::REVISION_ANNOTATION,
-                status::STATE_ANNOTATION,
-                status::ERROR_ANNOTATION,
-                status::APPLIED_AT_ANNOTATION,
-            ]
-            .contains(&k.as_str())
-            {
-                h.write(k.as_bytes());
-                h.write(v.as_bytes());
-            }
-        }
-    }
-    match meta.generation {
-        Some(g) => h.write(&g.to_le_bytes()),
-        None => h.write(
-            obj.data
-                .get("spec")
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-                .as_bytes(),
-        ),
-    }
-    h.write(&[u8::from(meta.deletion_timestamp.is_some())]);
-    h.hex()
-}
-
-/// Watches every owned kind; a change of what can drift wakes the loop.
-fn spawn_drift_watchers(client: &Client, instance: &str, drift: Arc<Notify>) {
-    for kind in OBSERVED_KINDS {
-        let api = crate::cluster::api(client, kind, None);
-        let config = watcher::Config::default().labels(&owned_selector(instance));
-        let drift = drift.clone();
-        tokio::spawn(async move {
-            let mut stream = watcher(api, config).boxed();
-            let mut seen: std::collections::HashMap<String, String> = Default::default();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(watcher::Event::Apply(obj)) | Ok(watcher::Event::InitApply(obj)) => {
-                        let key = format!("{:?}/{:?}", obj.metadata.namespace, obj.metadata.name);
-                        let fp = drift_fingerprint(&obj);
-                        let initial = !seen.contains_key(&key);
-                        if seen.insert(key, fp.clone()).is_some_and(|old| old != fp) && !initial {
-                            drift.notify_one();
-                        }
-                    }
-                    Ok(watcher::Event::Delete(obj)) => {
-                        seen.remove(&format!(
-                            "{:?}/{:?}",
-                            obj.metadata.namespace, obj.metadata.name
-                        ));
-                        drift.notify_one();
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(kind = kind.as_str(), error = %e, "watch interrupted; it resumes");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-    }
-}
-
 fn load(revision: &Revision, options: &LoadOptions) -> Loaded {
     let mut loaded = manifest::load(&revision.files, options);
     if !revision.problems.is_empty() {
@@ -256,6 +181,7 @@ fn load(revision: &Revision, options: &LoadOptions) -> Loaded {
 
 struct Loop {
     client: Client,
+    cache: crate::observe::Cache,
     opts: RunOptions,
     metrics: Arc<Metrics>,
     events: Events,
@@ -273,6 +199,7 @@ impl Loop {
             .get_or_create(&TriggerLabels { trigger })
             .inc();
         let loaded = load(revision, &self.opts.load);
+        let load_ms = started.elapsed().as_millis() as u64;
         for d in &loaded.diagnostics {
             tracing::warn!(revision = %revision.id, "{d}");
         }
@@ -297,7 +224,14 @@ impl Loop {
             );
             pass_options.scope = Some(scope);
         }
-        let pass = match plan_pass(Some(&self.client), &loaded, &pass_options).await {
+        let pass = match plan_pass(
+            Some(&self.client),
+            Some(&self.cache),
+            &loaded,
+            &pass_options,
+        )
+        .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "planning failed; nothing was changed");
@@ -396,8 +330,10 @@ impl Loop {
         self.metrics.set_states(&counts);
         self.metrics.set_revision(&revision.id);
 
-        // Status annotations: written only when they change.
+        // Status annotations (written only when they change) and Events, concurrently.
         let live_ns = &pass.live_namespaces;
+        let mut annotate = Vec::new();
+        let mut publish: Vec<(String, bool, &'static str, String)> = Vec::new();
         for s in statuses {
             let key = (s.revision.clone(), s.state, s.error.clone());
             let recorded = live_ns.get(&s.namespace);
@@ -408,42 +344,61 @@ impl Loop {
             });
             let namespace_exists =
                 recorded.is_some() || touched.contains_key(s.environment.as_str());
-            if !same_as_live && namespace_exists && self.written.get(&s.environment) != Some(&key) {
-                match status::annotate(&self.client, &s, &now).await {
-                    Ok(()) => self.metrics.count_api(ApiVerb::StatusPatch, 1),
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "writing status"),
-                }
-            }
             let changed = self.written.insert(s.environment.clone(), key.clone()) != Some(key);
-            let counts = touched.get(s.environment.as_str());
-            match (s.state, counts) {
+            let note = s.error.clone().unwrap_or_default();
+            match (s.state, touched.get(s.environment.as_str())) {
                 (EnvState::Failed, _) if changed => {
-                    let note = s.error.clone().unwrap_or_default();
-                    self.events
-                        .publish(&s.namespace, true, "ApplyFailed", note)
-                        .await
+                    publish.push((s.namespace.clone(), true, "ApplyFailed", note))
                 }
-                (EnvState::Invalid, _) if changed => {
-                    let note = format!(
-                        "kept at its last applied state: {}",
-                        s.error.clone().unwrap_or_default()
-                    );
-                    self.events
-                        .publish(&s.namespace, true, "InvalidManifest", note)
-                        .await
-                }
-                (EnvState::Applied, Some((applied, deleted))) => {
-                    let note = format!(
+                (EnvState::Invalid, _) if changed && namespace_exists => publish.push((
+                    s.namespace.clone(),
+                    true,
+                    "InvalidManifest",
+                    format!("kept at its last applied state: {note}"),
+                )),
+                (EnvState::Applied, Some((applied, deleted))) => publish.push((
+                    s.namespace.clone(),
+                    false,
+                    "Applied",
+                    format!(
                         "revision {}: {applied} object(s) applied, {deleted} deleted",
                         revision.id
-                    );
-                    self.events
-                        .publish(&s.namespace, false, "Applied", note)
-                        .await
-                }
+                    ),
+                )),
                 _ => {}
             }
+            if !same_as_live && namespace_exists && changed {
+                annotate.push(s);
+            }
         }
+        let concurrency = self.opts.pass.concurrency.max(1);
+        let (client, events) = (&self.client, &self.events);
+        let written: Vec<bool> = futures::stream::iter(annotate.iter().map(|s| async {
+            match status::annotate(client, s, &now).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "writing status");
+                    false
+                }
+            }
+        }))
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+        self.metrics.count_api(
+            ApiVerb::StatusPatch,
+            written.iter().filter(|w| **w).count() as u64,
+        );
+        futures::stream::iter(
+            publish
+                .into_iter()
+                .map(|(ns, warning, reason, note)| async move {
+                    events.publish(&ns, warning, reason, note).await
+                }),
+        )
+        .buffer_unordered(concurrency)
+        .collect::<Vec<()>>()
+        .await;
         for h in &pass.plan.held {
             tracing::warn!(object = %h.key, reason = %h.reason, "held");
         }
@@ -476,6 +431,11 @@ impl Loop {
             invalid = loaded.invalid_names.len(),
             failed = report.failures.len(),
             ms = elapsed.as_millis() as u64,
+            load_ms = load_ms,
+            observe_ms = pass.timings.get("observe").map_or(0, |d| d.as_millis() as u64),
+            render_ms = pass.timings.get("render").map_or(0, |d| d.as_millis() as u64),
+            plan_ms = pass.timings.get("plan").map_or(0, |d| d.as_millis() as u64),
+            dry_run_ms = pass.timings.get("dry-run").map_or(0, |d| d.as_millis() as u64),
             "reconciled"
         );
     }
@@ -509,7 +469,9 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         tokio::spawn(leader::run(client.clone(), cfg, lead_tx));
     }
     let drift = Arc::new(Notify::new());
-    spawn_drift_watchers(&client, &opts.pass.render.instance, drift.clone());
+    let cache = crate::observe::Cache::start(&client, &opts.pass.render.instance, drift.clone());
+    cache.ready().await;
+    metrics.count_api(ApiVerb::List, OBSERVED_KINDS.len() as u64);
 
     let source = match &opts.source {
         RunSource::Git(_) => None,
@@ -557,6 +519,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     let max = opts.max_file_size;
     let mut state = Loop {
         client,
+        cache,
         opts,
         metrics: metrics.clone(),
         events,
