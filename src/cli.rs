@@ -188,7 +188,7 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub leader_elect_identity: Option<String>,
     /// How long a lease lasts without renewal.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "ENVCTL_LEADER_ELECT_LEASE", default_value = "15s", value_parser = parse_duration)]
     pub leader_elect_lease: std::time::Duration,
     /// Log format.
     #[arg(long, env = "ENVCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -308,7 +308,13 @@ pub struct PolicyArgs {
     pub max_file_size: u64,
     /// A label KEY=VALUE for every pod and Service (repeatable), as environmentd's
     /// --orchestrator-service-label.
-    #[arg(long = "orchestrator-service-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    #[arg(
+        long = "orchestrator-service-label",
+        value_name = "KEY=VALUE",
+        value_parser = parse_label,
+        env = "ENVCTL_ORCHESTRATOR_SERVICE_LABELS",
+        value_delimiter = ','
+    )]
     pub orchestrator_service_labels: Vec<(String, String)>,
     /// This envctl's instance name: it owns (and prunes) only objects labelled with it, so
     /// several instances can share a cluster.

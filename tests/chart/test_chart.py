@@ -1,0 +1,114 @@
+"""The Helm chart, checked with real Helm (the Helm v4 SDK in helm-python-sdk)."""
+import os
+
+import helm_python as helm
+import pytest
+import yaml
+
+CHART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "charts", "envctl")
+BASE = {"source": {"url": "https://git.example.com/platform/environments.git"}}
+
+
+def render(values=None, namespace="envctl-system"):
+    chart = helm.Chart.load(CHART)
+    rendered = chart.render(values if values is not None else BASE, name="envctl", namespace=namespace, is_install=True)
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_lint_is_clean():
+    report = helm.lint(CHART, BASE, strict=True)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+def test_default_render_has_the_controller_and_its_rbac():
+    docs = render()
+    kinds = sorted(d["kind"] for d in docs)
+    for kind in ["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service"]:
+        assert kind in kinds, kinds
+    assert "ServiceMonitor" not in kinds
+    deploy = by_kind(docs, "Deployment")[0]
+    assert deploy["spec"]["replicas"] == 2
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ENVCTL_SOURCE"] == BASE["source"]["url"]
+    assert env["ENVCTL_LEADER_ELECT"] == "true"
+    assert env["ENVCTL_PRUNE"] == "false"
+
+
+def test_no_rule_has_a_wildcard():
+    for role in by_kind(render(), "ClusterRole") + by_kind(render(), "Role"):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
+
+
+def test_non_default_values():
+    values = {
+        "source": {"url": "ssh://git@git.example.com/envs.git", "ref": "v1.2.3", "path": "prod",
+                   "interval": "10s", "credentials": {"secretName": "git-creds", "username": "bot"}},
+        "replicas": 3,
+        "instance": "prod-eu",
+        "prune": {"enabled": True, "maxPrune": "2"},
+        "orchestratorServiceLabels": {"cloud.example/stack": "prod-1", "tier": "gold"},
+        "webhook": {"secretName": "hook"},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+    }
+    docs = render(values)
+    assert len(by_kind(docs, "ServiceMonitor")) == 1
+    deploy = by_kind(docs, "Deployment")[0]
+    assert deploy["spec"]["replicas"] == 3
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ENVCTL_REF"] == "v1.2.3"
+    assert env["ENVCTL_PRUNE"] == "true"
+    assert env["ENVCTL_MAX_PRUNE"] == "2"
+    assert env["ENVCTL_INSTANCE"] == "prod-eu"
+    assert env["ENVCTL_ORCHESTRATOR_SERVICE_LABELS"] == "cloud.example/stack=prod-1,tier=gold"
+    assert env["ENVCTL_GIT_TOKEN_FILE"] == "/etc/envctl/git/token"
+    assert env["ENVCTL_WEBHOOK_SECRET_FILE"] == "/etc/envctl/webhook/secret"
+    volumes = {v["name"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert {"cache", "git-credentials", "webhook"} <= volumes
+    lease_rule = [r for r in by_kind(docs, "Role")[0]["rules"] if r.get("resourceNames")][0]
+    assert lease_rule["resourceNames"] == ["envctl-prod-eu"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"replicas": 0},
+        {"source": {"url": "https://x", "interval": "soon"}},
+        {"prune": {"maxPrune": "a lot"}},
+        {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
+        {"unknownSetting": True},
+        {"instance": "no/slashes"},
+    ],
+)
+def test_schema_rejects_bad_values(bad):
+    values = {**BASE, **bad}
+    with pytest.raises(helm.HelmError):
+        helm.Chart.load(CHART).validate_schema(values)
+
+
+def test_schema_accepts_the_defaults_with_a_source():
+    helm.Chart.load(CHART).validate_schema(BASE)
+
+
+def test_missing_source_url_is_refused():
+    with pytest.raises(helm.HelmError):
+        render({})

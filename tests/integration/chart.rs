@@ -1,0 +1,253 @@
+//! The chart's RBAC is enough, and no more: envctl runs as the chart's ServiceAccount on the
+//! test cluster (the chart rendered by real Helm through `tests/chart/render.py`).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::config::Kubeconfig;
+use kube::discovery::Discovery;
+
+use crate::cluster::{cleanup_instance, require, unique, wait_namespace_gone};
+use crate::support::repo_root;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn envctl_runs_as_the_charts_service_account() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let id = unique("chart");
+    let (release, namespace, instance) = (id.clone(), format!("{id}-system"), id.clone());
+
+    // Render the chart with real Helm.
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/chart/render.py"))
+        .args([
+            &release,
+            &namespace,
+            "source.url=https://git.example.invalid/envs.git",
+        ])
+        .arg(format!("instance={instance}"))
+        .output()
+        .expect("running tests/chart/render.py (needs python3 and helm-python-sdk)");
+    assert!(
+        out.status.success(),
+        "rendering the chart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&text).expect("the chart renders YAML");
+
+    // Apply its RBAC (everything but the Deployment and Service) as the admin.
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    nsapi
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))
+                .expect("ns"),
+        )
+        .await
+        .expect("creating the release namespace");
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("API discovery");
+    let mut cluster_scoped = Vec::new();
+    for doc in docs.iter().filter(|d| !d.is_null()) {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if kind == "Deployment" || kind == "Service" {
+            continue;
+        }
+        let gvk = kube::api::GroupVersionKind::try_from(&kube::api::TypeMeta {
+            api_version: doc["apiVersion"].as_str().unwrap_or_default().to_string(),
+            kind: kind.to_string(),
+        })
+        .expect("a GVK");
+        let (ar, caps) = discovery.resolve_gvk(&gvk).expect("a known kind");
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+            Api::namespaced_with(client.clone(), &namespace, &ar)
+        } else {
+            cluster_scoped.push((ar.clone(), name.clone()));
+            Api::all_with(client.clone(), &ar)
+        };
+        api.patch(
+            &name,
+            &PatchParams::apply("chart-test").force(),
+            &Patch::Apply(doc),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+    }
+
+    // The ServiceAccount's token (Kubernetes 1.20 creates a token Secret for it).
+    let sa_name = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("a ServiceAccount")
+        .to_string();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut token = None;
+    for _ in 0..100 {
+        let secret_name = sas
+            .get(&sa_name)
+            .await
+            .ok()
+            .and_then(|sa| sa.secrets)
+            .and_then(|s| s.first().and_then(|r| r.name.clone()));
+        if let Some(n) = secret_name {
+            token = secrets
+                .get(&n)
+                .await
+                .ok()
+                .and_then(|s| s.data)
+                .and_then(|d| {
+                    d.get("token")
+                        .map(|t| String::from_utf8_lossy(&t.0).to_string())
+                });
+        }
+        if token.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let token = token.expect("the ServiceAccount's token");
+    let mut kubeconfig = Kubeconfig::read_from(&cluster.kubeconfig).expect("the admin kubeconfig");
+    for user in &mut kubeconfig.auth_infos {
+        if let Some(auth) = user.auth_info.as_mut() {
+            auth.token = Some(token.clone().into());
+            auth.client_certificate_data = None;
+            auth.client_key_data = None;
+        }
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sa_kubeconfig = dir.path().join("sa.kubeconfig");
+    std::fs::write(
+        &sa_kubeconfig,
+        serde_json::to_string(&kubeconfig).expect("kubeconfig"),
+    )
+    .expect("write");
+
+    // The examples, under names unique to this test.
+    let source = dir.path().join("envs");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo_root().join("examples/environments")).expect("examples") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("example");
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("  name: "))
+            .expect("a name")
+            .to_string();
+        let renamed = format!("{name}-{}", &id[id.len() - 4..]);
+        names.push(renamed.clone());
+        let text = text.replacen(
+            &format!("  name: {name}\n"),
+            &format!("  name: {renamed}\n"),
+            1,
+        );
+        std::fs::write(source.join(path.file_name().expect("file name")), text).expect("write");
+    }
+    let envctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_envctl"))
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&sa_kubeconfig)
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("running envctl")
+    };
+    let src = source.to_str().expect("utf-8 path");
+    let out = envctl(&["apply", "--source", src, "--instance", &instance]);
+    assert!(
+        out.status.success(),
+        "apply as the ServiceAccount failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = envctl(&["diff", "--source", src, "--instance", &instance]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // `envctl run` with leader election in the release namespace, as the ServiceAccount.
+    let log = dir.path().join("run.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args([
+            "run",
+            "--source",
+            src,
+            "--instance",
+            &instance,
+            "--interval",
+            "1s",
+            "--leader-elect",
+        ])
+        .args([
+            "--leader-elect-namespace",
+            &namespace,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig")
+        .arg(&sa_kubeconfig)
+        .env("ENVCTL_LOG", "info")
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("envctl run");
+    let mut led = false;
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("became the leader") && text.contains("reconciled") {
+            led = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = run.kill();
+    let _ = run.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        led,
+        "envctl run did not lead and reconcile as the ServiceAccount:\n{text}"
+    );
+    assert!(
+        !text.contains("forbidden") && !text.contains("Forbidden"),
+        "a request was forbidden:\n{text}"
+    );
+
+    // The same identity may not read Secrets elsewhere.
+    let sa_client = envctl::cluster::connect(Some(Path::new(&sa_kubeconfig)))
+        .await
+        .expect("SA client");
+    let system: Api<Secret> = Api::namespaced(sa_client.clone(), "kube-system");
+    match system.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!(
+            "listing Secrets in kube-system was not refused: {:?}",
+            other.map(|l| l.items.len())
+        ),
+    }
+
+    cleanup_instance(&client, &instance).await;
+    let _ = nsapi.delete(&namespace, &DeleteParams::default()).await;
+    for (ar, name) in cluster_scoped {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+    }
+    wait_namespace_gone(&client, &namespace, Duration::from_secs(120)).await;
+    let _ = names;
+}
