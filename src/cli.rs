@@ -396,6 +396,17 @@ pub struct PruneArgs {
     pub allow_mass_prune: bool,
 }
 
+/// The pass settings of `diff` and `apply`.
+fn pass_options(source: &SourceArgs, prune: &PruneArgs, cluster: &ClusterArgs) -> PassOptions {
+    PassOptions {
+        render: source.policy.render_options(),
+        prune: prune.policy(),
+        concurrency: cluster.concurrency,
+        diffs: true,
+        scope: None,
+    }
+}
+
 impl PruneArgs {
     fn policy(&self) -> PrunePolicy {
         PrunePolicy {
@@ -446,15 +457,7 @@ impl PolicyArgs {
     /// diagnostics too.
     pub fn load(&self, paths: &[PathBuf]) -> Loaded {
         let (files, problems) = source::read_paths(paths, self.max_file_size);
-        let mut loaded = manifest::load(&files, &self.load_options());
-        if !problems.is_empty() {
-            let unread: BTreeSet<String> = problems.iter().map(|d| d.file.clone()).collect();
-            loaded.files += unread.len();
-            loaded.unattributed_files.extend(unread);
-            loaded.diagnostics.extend(problems);
-            loaded.diagnostics.sort();
-        }
-        loaded
+        manifest::load_with_unread(&files, &problems, &self.load_options())
     }
 }
 
@@ -509,15 +512,11 @@ impl SourceArgs {
         let (files, problems) = git
             .read(&commit, self.policy.max_file_size)
             .map_err(CliError::Git)?;
-        let mut loaded = manifest::load(&files, &self.policy.load_options());
-        if !problems.is_empty() {
-            let unread: BTreeSet<String> = problems.iter().map(|d| d.file.clone()).collect();
-            loaded.files += unread.len();
-            loaded.unattributed_files.extend(unread);
-            loaded.diagnostics.extend(problems);
-            loaded.diagnostics.sort();
-        }
-        Ok(loaded)
+        Ok(manifest::load_with_unread(
+            &files,
+            &problems,
+            &self.policy.load_options(),
+        ))
     }
 }
 
@@ -701,13 +700,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             live,
         } => {
             let loaded = source.load()?;
-            let options = PassOptions {
-                render: source.policy.render_options(),
-                prune: prune.policy(),
-                concurrency: cluster.concurrency,
-                diffs: true,
-                scope: None,
-            };
+            let options = pass_options(&source, &prune, &cluster);
             let pass = runtime()?.block_on(async {
                 let client = match live {
                     LiveMode::None => None,
@@ -737,13 +730,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             output,
         } => {
             let loaded = source.load()?;
-            let options = PassOptions {
-                render: source.policy.render_options(),
-                prune: prune.policy(),
-                concurrency: cluster.concurrency,
-                diffs: true,
-                scope: None,
-            };
+            let options = pass_options(&source, &prune, &cluster);
             let (pass, report) = runtime()?.block_on(async {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())
                     .await

@@ -21,7 +21,7 @@ use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
 use super::{PassOptions, apply_pass, plan_pass};
 use crate::diagnostic::Diagnostic;
-use crate::manifest::{self, LoadOptions, Loaded, SourceFile};
+use crate::manifest::{self, LoadOptions, SourceFile};
 use crate::observe::OBSERVED_KINDS;
 use crate::plan::Action;
 use crate::render;
@@ -167,18 +167,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn load(revision: &Revision, options: &LoadOptions) -> Loaded {
-    let mut loaded = manifest::load(&revision.files, options);
-    if !revision.problems.is_empty() {
-        let unread: BTreeSet<String> = revision.problems.iter().map(|d| d.file.clone()).collect();
-        loaded.files += unread.len();
-        loaded.unattributed_files.extend(unread);
-        loaded.diagnostics.extend(revision.problems.iter().cloned());
-        loaded.diagnostics.sort();
-    }
-    loaded
-}
-
 struct Loop {
     client: Client,
     cache: crate::observe::Cache,
@@ -187,6 +175,8 @@ struct Loop {
     events: Events,
     /// Status last written per environment: (revision, state, error).
     written: BTreeMap<String, (String, EnvState, Option<String>)>,
+    /// The validated manifests of the last revision read (drift and resync passes reuse them).
+    loaded: Option<(String, std::sync::Arc<manifest::Loaded>)>,
 }
 
 impl Loop {
@@ -198,11 +188,22 @@ impl Loop {
             .reconciles
             .get_or_create(&TriggerLabels { trigger })
             .inc();
-        let loaded = load(revision, &self.opts.load);
+        let loaded = match &self.loaded {
+            Some((id, loaded)) if *id == revision.id => loaded.clone(),
+            _ => {
+                let loaded = std::sync::Arc::new(manifest::load_with_unread(
+                    &revision.files,
+                    &revision.problems,
+                    &self.opts.load,
+                ));
+                for d in &loaded.diagnostics {
+                    tracing::warn!(revision = %revision.id, "{d}");
+                }
+                self.loaded = Some((revision.id.clone(), loaded.clone()));
+                loaded
+            }
+        };
         let load_ms = started.elapsed().as_millis() as u64;
-        for d in &loaded.diagnostics {
-            tracing::warn!(revision = %revision.id, "{d}");
-        }
         let mut pass_options = self.opts.pass.clone();
         if let (true, Some(changed)) = (scoped, &revision.changed) {
             let scope: BTreeSet<String> = loaded
@@ -524,6 +525,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         metrics: metrics.clone(),
         events,
         written: BTreeMap::new(),
+        loaded: None,
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();

@@ -75,6 +75,24 @@ impl Loaded {
     }
 }
 
+/// Validates `files` and adds the problems of files the source could not read: they count
+/// as files, and as unattributed (their environments are unknown, so nothing is pruned).
+pub fn load_with_unread(
+    files: &[SourceFile],
+    unread: &[Diagnostic],
+    options: &LoadOptions,
+) -> Loaded {
+    let mut loaded = load(files, options);
+    if !unread.is_empty() {
+        let paths: BTreeSet<String> = unread.iter().map(|d| d.file.clone()).collect();
+        loaded.files += paths.len();
+        loaded.unattributed_files.extend(paths);
+        loaded.diagnostics.extend(unread.iter().cloned());
+        loaded.diagnostics.sort();
+    }
+    loaded
+}
+
 /// Settings that affect validation.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

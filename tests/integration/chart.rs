@@ -11,7 +11,7 @@ use kube::config::Kubeconfig;
 use kube::discovery::Discovery;
 
 use crate::cluster::{cleanup_instance, require, unique, wait_namespace_gone};
-use crate::support::repo_root;
+use crate::support::{examples_renamed, repo_root};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn envctl_runs_as_the_charts_service_account() {
@@ -137,25 +137,7 @@ async fn envctl_runs_as_the_charts_service_account() {
 
     // The examples, under names unique to this test.
     let source = dir.path().join("envs");
-    std::fs::create_dir_all(&source).expect("mkdir");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(repo_root().join("examples/environments")).expect("examples") {
-        let path = entry.expect("entry").path();
-        let text = std::fs::read_to_string(&path).expect("example");
-        let name = text
-            .lines()
-            .find_map(|l| l.strip_prefix("  name: "))
-            .expect("a name")
-            .to_string();
-        let renamed = format!("{name}-{}", &id[id.len() - 4..]);
-        names.push(renamed.clone());
-        let text = text.replacen(
-            &format!("  name: {name}\n"),
-            &format!("  name: {renamed}\n"),
-            1,
-        );
-        std::fs::write(source.join(path.file_name().expect("file name")), text).expect("write");
-    }
+    examples_renamed(&source, &id[id.len() - 4..]);
     let envctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_envctl"))
             .args(args)
@@ -249,5 +231,4 @@ async fn envctl_runs_as_the_charts_service_account() {
         let _ = api.delete(&name, &DeleteParams::default()).await;
     }
     wait_namespace_gone(&client, &namespace, Duration::from_secs(120)).await;
-    let _ = names;
 }

@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::cluster::{cleanup_instance, require, unique, wait_namespace_gone};
-use crate::support::{check_golden, repo_root};
+use crate::support::{check_golden, examples_renamed, repo_root};
 
 /// Copies manifests from `from` to `to`, replacing `{{KEY}}` placeholders.
 fn instantiate(from: &Path, to: &Path, vars: &[(&str, &str)]) {
@@ -119,25 +119,7 @@ async fn diff_is_exact_before_and_after_apply() {
     let instance = unique("exact");
     let dir = tempfile::tempdir().expect("a temp dir");
     // The examples, under names unique to this run.
-    let suffix = unique("x");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(repo_root().join("examples/environments")).expect("examples") {
-        let path = entry.expect("entry").path();
-        let text = std::fs::read_to_string(&path).expect("example");
-        let name = text
-            .lines()
-            .find_map(|l| l.strip_prefix("  name: "))
-            .expect("a metadata.name")
-            .to_string();
-        let renamed = format!("{name}-{suffix}");
-        names.push(renamed.clone());
-        let text = text.replacen(
-            &format!("  name: {name}\n"),
-            &format!("  name: {renamed}\n"),
-            1,
-        );
-        std::fs::write(dir.path().join(path.file_name().expect("name")), text).expect("write");
-    }
+    let names = examples_renamed(dir.path(), &unique("x"));
     let args = ["--source", ".", "--instance", instance.as_str()];
     let diff = |extra: &[&str]| {
         let mut a = vec!["diff"];

@@ -165,19 +165,32 @@ impl Controller {
         interval: &str,
         extra: &[&str],
     ) -> Controller {
+        let url = git.url();
+        let source = [
+            "--source",
+            url.as_str(),
+            "--ref",
+            "main",
+            "--path",
+            "environments",
+        ];
+        Self::spawn(cluster, &source, instance, interval, extra)
+    }
+
+    /// `envctl run` on any source.
+    fn spawn(
+        cluster: &TestCluster,
+        source: &[&str],
+        instance: &str,
+        interval: &str,
+        extra: &[&str],
+    ) -> Controller {
         let listen = free_port();
         let log = std::env::temp_dir().join(format!("{instance}-{listen}.log"));
         let file = std::fs::File::create(&log).expect("a log file");
         let child = Command::new(env!("CARGO_BIN_EXE_envctl"))
-            .args([
-                "run",
-                "--source",
-                &git.url(),
-                "--ref",
-                "main",
-                "--path",
-                "environments",
-            ])
+            .arg("run")
+            .args(source)
             .args(["--instance", instance, "--interval", interval])
             .arg("--listen")
             .arg(format!("127.0.0.1:{listen}"))
@@ -693,29 +706,14 @@ async fn watch_applies_directory_edits() {
     let a = unique("a");
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 1, &["cluster-0"])).expect("write");
-    let listen = free_port();
-    let log = dir.path().join("envctl.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .args([
-            "run",
-            "--watch",
-            "--interval",
-            "1h",
-            "--instance",
-            &instance,
-        ])
-        .arg("--source")
-        .arg(dir.path())
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{listen}"))
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("envctl run");
-    let ctl = Controller { child, log, listen };
+    let dir_arg = dir.path().to_str().expect("utf-8 path").to_string();
+    let ctl = Controller::spawn(
+        cluster,
+        &["--source", &dir_arg],
+        &instance,
+        "1h",
+        &["--watch"],
+    );
     let log = || ctl.log();
     wait_for("first apply", Duration::from_secs(30), &log, || async {
         replicas(&client, &a, "compute-cluster-0").await == Some(1)

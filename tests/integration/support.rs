@@ -48,3 +48,29 @@ pub fn check_golden(path: &Path, actual: &str) -> Result<(), String> {
         .to_string();
     Err(format!("{} differs:\n{diff}", path.display()))
 }
+
+/// Copies the examples into `dest` with each environment renamed `<name>-<suffix>`; returns
+/// the new names.
+pub fn examples_renamed(dest: &Path, suffix: &str) -> Vec<String> {
+    std::fs::create_dir_all(dest).expect("creating a manifest folder");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo_root().join("examples/environments")).expect("examples") {
+        let path = entry.expect("an entry").path();
+        let text = std::fs::read_to_string(&path).expect("an example");
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("  name: "))
+            .expect("a metadata.name")
+            .to_string();
+        let renamed = format!("{name}-{suffix}");
+        let text = text.replacen(
+            &format!("  name: {name}\n"),
+            &format!("  name: {renamed}\n"),
+            1,
+        );
+        std::fs::write(dest.join(path.file_name().expect("a file name")), text)
+            .expect("writing an example");
+        names.push(renamed);
+    }
+    names
+}
