@@ -4,6 +4,7 @@
 //! -> `apply` -> `certs` -> `status`; `cli` and the controller call the same stages.
 
 pub mod apply;
+pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod controller;

@@ -1,0 +1,430 @@
+//! The quota ledger: a model of Let's Encrypt's rate limits as GCRA token buckets (the
+//! algorithm Let's Encrypt itself uses), keyed as Let's Encrypt keys them. Pure: the caller
+//! passes the clock in, and persists the ledger (write-ahead, before an order is sent).
+//!
+//! Charging follows DESIGN.md: a new order spends the account's order token; an issuance
+//! spends the registered domain's token (not for renewals of the same name set) and the exact
+//! name set's token; ARI-guided renewals are exempt from all of these.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The limits envctl models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Limit {
+    NewOrdersPerAccount,
+    NewCertificatesPerRegisteredDomain,
+    NewCertificatesPerExactSet,
+    AuthorizationFailuresPerIdentifier,
+}
+
+impl Limit {
+    /// Let's Encrypt's default capacity and window (seconds).
+    pub fn default_spec(self) -> BucketSpec {
+        match self {
+            Limit::NewOrdersPerAccount => BucketSpec::new(300, 3 * 3600),
+            Limit::NewCertificatesPerRegisteredDomain => BucketSpec::new(50, 7 * 86_400),
+            Limit::NewCertificatesPerExactSet => BucketSpec::new(5, 7 * 86_400),
+            Limit::AuthorizationFailuresPerIdentifier => BucketSpec::new(5, 3600),
+        }
+    }
+}
+
+/// A bucket of `capacity` tokens refilled evenly over `window` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSpec {
+    pub capacity: u32,
+    pub window: u64,
+}
+
+impl BucketSpec {
+    pub fn new(capacity: u32, window: u64) -> BucketSpec {
+        BucketSpec { capacity, window }
+    }
+
+    /// Seconds between two tokens.
+    fn interval(self) -> f64 {
+        self.window as f64 / f64::from(self.capacity.max(1))
+    }
+
+    /// Parses an override such as `1000/168h`.
+    pub fn parse(s: &str) -> Result<BucketSpec, String> {
+        let (count, window) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected COUNT/WINDOW such as 1000/168h, got {s:?}"))?;
+        let capacity: u32 = count
+            .parse()
+            .map_err(|_| format!("{count:?} is not a count"))?;
+        let (num, unit) = window.split_at(
+            window
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(window.len()),
+        );
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{window:?} is not a duration"))?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86_400,
+            _ => return Err(format!("unknown unit in {window:?}: use s, m, h or d")),
+        };
+        if capacity == 0 || secs == 0 {
+            return Err(format!("{s:?}: count and window must be above zero"));
+        }
+        Ok(BucketSpec::new(capacity, secs))
+    }
+}
+
+/// One bucket's identity: the limit and what it counts (account, registered domain, name set
+/// or identifier).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BucketKey {
+    pub limit: Limit,
+    pub key: String,
+}
+
+/// The registered domain (eTLD+1) of a hostname, by the Public Suffix List, private section
+/// included (as Let's Encrypt counts).
+pub fn registered_domain(hostname: &str) -> Option<String> {
+    psl::domain_str(&hostname.to_ascii_lowercase()).map(str::to_string)
+}
+
+/// The exact-set key: sorted, lower-cased, de-duplicated names.
+pub fn name_set_key(names: &[String]) -> String {
+    let mut v: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    v.sort();
+    v.dedup();
+    v.join(",")
+}
+
+/// What kind of request an order is, for charging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderKind {
+    /// A certificate for a name set not issued before.
+    New,
+    /// A renewal of the same name set.
+    Renewal,
+    /// A renewal inside the server's ARI window (RFC 9773): exempt from all limits.
+    AriRenewal,
+}
+
+/// An order envctl wants to place.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    pub account: String,
+    pub names: Vec<String>,
+    pub kind: OrderKind,
+}
+
+/// The ledger's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Spend these tokens (write the ledger first), then send the order.
+    Allowed { charges: Vec<BucketKey> },
+    /// Not before `at` (unix seconds): `limit` is exhausted.
+    Wait { at: u64, limit: Limit },
+}
+
+/// Every bucket's state: its theoretical arrival time (GCRA), in unix seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Theoretical arrival time per bucket.
+    pub tat: BTreeMap<String, f64>,
+    /// Capacity overrides per registered domain (new certificates per registered domain).
+    #[serde(default)]
+    pub overrides: BTreeMap<String, BucketSpec>,
+    /// Tokens kept in reserve in every bucket.
+    #[serde(default)]
+    pub margin: u32,
+}
+
+fn storage_key(k: &BucketKey) -> String {
+    format!(
+        "{}:{}",
+        serde_json::to_value(k.limit)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        k.key
+    )
+}
+
+/// A bucket's state at `now`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BucketStatus {
+    pub limit: Limit,
+    pub key: String,
+    pub capacity: u32,
+    pub used: u32,
+    pub remaining: u32,
+    /// When the next token frees up (unix seconds), if any is used.
+    pub next_token_at: Option<u64>,
+}
+
+impl Ledger {
+    pub fn spec(&self, key: &BucketKey) -> BucketSpec {
+        match key.limit {
+            Limit::NewCertificatesPerRegisteredDomain => self
+                .overrides
+                .get(&key.key)
+                .copied()
+                .unwrap_or_else(|| key.limit.default_spec()),
+            l => l.default_spec(),
+        }
+    }
+
+    /// Usable capacity: the spec's, less the safety margin (at least one).
+    fn usable(&self, spec: BucketSpec) -> u32 {
+        spec.capacity.saturating_sub(self.margin).max(1)
+    }
+
+    fn tat_of(&self, key: &BucketKey, now: u64) -> f64 {
+        self.tat
+            .get(&storage_key(key))
+            .copied()
+            .unwrap_or(now as f64)
+            .max(now as f64)
+    }
+
+    /// Whether one more token fits in `key` at `now`; else when it will.
+    fn check(&self, key: &BucketKey, now: u64) -> Result<(), u64> {
+        let spec = self.spec(key);
+        let interval = spec.interval();
+        let burst = f64::from(self.usable(spec)) * interval;
+        let new_tat = self.tat_of(key, now) + interval;
+        if new_tat - (now as f64) <= burst + 1e-6 {
+            Ok(())
+        } else {
+            Err((new_tat - burst).ceil() as u64)
+        }
+    }
+
+    /// The buckets an order spends.
+    pub fn charges(&self, req: &OrderRequest) -> Vec<BucketKey> {
+        let mut out = Vec::new();
+        if req.kind == OrderKind::AriRenewal {
+            return out;
+        }
+        if req.kind == OrderKind::New {
+            out.push(BucketKey {
+                limit: Limit::NewOrdersPerAccount,
+                key: req.account.clone(),
+            });
+            let mut domains: Vec<String> = req
+                .names
+                .iter()
+                .filter_map(|n| registered_domain(n))
+                .collect();
+            domains.sort();
+            domains.dedup();
+            out.extend(domains.into_iter().map(|d| BucketKey {
+                limit: Limit::NewCertificatesPerRegisteredDomain,
+                key: d,
+            }));
+        }
+        out.push(BucketKey {
+            limit: Limit::NewCertificatesPerExactSet,
+            key: name_set_key(&req.names),
+        });
+        out
+    }
+
+    /// Decides an order at `now`, without changing anything.
+    pub fn decide(&self, req: &OrderRequest, now: u64) -> Decision {
+        let charges = self.charges(req);
+        let mut wait: Option<(u64, Limit)> = None;
+        for c in &charges {
+            if let Err(at) = self.check(c, now)
+                && wait.is_none_or(|(w, _)| at > w)
+            {
+                wait = Some((at, c.limit));
+            }
+        }
+        match wait {
+            Some((at, limit)) => Decision::Wait { at, limit },
+            None => Decision::Allowed { charges },
+        }
+    }
+
+    /// Spends one token of each bucket (call and persist this BEFORE sending the order).
+    pub fn charge(&mut self, charges: &[BucketKey], now: u64) {
+        for c in charges {
+            let interval = self.spec(c).interval();
+            let tat = self.tat_of(c, now) + interval;
+            self.tat.insert(storage_key(c), tat);
+        }
+    }
+
+    /// Resynchronises a bucket from the server's 429 answer: nothing before `retry_after`.
+    pub fn exhausted_until(&mut self, key: &BucketKey, retry_after: u64) {
+        let spec = self.spec(key);
+        let burst = f64::from(self.usable(spec)) * spec.interval();
+        // The first token is free exactly at `retry_after`.
+        let tat = retry_after as f64 + burst - spec.interval();
+        let current = self.tat.get(&storage_key(key)).copied().unwrap_or(0.0);
+        self.tat.insert(storage_key(key), current.max(tat));
+    }
+
+    /// A bucket's used and remaining tokens at `now`.
+    pub fn status(&self, key: &BucketKey, now: u64) -> BucketStatus {
+        let spec = self.spec(key);
+        let interval = spec.interval();
+        let usable = self.usable(spec);
+        let ahead = (self.tat_of(key, now) - now as f64).max(0.0);
+        let used = ((ahead / interval) - 1e-9).ceil().max(0.0) as u32;
+        let used = used.min(usable);
+        BucketStatus {
+            limit: key.limit,
+            key: key.key.clone(),
+            capacity: usable,
+            used,
+            remaining: usable - used,
+            next_token_at: (used > 0)
+                .then(|| (self.tat_of(key, now) - f64::from(used - 1) * interval).ceil() as u64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_order(host: &str) -> OrderRequest {
+        OrderRequest {
+            account: "acct".into(),
+            names: vec![host.into()],
+            kind: OrderKind::New,
+        }
+    }
+
+    #[test]
+    fn registered_domains_follow_the_public_suffix_list() {
+        assert_eq!(
+            registered_domain("acme.us-east-1.aws.example.cloud").as_deref(),
+            Some("example.cloud")
+        );
+        assert_eq!(
+            registered_domain("a.b.example.co.uk").as_deref(),
+            Some("example.co.uk")
+        );
+        // Private section: github.io is a public suffix there.
+        assert_eq!(
+            registered_domain("team.github.io").as_deref(),
+            Some("team.github.io")
+        );
+    }
+
+    #[test]
+    fn fifty_new_certificates_per_week_then_wait() {
+        let mut ledger = Ledger::default();
+        let now = 1_000_000;
+        for i in 0..50 {
+            let req = new_order(&format!("env-{i}.example.cloud"));
+            match ledger.decide(&req, now) {
+                Decision::Allowed { charges } => ledger.charge(&charges, now),
+                other => panic!("order {i} refused: {other:?}"),
+            }
+        }
+        match ledger.decide(&new_order("env-50.example.cloud"), now) {
+            Decision::Wait { at, limit } => {
+                assert_eq!(limit, Limit::NewCertificatesPerRegisteredDomain);
+                // One token comes back every 7 days / 50 = 12,096 s (about 202 minutes).
+                assert_eq!(at, now + 12_096);
+            }
+            other => panic!("the 51st order was allowed: {other:?}"),
+        }
+        let key = BucketKey {
+            limit: Limit::NewCertificatesPerRegisteredDomain,
+            key: "example.cloud".into(),
+        };
+        let s = ledger.status(&key, now);
+        assert_eq!((s.used, s.remaining), (50, 0));
+        assert_eq!(ledger.status(&key, now + 12_096).remaining, 1);
+    }
+
+    #[test]
+    fn overrides_margin_and_exemptions() {
+        let mut ledger = Ledger {
+            margin: 2,
+            ..Ledger::default()
+        };
+        ledger.overrides.insert(
+            "example.cloud".into(),
+            BucketSpec::parse("1000/168h").expect("spec"),
+        );
+        let key = BucketKey {
+            limit: Limit::NewCertificatesPerRegisteredDomain,
+            key: "example.cloud".into(),
+        };
+        assert_eq!(ledger.status(&key, 0).capacity, 998);
+        // Renewals skip the registered-domain and order buckets; ARI renewals skip all.
+        let mut renewal = new_order("a.example.cloud");
+        renewal.kind = OrderKind::Renewal;
+        let charges = ledger.charges(&renewal);
+        assert_eq!(charges.len(), 1);
+        assert_eq!(charges[0].limit, Limit::NewCertificatesPerExactSet);
+        renewal.kind = OrderKind::AriRenewal;
+        assert!(ledger.charges(&renewal).is_empty());
+    }
+
+    #[test]
+    fn five_per_exact_set_and_429_resync() {
+        let mut ledger = Ledger::default();
+        let mut req = new_order("x.example.cloud");
+        req.kind = OrderKind::Renewal;
+        for _ in 0..5 {
+            let Decision::Allowed { charges } = ledger.decide(&req, 0) else {
+                panic!("refused early")
+            };
+            ledger.charge(&charges, 0);
+        }
+        assert!(matches!(
+            ledger.decide(&req, 0),
+            Decision::Wait {
+                limit: Limit::NewCertificatesPerExactSet,
+                ..
+            }
+        ));
+        // A 429 for the registered domain defers it to the server's Retry-After.
+        let key = BucketKey {
+            limit: Limit::NewCertificatesPerRegisteredDomain,
+            key: "example.cloud".into(),
+        };
+        ledger.exhausted_until(&key, 5_000);
+        assert!(matches!(
+            ledger.decide(&new_order("y.example.cloud"), 100),
+            Decision::Wait { at: 5_000, .. }
+        ));
+        assert!(matches!(
+            ledger.decide(&new_order("y.example.cloud"), 5_000),
+            Decision::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn ledger_round_trips_through_json() {
+        let mut ledger = Ledger::default();
+        let Decision::Allowed { charges } = ledger.decide(&new_order("a.example.cloud"), 10) else {
+            panic!("refused")
+        };
+        ledger.charge(&charges, 10);
+        let text = serde_json::to_string(&ledger).expect("encode");
+        let back: Ledger = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back, ledger);
+    }
+
+    #[test]
+    fn overrides_parse() {
+        assert_eq!(
+            BucketSpec::parse("1000/168h"),
+            Ok(BucketSpec::new(1000, 168 * 3600))
+        );
+        assert!(BucketSpec::parse("1000").is_err());
+        assert!(BucketSpec::parse("0/1h").is_err());
+        assert!(BucketSpec::parse("5/1y").is_err());
+    }
+}
