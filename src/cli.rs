@@ -530,25 +530,8 @@ fn default_cache_dir() -> PathBuf {
     }
 }
 
-/// A duration such as `500ms`, `30s`, `10m` or `1h`.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("expected a duration such as 30s, 10m or 1h, got {s:?}"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        _ => return Err(format!("unknown unit in {s:?}: use ms, s, m or h")),
-    };
-    if ms == 0 {
-        return Err("the duration must be above zero".into());
-    }
-    Ok(std::time::Duration::from_millis(ms))
+    crate::duration::parse(s)
 }
 
 fn print_diagnostics(out: &mut impl Write, diagnostics: &[Diagnostic]) -> Result<(), CliError> {

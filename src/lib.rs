@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cluster;
 pub mod controller;
 pub mod diagnostic;
+pub mod duration;
 pub mod manifest;
 pub mod observe;
 pub mod plan;

@@ -57,21 +57,7 @@ impl BucketSpec {
         let capacity: u32 = count
             .parse()
             .map_err(|_| format!("{count:?} is not a count"))?;
-        let (num, unit) = window.split_at(
-            window
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(window.len()),
-        );
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{window:?} is not a duration"))?;
-        let secs = match unit {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86_400,
-            _ => return Err(format!("unknown unit in {window:?}: use s, m, h or d")),
-        };
+        let secs = crate::duration::parse(window)?.as_secs();
         if capacity == 0 || secs == 0 {
             return Err(format!("{s:?}: count and window must be above zero"));
         }
