@@ -116,30 +116,13 @@ pub enum Command {
     /// Exit 0: nothing to change; 1: changes; 2: invalid input; 3: cluster unreachable.
     Diff {
         #[command(flatten)]
-        source: SourceArgs,
-        #[command(flatten)]
-        cluster: ClusterArgs,
-        #[command(flatten)]
-        prune: PruneArgs,
-        /// Output format.
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
-        output: PlanFormat,
+        pass: PassArgs,
         /// What to compare with: the cluster, or `none` (an empty cluster; no cluster needed).
         #[arg(long, value_enum, default_value_t = LiveMode::Cluster)]
         live: LiveMode,
     },
     /// One reconcile pass: server-side apply what changed, delete what is gone (with --prune).
-    Apply {
-        #[command(flatten)]
-        source: SourceArgs,
-        #[command(flatten)]
-        cluster: ClusterArgs,
-        #[command(flatten)]
-        prune: PruneArgs,
-        /// Output format of the plan that is executed.
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
-        output: PlanFormat,
-    },
+    Apply(PassArgs),
     /// The GitOps controller: poll the source, reconcile every new revision, revert drift.
     Run(Box<RunArgs>),
     /// Print every environment with its applied revision, state and last error.
@@ -396,14 +379,29 @@ pub struct PruneArgs {
     pub allow_mass_prune: bool,
 }
 
-/// The pass settings of `diff` and `apply`.
-fn pass_options(source: &SourceArgs, prune: &PruneArgs, cluster: &ClusterArgs) -> PassOptions {
-    PassOptions {
-        render: source.policy.render_options(),
-        prune: prune.policy(),
-        concurrency: cluster.concurrency,
-        diffs: true,
-        scope: None,
+/// What `diff` and `apply` share: the source, the cluster, prune policy and output format.
+#[derive(Debug, Args)]
+pub struct PassArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// Output format of the plan.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
+    pub output: PlanFormat,
+}
+
+impl PassArgs {
+    fn options(&self) -> PassOptions {
+        PassOptions {
+            render: self.source.policy.render_options(),
+            prune: self.prune.policy(),
+            concurrency: self.cluster.concurrency,
+            diffs: true,
+            scope: None,
+        }
     }
 }
 
@@ -675,15 +673,16 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             buffered.flush().map_err(CliError::Output)?;
             Ok(Exit::Ok)
         }
-        Command::Diff {
-            source,
-            cluster,
-            prune,
-            output,
-            live,
-        } => {
+        Command::Diff { pass: args, live } => {
+            let PassArgs {
+                source,
+                cluster,
+                output,
+                ..
+            } = &args;
+            let output = *output;
             let loaded = source.load()?;
-            let options = pass_options(&source, &prune, &cluster);
+            let options = args.options();
             let pass = runtime()?.block_on(async {
                 let client = match live {
                     LiveMode::None => None,
@@ -706,14 +705,16 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 Exit::Ok
             })
         }
-        Command::Apply {
-            source,
-            cluster,
-            prune,
-            output,
-        } => {
+        Command::Apply(args) => {
+            let PassArgs {
+                source,
+                cluster,
+                output,
+                ..
+            } = &args;
+            let output = *output;
             let loaded = source.load()?;
-            let options = pass_options(&source, &prune, &cluster);
+            let options = args.options();
             let (pass, report) = runtime()?.block_on(async {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())
                     .await

@@ -2,7 +2,7 @@
 //! `app.kubernetes.io/managed-by=envctl` and its instance) and asks the server what a server-side apply would
 //! make of a desired object (`dryRun=All`), which persists nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
@@ -52,15 +52,8 @@ impl ObserveError {
     }
 }
 
-/// Kinds listed when observing (Secrets join when envctl stores certificates).
-pub const OBSERVED_KINDS: [ObjectKind; 6] = [
-    ObjectKind::Namespace,
-    ObjectKind::ServiceAccount,
-    ObjectKind::Role,
-    ObjectKind::RoleBinding,
-    ObjectKind::Service,
-    ObjectKind::StatefulSet,
-];
+/// Kinds observed: every kind envctl applies but Secrets (they join with certificates).
+pub const OBSERVED_KINDS: &[ObjectKind] = ObjectKind::ALL.split_at(6).0;
 
 async fn list_kind(
     client: &Client,
@@ -93,12 +86,8 @@ async fn list_kind(
     Ok(out)
 }
 
-/// Every object envctl's `instance` owns, or only those of `environments` when given.
-pub async fn list_owned(
-    client: &Client,
-    instance: &str,
-    environments: Option<&BTreeSet<String>>,
-) -> Result<Live, ObserveError> {
+/// Every object envctl's `instance` owns.
+pub async fn list_owned(client: &Client, instance: &str) -> Result<Live, ObserveError> {
     let selector = owned_selector(instance);
     let lists = futures::future::try_join_all(
         OBSERVED_KINDS
@@ -111,10 +100,6 @@ pub async fn list_owned(
         for item in items {
             live.insert(*kind, item);
         }
-    }
-    if let Some(envs) = environments {
-        live.objects
-            .retain(|_, o| o.environment.as_ref().is_some_and(|e| envs.contains(e)));
     }
     Ok(live)
 }
@@ -191,7 +176,7 @@ impl Cache {
     /// Starts one watch per owned kind.
     pub fn start(client: &Client, instance: &str, drift: Arc<Notify>) -> Cache {
         let mut stores = Vec::new();
-        for kind in OBSERVED_KINDS {
+        for &kind in OBSERVED_KINDS {
             let ar = crate::cluster::api_resource(kind);
             let api = api(client, kind, None);
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());

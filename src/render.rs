@@ -100,10 +100,6 @@ impl ObjectKind {
     pub fn namespaced(self) -> bool {
         self != ObjectKind::Namespace
     }
-
-    pub fn from_kind(kind: &str) -> Option<ObjectKind> {
-        ObjectKind::ALL.into_iter().find(|k| k.as_str() == kind)
-    }
 }
 
 /// One desired object.

@@ -56,7 +56,7 @@ pub async fn plan_pass(
     let t = Instant::now();
     let live = match (cache, client) {
         (Some(cache), _) => cache.live(),
-        (None, Some(c)) => observe::list_owned(c, &options.render.instance, None).await?,
+        (None, Some(c)) => observe::list_owned(c, &options.render.instance).await?,
         (None, None) => Live::default(),
     };
     timings.insert("observe", t.elapsed());

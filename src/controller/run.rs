@@ -240,8 +240,6 @@ impl Loop {
             }
         };
         self.metrics
-            .count_api(ApiVerb::List, OBSERVED_KINDS.len() as u64);
-        self.metrics
             .count_api(ApiVerb::DryRun, pass.dry_runs as u64);
         let report = apply_pass(&self.client, &pass, &pass_options).await;
         let writes = pass
@@ -474,18 +472,12 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     cache.ready().await;
     metrics.count_api(ApiVerb::List, OBSERVED_KINDS.len() as u64);
 
-    let source = match &opts.source {
-        RunSource::Git(_) => None,
-        RunSource::Directory(root) => Some(PollSource::Directory(root.clone())),
-    };
     let mut opts = opts;
-    let poll_source = match source {
-        Some(s) => s,
-        None => match std::mem::replace(&mut opts.source, RunSource::Directory(PathBuf::new())) {
+    let poll_source =
+        match std::mem::replace(&mut opts.source, RunSource::Directory(PathBuf::new())) {
             RunSource::Git(g) => PollSource::Git(Arc::new(Mutex::new(g))),
             RunSource::Directory(d) => PollSource::Directory(d),
-        },
-    };
+        };
     // `--watch`: file changes in a directory source wake the loop (debounced).
     let file_changes = Arc::new(Notify::new());
     let _debouncer = match (&poll_source, opts.watch) {
