@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::certs::acme::AcmeConfig;
+use crate::certs::ledger::BucketSpec;
+use crate::certs::reconcile::CertSettings;
 use crate::cluster::{self, ConnectError};
 use crate::controller::{self, PassOptions, PassPlan};
 use crate::diagnostic::Diagnostic;
@@ -71,6 +74,23 @@ pub enum CliError {
     Run(#[source] crate::controller::run::RunError),
     #[error("reading environment status")]
     Status(#[source] crate::status::StatusError),
+    #[error("{setting}: {message}")]
+    Setting {
+        setting: &'static str,
+        message: String,
+    },
+    #[error("bringing certificates up to date")]
+    Certificates(#[source] Box<crate::certs::reconcile::CertError>),
+    #[error("reading the quota ledger")]
+    Quota(#[source] Box<crate::certs::store::StoreError>),
+    #[error("{failed} certificate(s) could not be issued")]
+    CertificatesFailed { failed: usize },
+    #[error("answering HTTP-01 challenges on {addr}")]
+    ChallengeListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CliError {
@@ -84,6 +104,11 @@ impl CliError {
             } => Exit::Cluster,
             CliError::Status(_) => Exit::Cluster,
             CliError::Git(_) => Exit::Invalid,
+            CliError::Setting { .. } => Exit::Invalid,
+            CliError::Quota(e) if e.is_unreachable() => Exit::Cluster,
+            CliError::Certificates(e) if matches!(&**e, crate::certs::reconcile::CertError::Store(s) if s.is_unreachable()) => {
+                Exit::Cluster
+            }
             _ => Exit::Failure,
         }
     }
@@ -116,13 +141,19 @@ pub enum Command {
     /// Exit 0: nothing to change; 1: changes; 2: invalid input; 3: cluster unreachable.
     Diff {
         #[command(flatten)]
-        pass: PassArgs,
+        pass: Box<PassArgs>,
         /// What to compare with: the cluster, or `none` (an empty cluster; no cluster needed).
         #[arg(long, value_enum, default_value_t = LiveMode::Cluster)]
         live: LiveMode,
     },
-    /// One reconcile pass: server-side apply what changed, delete what is gone (with --prune).
-    Apply(PassArgs),
+    /// One reconcile pass: server-side apply what changed, delete what is gone (with --prune),
+    /// then bring every TLS environment's certificate up to date (unless --skip-certificates).
+    Apply {
+        #[command(flatten)]
+        pass: Box<PassArgs>,
+        #[command(flatten)]
+        certs: Box<CertArgs>,
+    },
     /// The GitOps controller: poll the source, reconcile every new revision, revert drift.
     Run(Box<RunArgs>),
     /// Print every environment with its applied revision, state and last error.
@@ -136,8 +167,141 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
         output: PlanFormat,
     },
+    /// Print the certificate quota ledger: every bucket with used and remaining tokens and
+    /// when the next token frees up, per ACME account, registered domain, name set and name.
+    Quota {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// This envctl's instance name.
+        #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE)]
+        instance: String,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+    },
     /// Print the manifest's JSON Schema (the committed schemas/environment.schema.json).
     Schema,
+}
+
+/// Where the quota ledger lives and how it is configured.
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// A registered domain's new-certificates limit, when Let's Encrypt raised it:
+    /// DOMAIN=COUNT/WINDOW, e.g. example.cloud=1000/168h (repeat, or separate with commas).
+    #[arg(
+        long = "acme-limit-override",
+        env = "ENVCTL_ACME_LIMIT_OVERRIDES",
+        value_delimiter = ',',
+        value_parser = parse_limit_override
+    )]
+    pub overrides: Vec<(String, BucketSpec)>,
+    /// Tokens kept in reserve in every quota bucket (for issuance outside envctl).
+    #[arg(long, env = "ENVCTL_ACME_SAFETY_MARGIN", default_value_t = 0)]
+    pub acme_safety_margin: u32,
+    /// The controller's namespace, holding the ACME account, the ledger and certificate copies.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub controller_namespace: String,
+}
+
+fn parse_limit_override(s: &str) -> Result<(String, BucketSpec), String> {
+    let (domain, spec) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected DOMAIN=COUNT/WINDOW, got {s:?}"))?;
+    let domain = domain.trim().to_ascii_lowercase();
+    if crate::certs::ledger::registered_domain(&domain).as_deref() != Some(domain.as_str()) {
+        return Err(format!(
+            "{domain:?} is not a registered domain (limits are per registered domain, e.g. example.cloud)"
+        ));
+    }
+    Ok((domain, BucketSpec::parse(spec.trim())?))
+}
+
+impl LedgerArgs {
+    fn settings(&self, instance: &str, concurrency: usize) -> CertSettings {
+        CertSettings {
+            namespace: self.controller_namespace.clone(),
+            instance: instance.to_string(),
+            overrides: self.overrides.iter().cloned().collect(),
+            margin: self.acme_safety_margin,
+            concurrency,
+        }
+    }
+}
+
+/// Certificates from an ACME server.
+#[derive(Debug, Args)]
+pub struct CertArgs {
+    /// Leave certificates alone.
+    #[arg(long, env = "ENVCTL_SKIP_CERTIFICATES")]
+    pub skip_certificates: bool,
+    /// ACME directory URL (Let's Encrypt's staging:
+    /// https://acme-staging-v02.api.letsencrypt.org/directory).
+    #[arg(long, env = "ENVCTL_ACME_DIRECTORY", default_value = crate::certs::acme::LETS_ENCRYPT)]
+    pub acme_directory: String,
+    /// Contact address registered with the ACME account.
+    #[arg(long, env = "ENVCTL_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+    /// PEM file of extra roots to trust for the ACME server (e.g. a test CA).
+    #[arg(long, env = "ENVCTL_ACME_CA_BUNDLE")]
+    pub acme_ca_bundle: Option<PathBuf>,
+    /// External account binding: the key id given by the CA.
+    #[arg(long, env = "ENVCTL_ACME_EAB_KID", requires = "acme_eab_hmac_key_file")]
+    pub acme_eab_kid: Option<String>,
+    /// External account binding: file holding the HMAC key (base64url, as CAs give it).
+    #[arg(long, env = "ENVCTL_ACME_EAB_HMAC_KEY_FILE", requires = "acme_eab_kid")]
+    pub acme_eab_hmac_key_file: Option<PathBuf>,
+    /// Longest one order may take, from answering its challenges to the certificate.
+    #[arg(long, env = "ENVCTL_CERTIFICATE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub certificate_timeout: std::time::Duration,
+    /// `apply` only: answer HTTP-01 challenges on this address while it runs (`run` answers
+    /// on --listen).
+    #[arg(long, env = "ENVCTL_ACME_HTTP01_LISTEN")]
+    pub acme_http01_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+}
+
+impl CertArgs {
+    fn acme_config(&self) -> Result<AcmeConfig, CliError> {
+        let directory = self.acme_directory.trim().to_string();
+        let plain_http_ok = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|p| directory.starts_with(p));
+        if !directory.starts_with("https://") && !plain_http_ok {
+            return Err(CliError::Setting {
+                setting: "--acme-directory",
+                message: format!(
+                    "{directory:?} must be an https:// URL (plain http only on loopback, for tests)"
+                ),
+            });
+        }
+        let eab = match (&self.acme_eab_kid, &self.acme_eab_hmac_key_file) {
+            (Some(kid), Some(path)) => {
+                use base64::Engine;
+                let text = std::fs::read_to_string(path).map_err(|e| CliError::Setting {
+                    setting: "--acme-eab-hmac-key-file",
+                    message: format!("reading {}: {e}", path.display()),
+                })?;
+                let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(text.trim().trim_end_matches('='))
+                    .map_err(|_| CliError::Setting {
+                        setting: "--acme-eab-hmac-key-file",
+                        message: format!("{} does not hold a base64url key", path.display()),
+                    })?;
+                Some((kid.clone(), key))
+            }
+            _ => None,
+        };
+        Ok(AcmeConfig {
+            directory,
+            email: self.acme_email.clone(),
+            ca_bundle: self.acme_ca_bundle.clone(),
+            eab,
+            order_timeout: self.certificate_timeout,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +343,8 @@ pub struct RunArgs {
     /// With a directory source: reconcile as soon as files change (a fast edit loop).
     #[arg(long)]
     pub watch: bool,
+    #[command(flatten)]
+    pub certs: CertArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -250,6 +416,17 @@ fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
             duration: args.leader_elect_lease,
             renew_every: args.leader_elect_lease / 3,
         }),
+        certs: if args.certs.skip_certificates {
+            None
+        } else {
+            Some(crate::controller::run::CertRun {
+                config: args.certs.acme_config()?,
+                settings: args
+                    .certs
+                    .ledger
+                    .settings(&instance, args.cluster.concurrency.min(16)),
+            })
+        },
     };
     runtime()?.block_on(async {
         let client = cluster::connect(args.cluster.kubeconfig.as_deref())
@@ -679,7 +856,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 cluster,
                 output,
                 ..
-            } = &args;
+            } = &*args;
             let output = *output;
             let loaded = source.load()?;
             let options = args.options();
@@ -705,17 +882,17 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 Exit::Ok
             })
         }
-        Command::Apply(args) => {
+        Command::Apply { pass: args, certs } => {
             let PassArgs {
                 source,
                 cluster,
                 output,
                 ..
-            } = &args;
+            } = &*args;
             let output = *output;
             let loaded = source.load()?;
             let options = args.options();
-            let (pass, report) = runtime()?.block_on(async {
+            runtime()?.block_on(async {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())
                     .await
                     .map_err(CliError::Connect)?;
@@ -723,15 +900,40 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                     .await
                     .map_err(CliError::Observe)?;
                 let report = controller::apply_pass(&client, &pass, &options).await;
-                Ok::<_, CliError>((pass, report))
+                print_plan(&mut out, &pass, &loaded, output, Some(&report))?;
+                if !report.failures.is_empty() {
+                    return Err(CliError::Apply {
+                        failed: report.failures.len(),
+                        unreachable: report.unreachable(),
+                    });
+                }
+                if !certs.skip_certificates {
+                    let envs = loaded.environments.iter().map(|e| &e.environment);
+                    let targets = crate::certs::reconcile::targets(envs);
+                    if !targets.is_empty() {
+                        let cert_report = apply_certificates(
+                            &client,
+                            &certs,
+                            &source.policy.instance,
+                            cluster.concurrency,
+                            &targets,
+                        )
+                        .await?;
+                        let text = cert_report.text();
+                        match output {
+                            PlanFormat::Text => out.write_all(text.as_bytes()),
+                            PlanFormat::Json => std::io::stderr().write_all(text.as_bytes()),
+                        }
+                        .map_err(CliError::Output)?;
+                        if cert_report.failed() > 0 {
+                            return Err(CliError::CertificatesFailed {
+                                failed: cert_report.failed(),
+                            });
+                        }
+                    }
+                }
+                Ok::<_, CliError>(())
             })?;
-            print_plan(&mut out, &pass, &loaded, output, Some(&report))?;
-            if !report.failures.is_empty() {
-                return Err(CliError::Apply {
-                    failed: report.failures.len(),
-                    unreachable: report.unreachable(),
-                });
-            }
             Ok(if loaded.is_valid() {
                 Exit::Ok
             } else {
@@ -759,12 +961,84 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             out.write_all(text.as_bytes()).map_err(CliError::Output)?;
             Ok(Exit::Ok)
         }
+        Command::Quota {
+            cluster,
+            instance,
+            ledger,
+            output,
+        } => {
+            let (doc, store) = runtime()?.block_on(async {
+                let client = cluster::connect(cluster.kubeconfig.as_deref())
+                    .await
+                    .map_err(CliError::Connect)?;
+                let settings = ledger.settings(&instance, cluster.concurrency);
+                let store = crate::certs::store::LedgerStore::new(
+                    &client,
+                    &settings.namespace,
+                    &instance,
+                    settings.overrides,
+                    settings.margin,
+                );
+                let (doc, _) = store
+                    .load()
+                    .await
+                    .map_err(|e| CliError::Quota(Box::new(e)))?;
+                Ok::<_, CliError>((doc, store))
+            })?;
+            let text =
+                crate::certs::reconcile::quota_report(&doc, &store, output == PlanFormat::Json)
+                    .map_err(|message| CliError::Encode {
+                        what: "the quota",
+                        format: "JSON",
+                        message,
+                    })?;
+            out.write_all(text.as_bytes()).map_err(CliError::Output)?;
+            Ok(Exit::Ok)
+        }
         Command::Schema => {
             let text = encode_json("the schema", &manifest::json_schema())?;
             out.write_all(text.as_bytes()).map_err(CliError::Output)?;
             Ok(Exit::Ok)
         }
     }
+}
+
+/// The certificate step of `envctl apply`, bounded in time; answers HTTP-01 on
+/// `--acme-http01-listen` while it runs.
+async fn apply_certificates(
+    client: &kube::Client,
+    args: &CertArgs,
+    instance: &str,
+    concurrency: usize,
+    targets: &[crate::certs::reconcile::Target],
+) -> Result<crate::certs::reconcile::CertReport, CliError> {
+    let challenges = std::sync::Arc::new(crate::certs::acme::Challenges::default());
+    let server = match args.acme_http01_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| CliError::ChallengeListen { addr, source })?;
+            let router = crate::certs::acme::challenge_router(challenges.clone());
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, router).await;
+            }))
+        }
+        None => None,
+    };
+    let settings = args.ledger.settings(instance, concurrency.min(16));
+    let certs =
+        crate::certs::reconcile::Certs::connect(client, args.acme_config()?, settings, challenges)
+            .await
+            .map_err(|e| CliError::Certificates(Box::new(e)))?;
+    let events = crate::status::Events::new(client.clone(), instance);
+    let result = certs
+        .reconcile(targets, Some(&events), None)
+        .await
+        .map_err(|e| CliError::Certificates(Box::new(e)));
+    if let Some(s) = server {
+        s.abort();
+    }
+    result
 }
 
 /// Renders `envs` and writes their objects as a YAML stream (`---` before each document) or

@@ -23,12 +23,14 @@ pub const REVISION_ANNOTATION: &str = "envctl.materialize.cloud/revision";
 pub const STATE_ANNOTATION: &str = "envctl.materialize.cloud/state";
 pub const ERROR_ANNOTATION: &str = "envctl.materialize.cloud/last-error";
 pub const APPLIED_AT_ANNOTATION: &str = "envctl.materialize.cloud/applied-at";
-/// Every annotation `status` writes (none of them is drift).
-pub const STATUS_ANNOTATIONS: [&str; 4] = [
+/// Every bookkeeping annotation envctl writes on namespaces (none of them is drift).
+pub const STATUS_ANNOTATIONS: [&str; 6] = [
     REVISION_ANNOTATION,
     STATE_ANNOTATION,
     ERROR_ANNOTATION,
     APPLIED_AT_ANNOTATION,
+    crate::certs::WAIT_UNTIL_ANNOTATION,
+    crate::certs::WAIT_REASON_ANNOTATION,
 ];
 
 /// The state of one environment after a pass.
@@ -105,6 +107,73 @@ pub struct RevisionLabels {
     pub revision: String,
 }
 
+/// What became of an environment's certificate in a pass (for `certificate_orders`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum OrderOutcome {
+    Issued,
+    Reused,
+    Failed,
+    RateLimited,
+    Deferred,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OrderLabels {
+    pub outcome: OrderOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: crate::certs::ledger::Limit,
+}
+
+/// Days until a certificate expires, in closed ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum ExpiryRange {
+    Expired,
+    Under7,
+    Under30,
+    Under60,
+    Over60,
+}
+
+impl ExpiryRange {
+    pub const ALL: [ExpiryRange; 5] = [
+        ExpiryRange::Expired,
+        ExpiryRange::Under7,
+        ExpiryRange::Under30,
+        ExpiryRange::Under60,
+        ExpiryRange::Over60,
+    ];
+
+    pub fn of(seconds_left: i64) -> ExpiryRange {
+        match seconds_left / 86_400 {
+            _ if seconds_left <= 0 => ExpiryRange::Expired,
+            d if d < 7 => ExpiryRange::Under7,
+            d if d < 30 => ExpiryRange::Under30,
+            d if d < 60 => ExpiryRange::Under60,
+            _ => ExpiryRange::Over60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ExpiryLabels {
+    pub days: ExpiryRange,
+}
+
+/// Certificate metrics (registered into `Metrics`).
+#[derive(Default)]
+pub struct CertMetrics {
+    pub orders: Family<OrderLabels, Counter>,
+    /// The smallest remaining count among the buckets of each limit.
+    pub quota_remaining: Family<LimitLabels, Gauge>,
+    pub waiting: Family<LimitLabels, Gauge>,
+    /// When the last waiting certificate will be ordered (unix seconds; 0 when none waits).
+    pub queue_served_at: Gauge,
+    pub by_expiry: Family<ExpiryLabels, Gauge>,
+}
+
 /// Every metric envctl exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -114,6 +183,7 @@ pub struct Metrics {
     pub polls: Family<PollLabels, Counter>,
     pub api_requests: Family<ApiLabels, Counter>,
     pub applied_revision: Family<RevisionLabels, Gauge>,
+    pub certs: CertMetrics,
     last_revision: Mutex<Option<String>>,
 }
 
@@ -158,8 +228,35 @@ impl Metrics {
             "The source revision last applied (value 1)",
             applied_revision.clone(),
         );
+        let certs = CertMetrics::default();
+        registry.register(
+            "certificate_orders",
+            "Certificate outcomes by kind: issued, reused (no order), failed, rate limited by the server, deferred by the quota ledger",
+            certs.orders.clone(),
+        );
+        registry.register(
+            "certificate_quota_remaining",
+            "Smallest remaining count among the quota ledger's buckets of each limit",
+            certs.quota_remaining.clone(),
+        );
+        registry.register(
+            "certificates_waiting",
+            "Certificates waiting for quota, by the limit they wait for",
+            certs.waiting.clone(),
+        );
+        registry.register(
+            "certificate_queue_served_at_seconds",
+            "When the last waiting certificate will be ordered (unix seconds, 0 when none waits)",
+            certs.queue_served_at.clone(),
+        );
+        registry.register(
+            "certificates_by_days_to_expiry",
+            "Environments' certificates by days to expiry",
+            certs.by_expiry.clone(),
+        );
         Metrics {
             registry,
+            certs,
             reconcile_seconds,
             reconciles,
             environments,

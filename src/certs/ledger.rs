@@ -11,7 +11,19 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The limits envctl models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    prometheus_client::encoding::EncodeLabelValue,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Limit {
     NewOrdersPerAccount,
@@ -20,7 +32,30 @@ pub enum Limit {
     AuthorizationFailuresPerIdentifier,
 }
 
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::NewOrdersPerAccount,
+        Limit::NewCertificatesPerRegisteredDomain,
+        Limit::NewCertificatesPerExactSet,
+        Limit::AuthorizationFailuresPerIdentifier,
+    ];
+
+    /// The stored and printed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::NewOrdersPerAccount => "new-orders-per-account",
+            Limit::NewCertificatesPerRegisteredDomain => "new-certificates-per-registered-domain",
+            Limit::NewCertificatesPerExactSet => "new-certificates-per-exact-set",
+            Limit::AuthorizationFailuresPerIdentifier => "authorization-failures-per-identifier",
+        }
+    }
+
     /// Let's Encrypt's default capacity and window (seconds).
     pub fn default_spec(self) -> BucketSpec {
         match self {
@@ -88,7 +123,8 @@ pub fn name_set_key(names: &[String]) -> String {
 }
 
 /// What kind of request an order is, for charging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OrderKind {
     /// A certificate for a name set not issued before.
     New,
@@ -121,22 +157,16 @@ pub struct Ledger {
     /// Theoretical arrival time per bucket.
     pub tat: BTreeMap<String, f64>,
     /// Capacity overrides per registered domain (new certificates per registered domain).
-    #[serde(default)]
+    /// Configuration, not state: set from flags after loading, never stored.
+    #[serde(skip)]
     pub overrides: BTreeMap<String, BucketSpec>,
-    /// Tokens kept in reserve in every bucket.
-    #[serde(default)]
+    /// Tokens kept in reserve in every bucket (configuration, never stored).
+    #[serde(skip)]
     pub margin: u32,
 }
 
 fn storage_key(k: &BucketKey) -> String {
-    format!(
-        "{}:{}",
-        serde_json::to_value(k.limit)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
-        k.key
-    )
+    format!("{}:{}", k.limit.as_str(), k.key)
 }
 
 /// A bucket's state at `now`.
@@ -219,11 +249,25 @@ impl Ledger {
         out
     }
 
+    /// The authorization-failure buckets of an order's identifiers: not charged by sending,
+    /// but an order is only sent while each still has a token, so that one more failure
+    /// cannot trip the limit.
+    pub fn failure_buckets(req: &OrderRequest) -> Vec<BucketKey> {
+        req.names
+            .iter()
+            .map(|n| BucketKey {
+                limit: Limit::AuthorizationFailuresPerIdentifier,
+                key: format!("{}/{}", req.account, n.to_ascii_lowercase()),
+            })
+            .collect()
+    }
+
     /// Decides an order at `now`, without changing anything.
     pub fn decide(&self, req: &OrderRequest, now: u64) -> Decision {
         let charges = self.charges(req);
+        let failures = Self::failure_buckets(req);
         let mut wait: Option<(u64, Limit)> = None;
-        for c in &charges {
+        for c in charges.iter().chain(&failures) {
             if let Err(at) = self.check(c, now)
                 && wait.is_none_or(|(w, _)| at > w)
             {
@@ -253,6 +297,21 @@ impl Ledger {
         let tat = retry_after as f64 + burst - spec.interval();
         let current = self.tat.get(&storage_key(key)).copied().unwrap_or(0.0);
         self.tat.insert(storage_key(key), current.max(tat));
+    }
+
+    /// Every bucket the ledger has state for.
+    pub fn keys(&self) -> Vec<BucketKey> {
+        self.tat
+            .keys()
+            .filter_map(|k| {
+                let (limit, key) = k.split_once(':')?;
+                let limit = Limit::ALL.into_iter().find(|l| l.as_str() == limit)?;
+                Some(BucketKey {
+                    limit,
+                    key: key.to_string(),
+                })
+            })
+            .collect()
     }
 
     /// A bucket's used and remaining tokens at `now`.

@@ -24,6 +24,8 @@ pub struct Shared {
     pub webhook_secret: Option<Vec<u8>>,
     /// Wakes the loop for an immediate poll.
     pub poke: Notify,
+    /// HTTP-01 answers for the certificate step.
+    pub challenges: Arc<crate::certs::acme::Challenges>,
 }
 
 /// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under `secret`.
@@ -101,7 +103,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/hooks/git", post(hook))
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(crate::certs::acme::challenge_router(
+            shared.challenges.clone(),
+        ))
 }
 
 /// Serves until the process ends.

@@ -113,6 +113,18 @@ pub async fn plan_pass(
     })
 }
 
+/// An error with its chain of causes, as one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 /// Executes a planned pass.
 pub async fn apply_pass(client: &Client, pass: &PassPlan, options: &PassOptions) -> Report {
     apply::execute(client, &pass.plan, options.concurrency).await

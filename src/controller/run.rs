@@ -19,7 +19,9 @@ use tokio::sync::{Notify, watch};
 
 use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
-use super::{PassOptions, apply_pass, plan_pass};
+use super::{PassOptions, apply_pass, error_chain, plan_pass};
+use crate::certs::acme::{AcmeConfig, Challenges};
+use crate::certs::reconcile::{CertSettings, Certs, Target};
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, LoadOptions, SourceFile};
 use crate::observe::OBSERVED_KINDS;
@@ -49,6 +51,15 @@ pub struct RunOptions {
     pub listen: SocketAddr,
     pub webhook_secret: Option<Vec<u8>>,
     pub leader: Option<LeaseConfig>,
+    /// Certificates from an ACME server (`None`: `--skip-certificates`).
+    pub certs: Option<CertRun>,
+}
+
+/// How `run` gets certificates.
+#[derive(Debug, Clone)]
+pub struct CertRun {
+    pub config: AcmeConfig,
+    pub settings: CertSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,17 +167,6 @@ enum PollSource {
     Directory(PathBuf),
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 struct Loop {
     client: Client,
     cache: crate::observe::Cache,
@@ -177,6 +177,8 @@ struct Loop {
     written: BTreeMap<String, (String, EnvState, Option<String>)>,
     /// The validated manifests of the last revision read (drift and resync passes reuse them).
     loaded: Option<(String, std::sync::Arc<manifest::Loaded>)>,
+    /// Wakes the certificate worker with the environments that want certificates.
+    cert_targets: watch::Sender<Vec<Target>>,
 }
 
 impl Loop {
@@ -329,6 +331,24 @@ impl Loop {
         self.metrics.set_states(&counts);
         self.metrics.set_revision(&revision.id);
 
+        // The certificate worker looks again when the environments changed or a namespace
+        // was (re)created; otherwise it keeps its own schedule.
+        let targets =
+            crate::certs::reconcile::targets(loaded.environments.iter().map(|e| &e.environment));
+        let created_namespace = pass
+            .plan
+            .changes
+            .iter()
+            .any(|c| c.key.kind == render::ObjectKind::Namespace && c.action == Action::Create);
+        let names = |t: &[Target]| -> Vec<(String, Vec<String>)> {
+            t.iter()
+                .map(|t| (t.environment.clone(), t.names.clone()))
+                .collect()
+        };
+        if created_namespace || names(&self.cert_targets.borrow()) != names(&targets) {
+            self.cert_targets.send_replace(targets);
+        }
+
         // Status annotations (written only when they change) and Events, concurrently.
         let live_ns = &pass.live_namespaces;
         let mut annotate = Vec::new();
@@ -448,6 +468,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         ready: Default::default(),
         webhook_secret: opts.webhook_secret.clone(),
         poke: Notify::new(),
+        challenges: Arc::new(Challenges::default()),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -507,6 +528,18 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         _ => None,
     };
     let events = Events::new(client.clone(), &opts.pass.render.instance);
+    let (cert_targets, targets_rx) = watch::channel(Vec::new());
+    if let Some(c) = opts.certs.clone() {
+        tokio::spawn(cert_worker(
+            client.clone(),
+            c,
+            shared.challenges.clone(),
+            metrics.clone(),
+            targets_rx,
+            lead_rx.clone(),
+            opts.resync,
+        ));
+    }
     let interval = opts.interval;
     let resync = opts.resync;
     let max = opts.max_file_size;
@@ -518,6 +551,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         events,
         written: BTreeMap::new(),
         loaded: None,
+        cert_targets,
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();
@@ -590,5 +624,82 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         state.reconcile(&rev, why, moved).await;
         last_pass = Instant::now();
         shared.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Keeps certificates up to date: runs the certificate step when the environments change,
+/// when a waiting order or a renewal falls due, and on every resync; only while leading.
+async fn cert_worker(
+    client: Client,
+    settings: CertRun,
+    challenges: Arc<Challenges>,
+    metrics: Arc<Metrics>,
+    mut targets: watch::Receiver<Vec<Target>>,
+    lead: watch::Receiver<bool>,
+    resync: Duration,
+) {
+    let events = Events::new(client.clone(), &settings.settings.instance);
+    let mut certs: Option<Certs> = None;
+    let mut next = tokio::time::Instant::now() + resync;
+    loop {
+        tokio::select! {
+            changed = targets.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        next = tokio::time::Instant::now() + resync;
+        if !*lead.borrow() {
+            continue;
+        }
+        let want = targets.borrow_and_update().clone();
+        if want.is_empty() {
+            continue;
+        }
+        if certs.is_none() {
+            match Certs::connect(
+                &client,
+                settings.config.clone(),
+                settings.settings.clone(),
+                challenges.clone(),
+            )
+            .await
+            {
+                Ok(c) => certs = Some(c),
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "setting up certificates; retrying in a minute");
+                    next = tokio::time::Instant::now() + Duration::from_secs(60);
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &certs else { continue };
+        match c.reconcile(&want, Some(&events), Some(&metrics)).await {
+            Ok(report) => {
+                let count = |f: fn(&crate::certs::reconcile::Outcome) -> bool| report.count(f);
+                use crate::certs::reconcile::Outcome;
+                tracing::info!(
+                    current = count(|o| matches!(o, Outcome::Current { .. })),
+                    reused = count(|o| matches!(o, Outcome::Reused { .. })),
+                    issued = count(|o| matches!(o, Outcome::Issued { .. })),
+                    waiting = count(|o| matches!(o, Outcome::Waiting { .. })),
+                    failed = report.failed(),
+                    orders_sent = report.orders_sent,
+                    "certificates"
+                );
+                if let Some(at) = report.next_wake {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let wait = Duration::from_secs(at.saturating_sub(now).max(1));
+                    next = next.min(tokio::time::Instant::now() + wait);
+                }
+                if report.failed() > 0 || report.count(|o| matches!(o, Outcome::NoNamespace)) > 0 {
+                    next = next.min(tokio::time::Instant::now() + Duration::from_secs(30));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "the certificate step failed; retrying in 30 s");
+                next = tokio::time::Instant::now() + Duration::from_secs(30);
+            }
+        }
     }
 }

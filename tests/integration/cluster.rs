@@ -89,6 +89,8 @@ impl TestCluster {
             .arg(&self.kubeconfig)
             .current_dir(cwd)
             .env("NO_COLOR", "1")
+            // Certificates have their own tests (certs.rs), against pebble.
+            .env("ENVCTL_SKIP_CERTIFICATES", "1")
             .env_remove("KUBECONFIG")
             .output()
             .expect("running envctl");

@@ -1,0 +1,582 @@
+//! The ACME client: an account on the directory (its credentials kept by the caller), orders
+//! answered with HTTP-01 through `Challenges` (served by envctl's HTTP listener), and answers
+//! classified for the ledger. Wraps instant-acme with our own HTTP client so that one rustls
+//! crypto provider (ring) is used, extra roots can be trusted, and the `Retry-After` of a 429
+//! (which instant-acme drops) is kept.
+//!
+//! Sends ACME requests only; never decides whether an order may be sent (the ledger does).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse,
+    CertificateIdentifier, ChallengeType, ExternalAccountKey, HttpClient, Identifier, NewAccount,
+    NewOrder, Order, OrderStatus, RetryPolicy,
+};
+
+use super::ledger::Limit;
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("reading the ACME CA bundle {path}")]
+    CaBundle {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the ACME CA bundle {path} holds no certificate")]
+    EmptyCaBundle { path: String },
+    #[error("setting up TLS for the ACME client: {0}")]
+    Tls(String),
+    #[error("the ACME server refused for rate limit {limit:?} until {retry_after:?}: {detail}")]
+    RateLimited {
+        /// Which limit, when the problem's detail names one envctl models.
+        limit: Option<Limit>,
+        /// Unix seconds from `Retry-After`.
+        retry_after: Option<u64>,
+        detail: String,
+    },
+    #[error("authorization for {name} failed: {detail}")]
+    AuthorizationFailed { name: String, detail: String },
+    #[error("the ACME server does not offer an HTTP-01 challenge for {name}")]
+    NoHttpChallenge { name: String },
+    #[error("the order ended as {status}")]
+    OrderFailed { status: String },
+    #[error("{what}")]
+    Acme {
+        what: &'static str,
+        #[source]
+        source: instant_acme::Error,
+    },
+}
+
+impl AcmeError {
+    fn from_acme(what: &'static str, source: instant_acme::Error) -> AcmeError {
+        if let instant_acme::Error::Api(p) = &source
+            && p.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited")
+        {
+            let detail = p.detail.clone().unwrap_or_default();
+            return AcmeError::RateLimited {
+                limit: limit_named_in(&detail),
+                retry_after: RETRY_AFTER.try_with(|r| *r.borrow()).ok().flatten(),
+                detail,
+            };
+        }
+        AcmeError::Acme { what, source }
+    }
+}
+
+/// The limit a rate-limit problem's detail names (Let's Encrypt's wording).
+pub fn limit_named_in(detail: &str) -> Option<Limit> {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("exact set") {
+        Some(Limit::NewCertificatesPerExactSet)
+    } else if d.contains("failed authorization") {
+        Some(Limit::AuthorizationFailuresPerIdentifier)
+    } else if d.contains("new orders") {
+        Some(Limit::NewOrdersPerAccount)
+    } else if d.contains("certificates") && d.contains("registered domain")
+        || d.contains("already issued for")
+    {
+        Some(Limit::NewCertificatesPerRegisteredDomain)
+    } else {
+        None
+    }
+}
+
+tokio::task_local! {
+    /// The `Retry-After` (unix seconds) of the last 429 seen by requests of this task.
+    static RETRY_AFTER: RefCell<Option<u64>>;
+}
+
+/// Parses `Retry-After`: delay seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: u64) -> Option<u64> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(now + secs);
+    }
+    let t = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+    u64::try_from(t.unix_timestamp()).ok()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counts what reaches the ACME server.
+#[derive(Debug, Default)]
+pub struct AcmeCounters {
+    pub requests: AtomicU64,
+    pub rate_limited: AtomicU64,
+}
+
+type Hyper = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
+
+struct Http {
+    inner: Hyper,
+    counters: Arc<AcmeCounters>,
+}
+
+impl HttpClient for Http {
+    fn request(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let fut = self.inner.request(req);
+        let counters = self.counters.clone();
+        Box::pin(async move {
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            let rsp = fut
+                .await
+                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            if rsp.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let at = rsp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, unix_now()));
+                let _ = RETRY_AFTER.try_with(|r| *r.borrow_mut() = at);
+            }
+            Ok(BytesResponse::from(rsp))
+        })
+    }
+}
+
+fn http_client(ca_bundle: Option<&Path>, counters: Arc<AcmeCounters>) -> Result<Http, AcmeError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_bundle {
+        use rustls_pki_types::pem::PemObject;
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| AcmeError::CaBundle {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut added = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).flatten() {
+            if roots.add(cert).is_ok() {
+                added += 1;
+            }
+        }
+        if added == 0 {
+            return Err(AcmeError::EmptyCaBundle { path: shown });
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| AcmeError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(Http {
+        inner: HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector),
+        counters,
+    })
+}
+
+/// How to reach the ACME server.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    pub directory: String,
+    pub email: Option<String>,
+    pub ca_bundle: Option<std::path::PathBuf>,
+    /// External account binding: key id and the HMAC key (raw bytes).
+    pub eab: Option<(String, Vec<u8>)>,
+    /// How long an order may take from challenge to certificate.
+    pub order_timeout: Duration,
+}
+
+/// HTTP-01 answers being served: token -> key authorization.
+#[derive(Debug, Default)]
+pub struct Challenges(RwLock<HashMap<String, String>>);
+
+impl Challenges {
+    pub fn get(&self, token: &str) -> Option<String> {
+        self.0.read().ok()?.get(token).cloned()
+    }
+    fn put(&self, token: &str, key_authorization: &str) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(token.to_string(), key_authorization.to_string());
+        }
+    }
+    fn remove(&self, token: &str) {
+        if let Ok(mut m) = self.0.write() {
+            m.remove(token);
+        }
+    }
+}
+
+/// The route envctl's listeners add: `GET /.well-known/acme-challenge/{token}`.
+pub fn challenge_router(challenges: Arc<Challenges>) -> axum::Router {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    async fn answer(
+        State(c): State<Arc<Challenges>>,
+        UrlPath(token): UrlPath<String>,
+    ) -> (StatusCode, String) {
+        match c.get(&token) {
+            Some(k) => (StatusCode::OK, k),
+            None => (StatusCode::NOT_FOUND, "no such challenge\n".into()),
+        }
+    }
+    axum::Router::new()
+        .route(
+            "/.well-known/acme-challenge/{token}",
+            axum::routing::get(answer),
+        )
+        .with_state(challenges)
+}
+
+/// A ready account.
+pub struct Acme {
+    account: Account,
+    pub config: AcmeConfig,
+    pub counters: Arc<AcmeCounters>,
+    /// Whether the server offers ARI (RFC 9773).
+    pub ari: bool,
+}
+
+/// An issued certificate.
+pub struct Issued {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").finish_non_exhaustive()
+    }
+}
+
+impl Acme {
+    /// Restores the account from `stored` credentials (JSON), or registers a new one and
+    /// returns its credentials to store.
+    pub async fn connect(
+        config: AcmeConfig,
+        stored: Option<&[u8]>,
+    ) -> Result<(Acme, Option<Vec<u8>>), AcmeError> {
+        let counters = Arc::new(AcmeCounters::default());
+        let builder = || -> Result<_, AcmeError> {
+            Ok(Account::builder_with_http(Box::new(http_client(
+                config.ca_bundle.as_deref(),
+                counters.clone(),
+            )?)))
+        };
+        let restored = match stored.map(serde_json::from_slice::<AccountCredentials>) {
+            Some(Ok(creds)) => Some(
+                builder()?
+                    .from_credentials(creds)
+                    .await
+                    .map_err(|e| AcmeError::from_acme("restoring the ACME account", e))?,
+            ),
+            _ => None,
+        };
+        let (account, new_credentials) = match restored {
+            Some(a) => (a, None),
+            None => {
+                let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let eab = config
+                    .eab
+                    .as_ref()
+                    .map(|(kid, key)| ExternalAccountKey::new(kid.clone(), key));
+                let (account, creds) = RETRY_AFTER
+                    .scope(
+                        RefCell::new(None),
+                        builder()?.create(
+                            &NewAccount {
+                                contact: &contacts,
+                                terms_of_service_agreed: true,
+                                only_return_existing: false,
+                            },
+                            config.directory.clone(),
+                            eab.as_ref(),
+                        ),
+                    )
+                    .await
+                    .map_err(|e| AcmeError::from_acme("registering an ACME account", e))?;
+                let encoded = serde_json::to_vec(&creds).map_err(|e| AcmeError::Acme {
+                    what: "encoding the account credentials",
+                    source: e.into(),
+                })?;
+                (account, Some(encoded))
+            }
+        };
+        // ARI: whether the directory names a renewalInfo endpoint. instant-acme only says so
+        // by refusing `replaces`, so ask for the directory ourselves.
+        let ari = directory_has_ari(&config, counters.clone()).await;
+        Ok((
+            Acme {
+                account,
+                config,
+                counters,
+                ari,
+            },
+            new_credentials,
+        ))
+    }
+
+    /// The account's URL (its identity in the ledger).
+    pub fn id(&self) -> &str {
+        self.account.id()
+    }
+
+    /// The start of the ARI renewal window of a certificate, unix seconds.
+    pub async fn renewal_window_start(&self, ari_id: &str) -> Option<i64> {
+        if !self.ari {
+            return None;
+        }
+        let (aki, serial) = ari_id.split_once('.')?;
+        let id = CertificateIdentifier {
+            authority_key_identifier: aki.to_string().into(),
+            serial: serial.to_string().into(),
+        };
+        match self.account.renewal_info(&id).await {
+            Ok((info, _)) => Some(info.suggested_window.start.unix_timestamp()),
+            Err(e) => {
+                tracing::warn!(error = %e, "asking for renewal information");
+                None
+            }
+        }
+    }
+
+    /// Places a new order (this is what the ledger charged for) and returns its URL.
+    pub async fn new_order(
+        &self,
+        names: &[String],
+        replaces: Option<&str>,
+    ) -> Result<Order, AcmeError> {
+        let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
+        let replaced = replaces.and_then(|r| {
+            let (aki, serial) = r.split_once('.')?;
+            Some(CertificateIdentifier {
+                authority_key_identifier: aki.to_string().into(),
+                serial: serial.to_string().into(),
+            })
+        });
+        let mut new = NewOrder::new(&identifiers);
+        if let Some(r) = replaced.filter(|_| self.ari) {
+            new = new.replaces(r);
+        }
+        RETRY_AFTER
+            .scope(RefCell::new(None), self.account.new_order(&new))
+            .await
+            .map_err(|e| AcmeError::from_acme("placing the order", e))
+    }
+
+    /// Picks up an order placed earlier (by a process that stopped before finishing it).
+    pub async fn resume(&self, url: &str) -> Result<Order, AcmeError> {
+        RETRY_AFTER
+            .scope(RefCell::new(None), self.account.order(url.to_string()))
+            .await
+            .map_err(|e| AcmeError::from_acme("resuming the order", e))
+    }
+
+    /// Answers the order's HTTP-01 challenges, finalizes it and downloads the chain.
+    pub async fn complete(
+        &self,
+        order: &mut Order,
+        challenges: &Challenges,
+    ) -> Result<Issued, AcmeError> {
+        let mut served = Vec::new();
+        let result = RETRY_AFTER
+            .scope(
+                RefCell::new(None),
+                self.complete_inner(order, challenges, &mut served),
+            )
+            .await;
+        for token in served {
+            challenges.remove(&token);
+        }
+        result
+    }
+
+    async fn complete_inner(
+        &self,
+        order: &mut Order,
+        challenges: &Challenges,
+        served: &mut Vec<String>,
+    ) -> Result<Issued, AcmeError> {
+        let fail = |what| move |e| AcmeError::from_acme(what, e);
+        if order.state().status == OrderStatus::Pending {
+            let mut authorizations = order.authorizations();
+            while let Some(result) = authorizations.next().await {
+                let mut authz = result.map_err(fail("reading an authorization"))?;
+                match authz.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    other => {
+                        return Err(AcmeError::AuthorizationFailed {
+                            name: authz.identifier().to_string(),
+                            detail: format!("the authorization is {other:?}"),
+                        });
+                    }
+                }
+                let name = authz.identifier().to_string();
+                let mut challenge = authz
+                    .challenge(ChallengeType::Http01)
+                    .ok_or(AcmeError::NoHttpChallenge { name: name.clone() })?;
+                let token = challenge.token.clone();
+                challenges.put(&token, challenge.key_authorization().as_str());
+                served.push(token);
+                challenge
+                    .set_ready()
+                    .await
+                    .map_err(fail("answering a challenge"))?;
+            }
+        }
+        let retries = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(100))
+            .backoff(1.5)
+            .timeout(self.config.order_timeout);
+        // A problem document here is the validation's verdict (connection, DNS, wrong
+        // answer...): an authorization failure, which Let's Encrypt counts.
+        let status = match order.poll_ready(&retries).await {
+            Ok(s) => s,
+            Err(instant_acme::Error::Api(p))
+                if p.r#type.as_deref() != Some("urn:ietf:params:acme:error:rateLimited") =>
+            {
+                let mut names = Vec::new();
+                let mut identifiers = order.identifiers();
+                while let Some(Ok(i)) = identifiers.next().await {
+                    names.push(i.to_string());
+                }
+                return Err(AcmeError::AuthorizationFailed {
+                    name: names.join(","),
+                    detail: p.to_string(),
+                });
+            }
+            Err(e) => return Err(fail("waiting for the order to be ready")(e)),
+        };
+        match status {
+            OrderStatus::Ready => {}
+            OrderStatus::Valid => {}
+            OrderStatus::Invalid => {
+                let mut detail = String::from("the order became invalid");
+                let mut name = String::new();
+                let mut authorizations = order.authorizations();
+                while let Some(Ok(a)) = authorizations.next().await {
+                    if a.status == AuthorizationStatus::Invalid {
+                        name = a.identifier().to_string();
+                        if let Some(e) = a.challenges.iter().find_map(|c| c.error.as_ref()) {
+                            detail = e.to_string();
+                        }
+                    }
+                }
+                return Err(AcmeError::AuthorizationFailed { name, detail });
+            }
+            other => {
+                return Err(AcmeError::OrderFailed {
+                    status: format!("{other:?}"),
+                });
+            }
+        }
+        let key_pem = if order.state().status == OrderStatus::Ready {
+            order
+                .finalize()
+                .await
+                .map_err(fail("finalizing the order"))?
+        } else {
+            // Valid already: the key went with the process that finalized it.
+            return Err(AcmeError::OrderFailed {
+                status: "valid, finalized by an earlier process whose key is lost".into(),
+            });
+        };
+        let chain_pem = order
+            .poll_certificate(&retries)
+            .await
+            .map_err(fail("downloading the certificate"))?;
+        Ok(Issued { chain_pem, key_pem })
+    }
+}
+
+async fn directory_has_ari(config: &AcmeConfig, counters: Arc<AcmeCounters>) -> bool {
+    let Ok(http) = http_client(config.ca_bundle.as_deref(), counters) else {
+        return false;
+    };
+    let Ok(req) = Request::get(&config.directory).body(BodyWrapper::<Bytes>::default()) else {
+        return false;
+    };
+    let Ok(rsp) = http.inner.request(req).await else {
+        return false;
+    };
+    use http_body_util::BodyExt;
+    let Ok(body) = rsp.into_body().collect().await else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
+        .ok()
+        .and_then(|v| v.get("renewalInfo").map(|u| u.is_string()))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_details_name_their_limit() {
+        assert_eq!(
+            limit_named_in(
+                "too many certificates (50) already issued for \"example.cloud\" in the last 168h0m0s, retry after 2025-01-01 00:00:00 UTC"
+            ),
+            Some(Limit::NewCertificatesPerRegisteredDomain)
+        );
+        assert_eq!(
+            limit_named_in(
+                "too many certificates (5) already issued for this exact set of identifiers in the last 168h0m0s"
+            ),
+            Some(Limit::NewCertificatesPerExactSet)
+        );
+        assert_eq!(
+            limit_named_in(
+                "too many failed authorizations (5) for \"a.example.cloud\" in the last 1h0m0s"
+            ),
+            Some(Limit::AuthorizationFailuresPerIdentifier)
+        );
+        assert_eq!(
+            limit_named_in("too many new orders (300) from this account in the last 3h0m0s"),
+            Some(Limit::NewOrdersPerAccount)
+        );
+        assert_eq!(limit_named_in("slow down"), None);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        assert_eq!(parse_retry_after("120", 1000), Some(1120));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 0),
+            Some(1_445_412_480)
+        );
+        assert_eq!(parse_retry_after("soon", 0), None);
+    }
+}

@@ -1,0 +1,515 @@
+//! Where certificate state lives in the cluster: the quota ledger (a ConfigMap in the
+//! controller's namespace, updated with resourceVersion compare-and-swap), the ACME account
+//! (a Secret there), each environment's `environment-tls` Secret and the controller's copy of
+//! it, and the namespace annotations of waiting certificates. Reads and writes only these.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+use super::ledger::{BucketSpec, Ledger, OrderKind};
+use super::{CertInfo, NAMES_ANNOTATION, NOT_AFTER_ANNOTATION, SERIAL_ANNOTATION, TLS_SECRET};
+use crate::cluster::FIELD_MANAGER;
+use crate::render::{ENVIRONMENT_LABEL, INSTANCE_LABEL, MANAGED_BY_KEY as MANAGED_BY_LABEL};
+
+const LEDGER_KEY: &str = "ledger.json";
+const COPY_LABEL: &str = "envctl.materialize.cloud/certificate-copy";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {namespace}/{name}")]
+    Kube {
+        what: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the quota ledger {namespace}/{name} is not valid JSON ({message}); no order is placed until it is fixed or deleted"
+    )]
+    CorruptLedger {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+    #[error("the quota ledger {namespace}/{name} kept changing under us ({tries} tries)")]
+    Contended {
+        namespace: String,
+        name: String,
+        tries: usize,
+    },
+}
+
+impl StoreError {
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, StoreError::Kube { source, .. } if crate::cluster::is_unreachable_or_refused(source))
+    }
+}
+
+/// An order charged in the ledger and (once `order_url` is set) sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pending {
+    pub names: Vec<String>,
+    pub kind: OrderKind,
+    pub charged_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_url: Option<String>,
+}
+
+/// The stored ledger: bucket state, orders in flight and the queue's arrival times.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LedgerDoc {
+    #[serde(default)]
+    pub buckets: Ledger,
+    /// Environment -> its order in flight.
+    #[serde(default)]
+    pub pending: BTreeMap<String, Pending>,
+    /// Environment -> when it first asked for a certificate not yet served (unix seconds).
+    #[serde(default)]
+    pub queued: BTreeMap<String, u64>,
+}
+
+/// The ledger ConfigMap and the configuration applied to it on load.
+#[derive(Clone)]
+pub struct LedgerStore {
+    api: Api<ConfigMap>,
+    pub namespace: String,
+    pub name: String,
+    instance: String,
+    pub overrides: BTreeMap<String, BucketSpec>,
+    pub margin: u32,
+}
+
+impl LedgerStore {
+    pub fn new(
+        client: &Client,
+        namespace: &str,
+        instance: &str,
+        overrides: BTreeMap<String, BucketSpec>,
+        margin: u32,
+    ) -> LedgerStore {
+        LedgerStore {
+            api: Api::namespaced(client.clone(), namespace),
+            namespace: namespace.to_string(),
+            name: format!("envctl-{instance}-acme-ledger"),
+            instance: instance.to_string(),
+            overrides,
+            margin,
+        }
+    }
+
+    fn kube_err(&self, what: &'static str) -> impl FnOnce(kube::Error) -> StoreError + '_ {
+        move |source| StoreError::Kube {
+            what,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// The ledger and its resourceVersion (`None` when it does not exist yet).
+    pub async fn load(&self) -> Result<(LedgerDoc, Option<String>), StoreError> {
+        let cm = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(self.kube_err("reading the quota ledger"))?;
+        let (mut doc, rv) = match cm {
+            None => (LedgerDoc::default(), None),
+            Some(cm) => {
+                let rv = cm.resource_version();
+                let text = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(LEDGER_KEY))
+                    .map_or("{}", String::as_str);
+                let doc: LedgerDoc =
+                    serde_json::from_str(text).map_err(|e| StoreError::CorruptLedger {
+                        namespace: self.namespace.clone(),
+                        name: self.name.clone(),
+                        message: e.to_string(),
+                    })?;
+                (doc, rv)
+            }
+        };
+        doc.buckets.overrides = self.overrides.clone();
+        doc.buckets.margin = self.margin;
+        Ok((doc, rv))
+    }
+
+    /// Writes `doc` if the stored ledger is still at `rv`; `Ok(false)` when it moved.
+    async fn save(&self, doc: &LedgerDoc, rv: Option<String>) -> Result<bool, StoreError> {
+        let text = serde_json::to_string(doc).map_err(|e| StoreError::CorruptLedger {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            message: e.to_string(),
+        })?;
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                resource_version: rv.clone(),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
+                    (INSTANCE_LABEL.to_string(), self.instance.clone()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(LEDGER_KEY.to_string(), text)])),
+            ..ConfigMap::default()
+        };
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        let result = match rv {
+            None => self.api.create(&pp, &cm).await,
+            Some(_) => self.api.replace(&self.name, &pp, &cm).await,
+        };
+        match result {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(self.kube_err("writing the quota ledger")(e)),
+        }
+    }
+
+    /// Applies `change` to the stored ledger with compare-and-swap, re-running it on a fresh
+    /// copy whenever another writer got there first. The write is durable when this returns.
+    pub async fn update<T>(
+        &self,
+        mut change: impl FnMut(&mut LedgerDoc) -> T,
+    ) -> Result<T, StoreError> {
+        const TRIES: usize = 20;
+        for attempt in 0..TRIES {
+            let (mut doc, rv) = self.load().await?;
+            let before = doc.clone();
+            let out = change(&mut doc);
+            if doc == before || self.save(&doc, rv).await? {
+                return Ok(out);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt as u64 + 1))).await;
+        }
+        Err(StoreError::Contended {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            tries: TRIES,
+        })
+    }
+}
+
+/// The Secret holding the ACME account's credentials, one key per directory.
+pub struct AccountStore {
+    api: Api<Secret>,
+    namespace: String,
+    name: String,
+}
+
+fn directory_key(directory: &str) -> String {
+    let mut h = crate::render::Fnv64::new();
+    h.write(directory.as_bytes());
+    format!("account-{}.json", h.hex())
+}
+
+impl AccountStore {
+    pub fn new(client: &Client, namespace: &str, instance: &str) -> AccountStore {
+        AccountStore {
+            api: Api::namespaced(client.clone(), namespace),
+            namespace: namespace.to_string(),
+            name: format!("envctl-{instance}-acme-account"),
+        }
+    }
+
+    fn kube_err(&self, what: &'static str) -> impl FnOnce(kube::Error) -> StoreError + '_ {
+        move |source| StoreError::Kube {
+            what,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    pub async fn load(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(self.kube_err("reading the ACME account"))?;
+        Ok(secret
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(&directory_key(directory)))
+            .map(|b| b.0))
+    }
+
+    /// Stores the credentials unless another process stored some first; returns the ones
+    /// that are stored (use those, so that all replicas share one account).
+    pub async fn store(
+        &self,
+        directory: &str,
+        credentials: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let key = directory_key(directory);
+        for _ in 0..5 {
+            let existing = self
+                .api
+                .get_opt(&self.name)
+                .await
+                .map_err(self.kube_err("reading the ACME account"))?;
+            let result = match existing {
+                Some(s) => {
+                    if let Some(b) = s.data.as_ref().and_then(|d| d.get(&key)) {
+                        return Ok(b.0.clone());
+                    }
+                    let mut s = s;
+                    s.data
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key.clone(), ByteString(credentials.clone()));
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &s)
+                        .await
+                }
+                None => {
+                    let s = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(self.name.clone()),
+                            namespace: Some(self.namespace.clone()),
+                            labels: Some(BTreeMap::from([(
+                                MANAGED_BY_LABEL.to_string(),
+                                "envctl".to_string(),
+                            )])),
+                            ..ObjectMeta::default()
+                        },
+                        data: Some(BTreeMap::from([(
+                            key.clone(),
+                            ByteString(credentials.clone()),
+                        )])),
+                        type_: Some("Opaque".into()),
+                        ..Secret::default()
+                    };
+                    self.api.create(&PostParams::default(), &s).await
+                }
+            };
+            match result {
+                Ok(_) => return Ok(credentials),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(self.kube_err("storing the ACME account")(e)),
+            }
+        }
+        Ok(credentials)
+    }
+}
+
+/// A stored certificate: its chain and key, and what the chain says (if it parses).
+#[derive(Clone)]
+pub struct StoredCert {
+    pub info: Option<CertInfo>,
+    pub chain: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCert")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn stored(secret: Secret) -> StoredCert {
+    let mut data = secret.data.unwrap_or_default();
+    let chain = data.remove("tls.crt").map(|b| b.0).unwrap_or_default();
+    let key = data.remove("tls.key").map(|b| b.0).unwrap_or_default();
+    StoredCert {
+        info: super::inspect(&chain).ok(),
+        chain,
+        key,
+    }
+}
+
+fn tls_secret(
+    name: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    cert: &StoredCert,
+) -> Secret {
+    let mut annotations = BTreeMap::new();
+    if let Some(i) = &cert.info {
+        annotations.insert(NAMES_ANNOTATION.to_string(), i.names.join(","));
+        annotations.insert(SERIAL_ANNOTATION.to_string(), i.serial.clone());
+        annotations.insert(NOT_AFTER_ANNOTATION.to_string(), rfc3339(i.not_after));
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), ByteString(cert.chain.clone())),
+            ("tls.key".to_string(), ByteString(cert.key.clone())),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// Unix seconds as RFC 3339.
+pub fn rfc3339(t: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(t)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// The environments' Secrets and the controller's copies.
+#[derive(Clone)]
+pub struct CertStore {
+    client: Client,
+    pub namespace: String,
+    instance: String,
+}
+
+impl CertStore {
+    pub fn new(client: &Client, namespace: &str, instance: &str) -> CertStore {
+        CertStore {
+            client: client.clone(),
+            namespace: namespace.to_string(),
+            instance: instance.to_string(),
+        }
+    }
+
+    fn copy_name(&self, environment: &str) -> String {
+        format!("envctl-{}-cert-{environment}", self.instance)
+    }
+
+    /// An environment's `environment-tls` Secret, if any.
+    pub async fn read(&self, namespace: &str) -> Result<Option<StoredCert>, StoreError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(TLS_SECRET)
+            .await
+            .map(|s| s.map(stored))
+            .map_err(|source| StoreError::Kube {
+                what: "reading the TLS Secret",
+                namespace: namespace.to_string(),
+                name: TLS_SECRET.to_string(),
+                source,
+            })
+    }
+
+    /// The controller's copies, by environment.
+    pub async fn copies(&self) -> Result<BTreeMap<String, StoredCert>, StoreError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let lp = ListParams::default().labels(&format!(
+            "{COPY_LABEL}=true,{INSTANCE_LABEL}={}",
+            self.instance
+        ));
+        let list = api.list(&lp).await.map_err(|source| StoreError::Kube {
+            what: "listing certificate copies in",
+            namespace: self.namespace.clone(),
+            name: String::new(),
+            source,
+        })?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|s| {
+                let env = s.labels().get(ENVIRONMENT_LABEL)?.clone();
+                Some((env, stored(s)))
+            })
+            .collect())
+    }
+
+    /// Writes an environment's Secret (server-side apply, field manager `envctl`).
+    pub async fn write(
+        &self,
+        environment: &str,
+        namespace: &str,
+        cert: &StoredCert,
+    ) -> Result<(), StoreError> {
+        let labels = BTreeMap::from([
+            (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
+            (ENVIRONMENT_LABEL.to_string(), environment.to_string()),
+        ]);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        api.patch(
+            TLS_SECRET,
+            &apply_params(),
+            &Patch::Apply(tls_secret(TLS_SECRET, namespace, labels, cert)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| StoreError::Kube {
+            what: "writing the TLS Secret",
+            namespace: namespace.to_string(),
+            name: TLS_SECRET.to_string(),
+            source,
+        })
+    }
+
+    /// Writes the controller's copy of an environment's certificate.
+    pub async fn write_copy(&self, environment: &str, cert: &StoredCert) -> Result<(), StoreError> {
+        let name = self.copy_name(environment);
+        let labels = BTreeMap::from([
+            (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
+            (ENVIRONMENT_LABEL.to_string(), environment.to_string()),
+            (INSTANCE_LABEL.to_string(), self.instance.clone()),
+            (COPY_LABEL.to_string(), "true".to_string()),
+        ]);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        api.patch(
+            &name,
+            &apply_params(),
+            &Patch::Apply(tls_secret(&name, &self.namespace, labels, cert)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| StoreError::Kube {
+            what: "writing the certificate copy",
+            namespace: self.namespace.clone(),
+            name,
+            source,
+        })
+    }
+
+    /// Sets (or, with `None`, removes) a namespace's certificate wait annotations.
+    pub async fn annotate_wait(
+        &self,
+        namespace: &str,
+        wait: Option<(u64, &str)>,
+    ) -> Result<(), StoreError> {
+        let (until, reason) = match wait {
+            Some((at, limit)) => (
+                serde_json::Value::String(rfc3339(at as i64)),
+                serde_json::Value::String(limit.to_string()),
+            ),
+            None => (serde_json::Value::Null, serde_json::Value::Null),
+        };
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            super::WAIT_UNTIL_ANNOTATION: until,
+            super::WAIT_REASON_ANNOTATION: reason,
+        }}});
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        api.patch(namespace, &pp, &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|source| StoreError::Kube {
+                what: "annotating the namespace",
+                namespace: String::new(),
+                name: namespace.to_string(),
+                source,
+            })
+    }
+}

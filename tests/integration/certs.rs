@@ -1,0 +1,649 @@
+//! Certificates against Let's Encrypt's test CA (Debian's pebble, started by `scripts/pebble`)
+//! and the local control plane: issuance, verification against pebble's root, quota, reuse,
+//! renewal, real HTTP-01, and the crash-loop quota test.
+//!
+//! Pebble enforces no rate limits, so the tests count the orders that reach it in its log
+//! ("Added order"). Certificate tests hold one lock so that the counts are theirs alone.
+//! Without pebble a test is skipped, unless `ENVCTL_REQUIRE_CLUSTER=1` (CI): then it FAILS.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, PostParams};
+
+use crate::cluster::{self, TestCluster, cleanup_instance, unique, wait_namespace_gone};
+use crate::support::repo_root;
+
+/// One running pebble: its directory, the CA of its listener, its management address, log.
+pub struct Pebble {
+    pub directory: String,
+    pub ca: PathBuf,
+    pub management: String,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+fn start_pebble(always_valid: bool) -> Result<Pebble, String> {
+    let state = std::env::var_os("ENVCTL_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/envctl")))
+        .ok_or("no HOME")?
+        .join(if always_valid {
+            "pebble-always-valid"
+        } else {
+            "pebble-validating"
+        });
+    let mut cmd = Command::new(repo_root().join("scripts/pebble"));
+    cmd.arg("up").env("ENVCTL_PEBBLE_STATE_DIR", &state);
+    if always_valid {
+        cmd.env("PEBBLE_VA_ALWAYS_VALID", "1");
+    } else {
+        cmd.env_remove("PEBBLE_VA_ALWAYS_VALID");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running scripts/pebble up: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/pebble up failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let env_file = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let text = std::fs::read_to_string(&env_file).map_err(|e| format!("{env_file}: {e}"))?;
+    let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let get = |k: &str| {
+        vars.get(k)
+            .map(|v| v.to_string())
+            .ok_or(format!("{env_file} lacks {k}"))
+    };
+    Ok(Pebble {
+        directory: get("PEBBLE_DIRECTORY")?,
+        ca: PathBuf::from(get("PEBBLE_CA")?),
+        management: get("PEBBLE_MANAGEMENT")?,
+        http_port: get("PEBBLE_HTTP_PORT")?.parse().map_err(|_| "bad port")?,
+        log: state.join("logs/pebble.log"),
+    })
+}
+
+/// Pebble (always-valid or validating HTTP-01 for real), or `None` (skipped) when it cannot
+/// start and nothing requires it.
+pub fn pebble(always_valid: bool) -> Option<&'static Pebble> {
+    static VALID: OnceLock<Result<Pebble, String>> = OnceLock::new();
+    static REAL: OnceLock<Result<Pebble, String>> = OnceLock::new();
+    let cell = if always_valid { &VALID } else { &REAL };
+    match cell.get_or_init(|| start_pebble(always_valid)) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var("ENVCTL_REQUIRE_CLUSTER").as_deref() == Ok("1") => {
+            panic!("pebble is required (ENVCTL_REQUIRE_CLUSTER=1) but could not start: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no pebble: {e}");
+            None
+        }
+    }
+}
+
+/// Certificate tests run one at a time, so that pebble's order counts are theirs.
+pub fn lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pebble {
+    /// Orders pebble has received so far.
+    pub fn orders(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("Added order")
+            .count()
+    }
+
+    /// Pebble's root certificate, as a PEM file.
+    pub fn root(&self, dir: &Path) -> PathBuf {
+        let out = Command::new("curl")
+            .args(["-fsS", "--cacert"])
+            .arg(&self.ca)
+            .arg(format!("{}/roots/0", self.management))
+            .output()
+            .expect("running curl");
+        assert!(out.status.success(), "fetching pebble's root failed");
+        let path = dir.join("pebble-root.pem");
+        std::fs::write(&path, out.stdout).expect("writing the root");
+        path
+    }
+
+    /// The flags that point envctl at this pebble.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--acme-directory".into(),
+            self.directory.clone(),
+            "--acme-ca-bundle".into(),
+            self.ca.display().to_string(),
+            "--acme-email".into(),
+            "ops@example.test".into(),
+        ]
+    }
+}
+
+/// Verifies `chain_pem` (leaf first) against `root` with openssl.
+pub fn verify_chain(chain_pem: &[u8], root: &Path, dir: &Path) {
+    let chain = dir.join("chain.pem");
+    std::fs::write(&chain, chain_pem).expect("writing the chain");
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(root)
+        .arg("-untrusted")
+        .arg(&chain)
+        .arg(&chain)
+        .output()
+        .expect("running openssl verify");
+    assert!(
+        out.status.success(),
+        "the stored chain does not verify against pebble's root: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes `n` minimal TLS environments `<prefix>-<i>` with hostnames under `domain`.
+pub fn write_envs(dir: &Path, prefix: &str, domain: &str, n: usize) -> Vec<String> {
+    std::fs::create_dir_all(dir).expect("a manifest folder");
+    (0..n)
+        .map(|i| {
+            let name = format!("{prefix}-{i}");
+            let text = format!(
+                "apiVersion: envctl.materialize.cloud/v1alpha1\nkind: Environment\nmetadata:\n  name: {name}\nspec:\n  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11\n  region: aws/us-east-1\n  hostname: {name}.us-east-1.{domain}\n  environmentd:\n    image: materialize/environmentd:v0.130.0\n"
+            );
+            std::fs::write(dir.join(format!("{name}.yaml")), text).expect("writing a manifest");
+            name
+        })
+        .collect()
+}
+
+/// `envctl ARGS` with certificates on: (exit code, stdout, stderr).
+pub fn envctl(cluster: &TestCluster, args: &[String]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .env("NO_COLOR", "1")
+        .env_remove("ENVCTL_SKIP_CERTIFICATES")
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running envctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A namespace for the controller's state (account, ledger, copies) of one test.
+pub async fn controller_namespace(client: &kube::Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name}
+    }))
+    .expect("a namespace");
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("creating the controller namespace");
+}
+
+async fn tls_secret(client: &kube::Client, namespace: &str) -> Option<Secret> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    api.get_opt("environment-tls")
+        .await
+        .expect("reading a Secret")
+}
+
+fn chain_of(secret: &Secret) -> Vec<u8> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("tls.crt"))
+        .map(|b| b.0.clone())
+        .unwrap_or_default()
+}
+
+fn serial_of(secret: &Secret) -> String {
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("envctl.materialize.cloud/certificate-serial"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn quota(cluster: &TestCluster, common: &[String]) -> serde_json::Value {
+    let mut args = vec!["quota".to_string(), "-o".into(), "json".into()];
+    args.extend(common.iter().cloned());
+    let (code, out, err) = envctl(cluster, &args);
+    assert_eq!(code, 0, "envctl quota failed: {err}");
+    serde_json::from_str(&out).expect("quota JSON")
+}
+
+fn bucket(q: &serde_json::Value, limit: &str, key: &str) -> (u64, u64) {
+    let b = q["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .find(|b| b["limit"] == limit && b["key"] == key)
+        .unwrap_or_else(|| panic!("no bucket {limit} {key} in {q}"));
+    (
+        b["used"].as_u64().expect("used"),
+        b["remaining"].as_u64().expect("remaining"),
+    )
+}
+
+/// A certificate for `name` valid from `not_before` to `not_after` (unix seconds), self-signed.
+fn near_expiry_cert(name: &str, not_before: i64, not_after: i64) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(not_before).expect("time");
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).expect("time");
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = params.self_signed(&key).expect("a certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `envctl apply` against pebble: every TLS environment gets a Secret whose chain verifies
+/// against pebble's root; a second apply orders nothing; a re-created environment gets its
+/// certificate back from the controller's copy without an order; a near-expiry certificate
+/// is renewed as a renewal (the registered domain's bucket is not charged).
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_issue_verify_reuse_renew() {
+    let Some(cluster) = cluster::require() else {
+        return;
+    };
+    let Some(pebble) = pebble(true) else { return };
+    let _guard = lock();
+    let client = cluster.client().await;
+    let instance = unique("certs");
+    let ctl_ns = format!("{instance}-ctl");
+    controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    let domain = format!("{instance}.test");
+    let names = write_envs(&src, &instance, &domain, 3);
+    let mut common = vec![
+        "--instance".to_string(),
+        instance.clone(),
+        "--controller-namespace".into(),
+        ctl_ns.clone(),
+    ];
+    let mut apply = vec![
+        "apply".to_string(),
+        "--source".into(),
+        src.display().to_string(),
+    ];
+    apply.extend(common.clone());
+    apply.extend(pebble.flags());
+
+    let before = pebble.orders();
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "apply failed:\n{out}\n{err}");
+    assert!(out.contains("3 issued"), "{out}");
+    assert_eq!(pebble.orders() - before, 3, "one order per environment");
+    let root = pebble.root(dir.path());
+    for n in &names {
+        let s = tls_secret(&client, &format!("environment-{n}"))
+            .await
+            .unwrap_or_else(|| panic!("no environment-tls in {n}"));
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/tls"));
+        verify_chain(&chain_of(&s), &root, dir.path());
+        let annotations = s.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(
+            annotations
+                .get("envctl.materialize.cloud/certificate-names")
+                .map(String::as_str),
+            Some(format!("{n}.us-east-1.{domain}").as_str())
+        );
+        assert!(annotations.contains_key("envctl.materialize.cloud/certificate-not-after"));
+    }
+    let q = quota(cluster, &common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        (3, 47),
+        "{q}"
+    );
+
+    // Nothing to do: no order.
+    let before = pebble.orders();
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("3 current"), "{out}");
+    assert_eq!(pebble.orders(), before, "a second apply ordered");
+
+    // Re-created environment: its certificate comes back from the copy, no order.
+    let first_ns = format!("environment-{}", names[0]);
+    let old_serial = serial_of(&tls_secret(&client, &first_ns).await.expect("a Secret"));
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    nsapi
+        .delete(&first_ns, &DeleteParams::default())
+        .await
+        .expect("deleting a namespace");
+    wait_namespace_gone(&client, &first_ns, Duration::from_secs(120)).await;
+    let before = pebble.orders();
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 reused"), "{out}");
+    assert_eq!(
+        pebble.orders(),
+        before,
+        "re-creating an environment spent quota"
+    );
+    let back = tls_secret(&client, &first_ns)
+        .await
+        .expect("the Secret is back");
+    assert_eq!(serial_of(&back), old_serial);
+    verify_chain(&chain_of(&back), &root, dir.path());
+
+    // Renewal: a certificate with less than a third of its life left is renewed with the
+    // same names, which does not spend the registered domain's quota.
+    let second_ns = format!("environment-{}", names[1]);
+    let host = format!("{}.us-east-1.{domain}", names[1]);
+    let (cert, key) = near_expiry_cert(&host, now() - 80 * 86_400, now() + 5 * 86_400);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &second_ns);
+    let mut s = tls_secret(&client, &second_ns).await.expect("a Secret");
+    let data = s.data.get_or_insert_with(Default::default);
+    data.insert("tls.crt".into(), k8s_openapi::ByteString(cert.into_bytes()));
+    data.insert("tls.key".into(), k8s_openapi::ByteString(key.into_bytes()));
+    secrets
+        .replace("environment-tls", &PostParams::default(), &s)
+        .await
+        .expect("planting a near-expiry certificate");
+    // The controller's copy is as old (else it would be reused instead of renewing).
+    let copies: Api<Secret> = Api::namespaced(client.clone(), &ctl_ns);
+    let copy_name = format!("envctl-{instance}-cert-{}", names[1]);
+    let mut c = copies.get(&copy_name).await.expect("the controller's copy");
+    c.data = s.data.clone();
+    copies
+        .replace(&copy_name, &PostParams::default(), &c)
+        .await
+        .expect("planting a near-expiry copy");
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!("certificate {}: issued (renewal)", names[1])),
+        "{out}"
+    );
+    let renewed = tls_secret(&client, &second_ns).await.expect("a Secret");
+    verify_chain(&chain_of(&renewed), &root, dir.path());
+    let q = quota(cluster, &common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        (3, 47),
+        "a renewal spent the registered domain's quota: {q}"
+    );
+    assert_eq!(
+        bucket(&q, "new-certificates-per-exact-set", &host).0,
+        2,
+        "{q}"
+    );
+
+    cleanup_instance(&client, &instance).await;
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
+
+/// Real HTTP-01: pebble resolves every name to 127.0.0.1 (challtestsrv) and fetches the
+/// token from envctl's listener. Without a listener the authorization fails, the order is
+/// reported failed and the failure is booked in the ledger.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_real_http01() {
+    let Some(cluster) = cluster::require() else {
+        return;
+    };
+    let Some(pebble) = pebble(false) else { return };
+    let _guard = lock();
+    let client = cluster.client().await;
+    let instance = unique("http01");
+    let ctl_ns = format!("{instance}-ctl");
+    controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    let domain = format!("{instance}.test");
+    let names = write_envs(&src, &instance, &domain, 1);
+    let mut apply = vec![
+        "apply".to_string(),
+        "--source".into(),
+        src.display().to_string(),
+        "--instance".into(),
+        instance.clone(),
+        "--controller-namespace".into(),
+        ctl_ns.clone(),
+        "--certificate-timeout".into(),
+        "30s".into(),
+    ];
+    apply.extend(pebble.flags());
+
+    // No listener: pebble cannot fetch the token.
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 4, "apply without a challenge listener:\n{out}\n{err}");
+    assert!(out.contains("failed"), "{out}");
+    let q = quota(
+        cluster,
+        &[
+            "--instance".into(),
+            instance.clone(),
+            "--controller-namespace".into(),
+            ctl_ns.clone(),
+        ],
+    );
+    let failures: u64 = q["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .filter(|b| b["limit"] == "authorization-failures-per-identifier")
+        .map(|b| b["used"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        failures, 1,
+        "the failed authorization is booked: {q}\n{out}"
+    );
+
+    // With envctl answering on pebble's HTTP-01 port.
+    apply.push("--acme-http01-listen".into());
+    apply.push(format!("127.0.0.1:{}", pebble.http_port));
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "apply with HTTP-01:\n{out}\n{err}");
+    assert!(out.contains("1 issued"), "{out}");
+    let s = tls_secret(&client, &format!("environment-{}", names[0]))
+        .await
+        .expect("a Secret");
+    verify_chain(&chain_of(&s), &pebble.root(dir.path()), dir.path());
+
+    cleanup_instance(&client, &instance).await;
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
+
+fn spawn_run(
+    cluster: &TestCluster,
+    src: &Path,
+    common: &[String],
+    pebble: &Pebble,
+    log: &Path,
+) -> Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("a log file");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .arg("run")
+        .arg("--source")
+        .arg(src)
+        .args(["--interval", "1s", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(common)
+        .args(pebble.flags())
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .env_remove("ENVCTL_SKIP_CERTIFICATES")
+        .env("ENVCTL_LOG", "info")
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("starting envctl run")
+}
+
+/// The quota acceptance: 60 TLS environments under one registered domain with Let's
+/// Encrypt's default 50 per week. `envctl apply` sends exactly 50 orders and states when the
+/// other 10 will be served; then, on a fresh ledger, `envctl run` killed and restarted again
+/// and again during issuance never sends more than 50.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_quota_holds_through_crash_loops() {
+    let Some(cluster) = cluster::require() else {
+        return;
+    };
+    let Some(pebble) = pebble(true) else { return };
+    let _guard = lock();
+    let client = cluster.client().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+
+    // Part 1: one apply.
+    let instance = unique("quota");
+    let ctl_ns = format!("{instance}-ctl");
+    controller_namespace(&client, &ctl_ns).await;
+    let src = dir.path().join("envs");
+    let domain = format!("{instance}.test");
+    let names = write_envs(&src, &instance, &domain, 60);
+    let common = vec![
+        "--instance".to_string(),
+        instance.clone(),
+        "--controller-namespace".into(),
+        ctl_ns.clone(),
+    ];
+    let mut apply = vec![
+        "apply".to_string(),
+        "--source".into(),
+        src.display().to_string(),
+    ];
+    apply.extend(common.clone());
+    apply.extend(pebble.flags());
+    let before = pebble.orders();
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "apply failed:\n{out}\n{err}");
+    assert_eq!(
+        pebble.orders() - before,
+        50,
+        "exactly 50 orders reach pebble"
+    );
+    assert!(out.contains("50 issued, 10 waiting"), "{out}");
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let mut waiting = 0;
+    for n in &names {
+        let ns = nsapi
+            .get(&format!("environment-{n}"))
+            .await
+            .expect("a namespace");
+        let a = ns.metadata.annotations.unwrap_or_default();
+        if let Some(until) = a.get("envctl.materialize.cloud/certificate-wait-until") {
+            waiting += 1;
+            assert_eq!(
+                a.get("envctl.materialize.cloud/certificate-wait-reason")
+                    .map(String::as_str),
+                Some("new-certificates-per-registered-domain")
+            );
+            assert!(until.starts_with("20"), "a stated time: {until}");
+        }
+    }
+    assert_eq!(waiting, 10, "10 environments say when they will be served");
+    let q = quota(cluster, &common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        (50, 0),
+        "{q}"
+    );
+    assert_eq!(q["queued"].as_object().map(|o| o.len()), Some(10), "{q}");
+    // Again: nothing more is sent.
+    let before = pebble.orders();
+    let (code, out, err) = envctl(cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        pebble.orders(),
+        before,
+        "a second apply sent orders beyond quota"
+    );
+    cleanup_instance(&client, &instance).await;
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+
+    // Part 2: the controller, killed and restarted during issuance.
+    let instance = unique("crash");
+    let ctl_ns = format!("{instance}-ctl");
+    controller_namespace(&client, &ctl_ns).await;
+    let src = dir.path().join("envs2");
+    let domain = format!("{instance}.test");
+    write_envs(&src, &instance, &domain, 60);
+    let common = vec![
+        "--instance".to_string(),
+        instance.clone(),
+        "--controller-namespace".into(),
+        ctl_ns.clone(),
+    ];
+    let log = dir.path().join("run.log");
+    let before = pebble.orders();
+    let kills = [1500u64, 700, 1200, 400, 900, 1600, 300, 1100];
+    for ms in kills {
+        let mut child = spawn_run(cluster, &src, &common, pebble, &log);
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let sent = pebble.orders() - before;
+        assert!(sent <= 50, "{sent} orders reached pebble after a restart");
+    }
+    // Finally let it settle: 10 wait, and never more than 50 orders in all.
+    let mut child = spawn_run(cluster, &src, &common, pebble, &log);
+    let start = Instant::now();
+    let settled = loop {
+        let q = quota(cluster, &common);
+        let (used, _) = bucket(&q, "new-certificates-per-registered-domain", &domain);
+        let pending = q["pending"].as_object().map_or(0, |o| o.len());
+        if used == 50 && pending == 0 {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let sent = pebble.orders() - before;
+    assert!(
+        settled,
+        "the ledger did not settle; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        sent <= 50,
+        "{sent} orders reached pebble through the crash loop"
+    );
+    let q = quota(cluster, &common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        (50, 0),
+        "{q}"
+    );
+    eprintln!("crash loop: {sent} orders reached pebble for 60 environments (limit 50)");
+    cleanup_instance(&client, &instance).await;
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
