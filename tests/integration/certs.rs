@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -90,9 +90,9 @@ pub fn pebble(always_valid: bool) -> Option<&'static Pebble> {
 }
 
 /// Certificate tests run one at a time, so that pebble's order counts are theirs.
-pub fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+pub async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 impl Pebble {
@@ -270,7 +270,7 @@ async fn certificates_issue_verify_reuse_renew() {
         return;
     };
     let Some(pebble) = pebble(true) else { return };
-    let _guard = lock();
+    let _guard = lock().await;
     let client = cluster.client().await;
     let instance = unique("certs");
     let ctl_ns = format!("{instance}-ctl");
@@ -279,7 +279,7 @@ async fn certificates_issue_verify_reuse_renew() {
     let src = dir.path().join("envs");
     let domain = format!("{instance}.test");
     let names = write_envs(&src, &instance, &domain, 3);
-    let mut common = vec![
+    let common = vec![
         "--instance".to_string(),
         instance.clone(),
         "--controller-namespace".into(),
@@ -408,7 +408,7 @@ async fn certificates_real_http01() {
         return;
     };
     let Some(pebble) = pebble(false) else { return };
-    let _guard = lock();
+    let _guard = lock().await;
     let client = cluster.client().await;
     let instance = unique("http01");
     let ctl_ns = format!("{instance}-ctl");
@@ -515,7 +515,7 @@ async fn certificates_quota_holds_through_crash_loops() {
         return;
     };
     let Some(pebble) = pebble(true) else { return };
-    let _guard = lock();
+    let _guard = lock().await;
     let client = cluster.client().await;
     let dir = tempfile::tempdir().expect("a temp dir");
 
