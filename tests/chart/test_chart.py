@@ -97,12 +97,51 @@ def test_non_default_values():
         {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
         {"unknownSetting": True},
         {"instance": "no/slashes"},
+        {"certificates": {"limitOverrides": {"example.cloud": "lots"}}},
+        {"certificates": {"acme": {"directory": "ftp://acme"}}},
+        {"certificates": {"safetyMargin": -1}},
     ],
 )
 def test_schema_rejects_bad_values(bad):
     values = {**BASE, **bad}
     with pytest.raises(helm.HelmError):
         helm.Chart.load(CHART).validate_schema(values)
+
+
+def test_certificate_values():
+    values = {
+        "certificates": {
+            "acme": {"directory": "https://acme-staging-v02.api.letsencrypt.org/directory",
+                     "email": "ops@example.cloud",
+                     "caBundle": {"configMapName": "acme-roots", "key": "roots.pem"},
+                     "externalAccountBinding": {"keyId": "kid-1", "secretName": "eab"}},
+            "limitOverrides": {"example.cloud": "1000/168h", "example.org": "300/168h"},
+            "safetyMargin": 2,
+        },
+    }
+    docs = render({**BASE, **values})
+    deploy = by_kind(docs, "Deployment")[0]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ENVCTL_ACME_DIRECTORY"].startswith("https://acme-staging-v02")
+    assert env["ENVCTL_ACME_EMAIL"] == "ops@example.cloud"
+    assert env["ENVCTL_ACME_CA_BUNDLE"] == "/etc/envctl/acme-ca/roots.pem"
+    assert env["ENVCTL_ACME_EAB_KID"] == "kid-1"
+    assert env["ENVCTL_ACME_LIMIT_OVERRIDES"] == "example.cloud=1000/168h,example.org=300/168h"
+    assert env["ENVCTL_ACME_SAFETY_MARGIN"] == "2"
+    assert "ENVCTL_SKIP_CERTIFICATES" not in env
+    volumes = {v["name"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert {"acme-ca", "acme-eab"} <= volumes
+    ledger_rule = [r for r in by_kind(docs, "Role")[0]["rules"]
+                   if r.get("resourceNames") == ["envctl-default-acme-ledger"]]
+    assert ledger_rule and ledger_rule[0]["verbs"] == ["get", "update"]
+
+    off = render({**BASE, "certificates": {"enabled": False}})
+    container = by_kind(off, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ENVCTL_SKIP_CERTIFICATES"] == "true"
+    assert "ENVCTL_ACME_DIRECTORY" not in env
+    assert not [r for r in by_kind(off, "Role")[0]["rules"] if "configmaps" in r["resources"]]
 
 
 def test_schema_accepts_the_defaults_with_a_source():

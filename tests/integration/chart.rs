@@ -16,6 +16,10 @@ use crate::support::{examples_renamed, repo_root};
 #[tokio::test(flavor = "multi_thread")]
 async fn envctl_runs_as_the_charts_service_account() {
     let Some(cluster) = require() else { return };
+    let Some(pebble) = crate::certs::pebble(true) else {
+        return;
+    };
+    let _guard = crate::certs::lock().await;
     let client = cluster.client().await;
     let id = unique("chart");
     let (release, namespace, instance) = (id.clone(), format!("{id}-system"), id.clone());
@@ -137,7 +141,7 @@ async fn envctl_runs_as_the_charts_service_account() {
 
     // The examples, under names unique to this test.
     let source = dir.path().join("envs");
-    examples_renamed(&source, &id[id.len() - 4..]);
+    let names = examples_renamed(&source, &id[id.len() - 4..]);
     let envctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_envctl"))
             .args(args)
@@ -148,13 +152,40 @@ async fn envctl_runs_as_the_charts_service_account() {
             .expect("running envctl")
     };
     let src = source.to_str().expect("utf-8 path");
-    let out = envctl(&["apply", "--source", src, "--instance", &instance]);
+    // Certificates included: from pebble, with the account, ledger and copies in the
+    // release namespace, as the chart's Role allows.
+    let acme: Vec<String> = pebble
+        .flags()
+        .into_iter()
+        .chain(["--controller-namespace".to_string(), namespace.clone()])
+        .collect();
+    let acme: Vec<&str> = acme.iter().map(String::as_str).collect();
+    let mut apply = vec!["apply", "--source", src, "--instance", &instance];
+    apply.extend(&acme);
+    let out = envctl(&apply);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "apply as the ServiceAccount failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        "apply as the ServiceAccount failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let tls_envs = names
+        .iter()
+        .filter(|n| !stdout.contains(&format!("certificate {n}:")))
+        .count();
+    assert!(
+        stdout.contains("3 issued") && tls_envs == names.len() - 3,
+        "every TLS example gets a certificate as the ServiceAccount:\n{stdout}"
+    );
+    for n in &names {
+        if stdout.contains(&format!("certificate {n}: issued")) {
+            let s: Api<Secret> = Api::namespaced(client.clone(), &format!("environment-{n}"));
+            assert!(
+                s.get_opt("environment-tls").await.expect("reading").is_some(),
+                "no environment-tls for {n}"
+            );
+        }
+    }
     let out = envctl(&["diff", "--source", src, "--instance", &instance]);
     assert_eq!(
         out.status.code(),
@@ -177,6 +208,7 @@ async fn envctl_runs_as_the_charts_service_account() {
             "1s",
             "--leader-elect",
         ])
+        .args(&acme)
         .args([
             "--leader-elect-namespace",
             &namespace,
@@ -193,7 +225,10 @@ async fn envctl_runs_as_the_charts_service_account() {
     let mut led = false;
     for _ in 0..100 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("became the leader") && text.contains("reconciled") {
+        if text.contains("became the leader")
+            && text.contains("reconciled")
+            && text.contains("certificates")
+        {
             led = true;
             break;
         }
