@@ -234,7 +234,12 @@ impl LedgerArgs {
 #[derive(Debug, Args)]
 pub struct CertArgs {
     /// Leave certificates alone.
-    #[arg(long, env = "ENVCTL_SKIP_CERTIFICATES")]
+    #[arg(
+        long,
+        env = "ENVCTL_SKIP_CERTIFICATES",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub skip_certificates: bool,
     /// ACME directory URL (Let's Encrypt's staging:
     /// https://acme-staging-v02.api.letsencrypt.org/directory).

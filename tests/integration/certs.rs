@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -644,6 +645,266 @@ async fn certificates_quota_holds_through_crash_loops() {
         "{q}"
     );
     eprintln!("crash loop: {sent} orders reached pebble for 60 environments (limit 50)");
+    cleanup_instance(&client, &instance).await;
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
+
+/// A small TLS proxy in front of pebble that answers the first new-order request with Let's
+/// Encrypt's 429 (`rateLimited`, `Retry-After: 3600`) and forwards everything else. It keeps
+/// the Host header, so pebble writes the proxy's address into the URLs it hands out.
+struct Proxy {
+    directory: String,
+    bundle: PathBuf,
+    new_orders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls_pki_types::pem::PemObject;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The proxy's own certificate, trusted by envctl through the CA bundle.
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    let cert = params.self_signed(&key).expect("a certificate");
+    let bundle = dir.join("proxy-bundle.pem");
+    let mut pem = std::fs::read(&pebble.ca).expect("pebble's CA");
+    pem.extend_from_slice(cert.pem().as_bytes());
+    std::fs::write(&bundle, pem).expect("writing the bundle");
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("a server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+
+    // Upstream: pebble, trusted through its listener CA.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&pebble.ca).expect("pebble CA") {
+        roots.add(c.expect("a certificate")).expect("a root");
+    }
+    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let upstream: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+    let pebble_base = pebble.directory.trim_end_matches("/dir").to_string();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a proxy port");
+    let port = listener.local_addr().expect("an address").port();
+    let new_orders = Arc::new(AtomicUsize::new(0));
+    let hits = new_orders.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, upstream, base, hits, detail) = (
+                acceptor.clone(),
+                upstream.clone(),
+                pebble_base.clone(),
+                hits.clone(),
+                detail.clone(),
+            );
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (upstream, base, hits, detail) =
+                            (upstream.clone(), base.clone(), hits.clone(), detail.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let path = parts
+                                .uri
+                                .path_and_query()
+                                .map_or("/", |p| p.as_str())
+                                .to_string();
+                            if parts.method == hyper::Method::POST
+                                && parts.uri.path() == "/order-plz"
+                                && hits.fetch_add(1, Ordering::SeqCst) == 0
+                            {
+                                let problem = serde_json::json!({
+                                    "type": "urn:ietf:params:acme:error:rateLimited",
+                                    "detail": detail,
+                                    "status": 429,
+                                });
+                                return Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .status(429)
+                                        .header("Content-Type", "application/problem+json")
+                                        .header("Retry-After", "3600")
+                                        .body(Full::new(Bytes::from(problem.to_string())))
+                                        .expect("a response"),
+                                );
+                            }
+                            let mut up = hyper::Request::builder()
+                                .method(parts.method.clone())
+                                .uri(format!("{base}{path}"));
+                            for (k, v) in &parts.headers {
+                                up = up.header(k, v);
+                            }
+                            let rsp = match upstream
+                                .request(up.body(Full::new(body)).expect("a request"))
+                                .await
+                            {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    return Ok(hyper::Response::builder()
+                                        .status(502)
+                                        .body(Full::new(Bytes::from(e.to_string())))
+                                        .expect("a response"));
+                                }
+                            };
+                            let (parts, body) = rsp.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            Ok(hyper::Response::from_parts(parts, Full::new(body)))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Proxy {
+        directory: format!("https://127.0.0.1:{port}/dir"),
+        bundle,
+        new_orders,
+    }
+}
+
+/// A 429 from the server defers the bucket it names until its Retry-After: the environment
+/// waits with a stated time, and the next pass sends no order at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_429_defers_the_bucket() {
+    let Some(cluster) = cluster::require() else {
+        return;
+    };
+    let Some(pebble) = pebble(true) else { return };
+    let _guard = lock().await;
+    let client = cluster.client().await;
+    let instance = unique("limited");
+    let ctl_ns = format!("{instance}-ctl");
+    controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    let domain = format!("{instance}.test");
+    let names = write_envs(&src, &instance, &domain, 1);
+    let proxy = start_proxy(
+        pebble,
+        dir.path(),
+        format!("too many certificates (50) already issued for \"{domain}\" in the last 168h0m0s"),
+    )
+    .await;
+    let common = vec![
+        "--instance".to_string(),
+        instance.clone(),
+        "--controller-namespace".into(),
+        ctl_ns.clone(),
+    ];
+    let mut apply = vec![
+        "apply".to_string(),
+        "--source".into(),
+        src.display().to_string(),
+        "--acme-directory".into(),
+        proxy.directory.clone(),
+        "--acme-ca-bundle".into(),
+        proxy.bundle.display().to_string(),
+    ];
+    apply.extend(common.clone());
+    let run = |args: Vec<String>| {
+        let kubeconfig = cluster.kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+                .args(&args)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .env_remove("ENVCTL_SKIP_CERTIFICATES")
+                .env_remove("KUBECONFIG")
+                .output()
+                .expect("running envctl");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let before = pebble.orders();
+    let started = now();
+    let (code, out, err) = run(apply.clone()).await.expect("envctl");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("waiting for quota (new-certificates-per-registered-domain)"),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        proxy.new_orders.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(
+        pebble.orders(),
+        before,
+        "the refused order never reached pebble"
+    );
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let ns = nsapi
+        .get(&format!("environment-{}", names[0]))
+        .await
+        .expect("the namespace");
+    let a = ns.metadata.annotations.unwrap_or_default();
+    let until = a
+        .get("envctl.materialize.cloud/certificate-wait-until")
+        .expect("a stated time");
+    let until_secs = k8s_openapi::jiff::Timestamp::from_str(until)
+        .expect("RFC 3339")
+        .as_second();
+    assert!(
+        (started + 3590..=now() + 3610).contains(&until_secs),
+        "waits until Retry-After: {until}"
+    );
+    let q = quota(cluster, &common);
+    let (_, remaining) = bucket(&q, "new-certificates-per-registered-domain", &domain);
+    assert_eq!(remaining, 0, "the bucket is resynchronised to empty: {q}");
+
+    // The next pass sends nothing: the ledger already knows.
+    let (code, out, err) = run(apply).await.expect("envctl");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 waiting"), "{out}");
+    assert_eq!(
+        proxy.new_orders.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a deferred bucket was asked again"
+    );
     cleanup_instance(&client, &instance).await;
     let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
 }

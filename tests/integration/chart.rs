@@ -181,7 +181,10 @@ async fn envctl_runs_as_the_charts_service_account() {
         if stdout.contains(&format!("certificate {n}: issued")) {
             let s: Api<Secret> = Api::namespaced(client.clone(), &format!("environment-{n}"));
             assert!(
-                s.get_opt("environment-tls").await.expect("reading").is_some(),
+                s.get_opt("environment-tls")
+                    .await
+                    .expect("reading")
+                    .is_some(),
                 "no environment-tls for {n}"
             );
         }
