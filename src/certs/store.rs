@@ -51,6 +51,20 @@ impl StoreError {
     }
 }
 
+/// Names the object a failed request was about.
+fn kube_err<'a>(
+    what: &'static str,
+    namespace: &'a str,
+    name: &'a str,
+) -> impl FnOnce(kube::Error) -> StoreError + 'a {
+    move |source| StoreError::Kube {
+        what,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        source,
+    }
+}
+
 /// An order charged in the ledger and (once `order_url` is set) sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pending {
@@ -104,12 +118,7 @@ impl LedgerStore {
     }
 
     fn kube_err(&self, what: &'static str) -> impl FnOnce(kube::Error) -> StoreError + '_ {
-        move |source| StoreError::Kube {
-            what,
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-            source,
-        }
+        kube_err(what, &self.namespace, &self.name)
     }
 
     /// The ledger and its resourceVersion (`None` when it does not exist yet).
@@ -225,12 +234,7 @@ impl AccountStore {
     }
 
     fn kube_err(&self, what: &'static str) -> impl FnOnce(kube::Error) -> StoreError + '_ {
-        move |source| StoreError::Kube {
-            what,
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-            source,
-        }
+        kube_err(what, &self.namespace, &self.name)
     }
 
     pub async fn load(&self, directory: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -168,6 +168,62 @@ pub fn write_envs(dir: &Path, prefix: &str, domain: &str, n: usize) -> Vec<Strin
         .collect()
 }
 
+/// One test's world: an envctl instance, its controller namespace, `n` TLS environments
+/// under a registered domain of its own, and the flags that name them.
+#[derive(Clone)]
+pub struct Case {
+    pub instance: String,
+    pub ctl_ns: String,
+    pub src: PathBuf,
+    pub domain: String,
+    pub names: Vec<String>,
+    /// `--instance I --controller-namespace NS`.
+    pub common: Vec<String>,
+}
+
+impl Case {
+    pub async fn new(client: &kube::Client, dir: &Path, prefix: &str, n: usize) -> Case {
+        let instance = unique(prefix);
+        let ctl_ns = format!("{instance}-ctl");
+        controller_namespace(client, &ctl_ns).await;
+        let src = dir.join(&instance);
+        let domain = format!("{instance}.test");
+        let names = write_envs(&src, &instance, &domain, n);
+        let common = vec![
+            "--instance".to_string(),
+            instance.clone(),
+            "--controller-namespace".into(),
+            ctl_ns.clone(),
+        ];
+        Case {
+            instance,
+            ctl_ns,
+            src,
+            domain,
+            names,
+            common,
+        }
+    }
+
+    /// `apply --source SRC` with the common flags and `extra`.
+    pub fn apply(&self, extra: &[String]) -> Vec<String> {
+        let mut a = vec![
+            "apply".to_string(),
+            "--source".into(),
+            self.src.display().to_string(),
+        ];
+        a.extend(self.common.iter().cloned());
+        a.extend(extra.iter().cloned());
+        a
+    }
+
+    pub async fn cleanup(&self, client: &kube::Client) {
+        cleanup_instance(client, &self.instance).await;
+        let nsapi: Api<Namespace> = Api::all(client.clone());
+        let _ = nsapi.delete(&self.ctl_ns, &DeleteParams::default()).await;
+    }
+}
+
 /// `envctl ARGS` with certificates on: (exit code, stdout, stderr).
 pub fn envctl(cluster: &TestCluster, args: &[String]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
@@ -273,26 +329,12 @@ async fn certificates_issue_verify_reuse_renew() {
     let Some(pebble) = pebble(true) else { return };
     let _guard = lock().await;
     let client = cluster.client().await;
-    let instance = unique("certs");
-    let ctl_ns = format!("{instance}-ctl");
-    controller_namespace(&client, &ctl_ns).await;
     let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    let domain = format!("{instance}.test");
-    let names = write_envs(&src, &instance, &domain, 3);
-    let common = vec![
-        "--instance".to_string(),
-        instance.clone(),
-        "--controller-namespace".into(),
-        ctl_ns.clone(),
-    ];
-    let mut apply = vec![
-        "apply".to_string(),
-        "--source".into(),
-        src.display().to_string(),
-    ];
-    apply.extend(common.clone());
-    apply.extend(pebble.flags());
+    let case = Case::new(&client, dir.path(), "certs", 3).await;
+    let (instance, ctl_ns, domain, names) =
+        (&case.instance, &case.ctl_ns, &case.domain, &case.names);
+    let apply = case.apply(&pebble.flags());
+    let common = &case.common;
 
     let before = pebble.orders();
     let (code, out, err) = envctl(cluster, &apply);
@@ -300,7 +342,7 @@ async fn certificates_issue_verify_reuse_renew() {
     assert!(out.contains("3 issued"), "{out}");
     assert_eq!(pebble.orders() - before, 3, "one order per environment");
     let root = pebble.root(dir.path());
-    for n in &names {
+    for n in names.iter() {
         let s = tls_secret(&client, &format!("environment-{n}"))
             .await
             .unwrap_or_else(|| panic!("no environment-tls in {n}"));
@@ -315,9 +357,9 @@ async fn certificates_issue_verify_reuse_renew() {
         );
         assert!(annotations.contains_key("envctl.materialize.cloud/certificate-not-after"));
     }
-    let q = quota(cluster, &common);
+    let q = quota(cluster, common);
     assert_eq!(
-        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        bucket(&q, "new-certificates-per-registered-domain", domain),
         (3, 47),
         "{q}"
     );
@@ -368,7 +410,7 @@ async fn certificates_issue_verify_reuse_renew() {
         .await
         .expect("planting a near-expiry certificate");
     // The controller's copy is as old (else it would be reused instead of renewing).
-    let copies: Api<Secret> = Api::namespaced(client.clone(), &ctl_ns);
+    let copies: Api<Secret> = Api::namespaced(client.clone(), ctl_ns);
     let copy_name = format!("envctl-{instance}-cert-{}", names[1]);
     let mut c = copies.get(&copy_name).await.expect("the controller's copy");
     c.data = s.data.clone();
@@ -384,9 +426,9 @@ async fn certificates_issue_verify_reuse_renew() {
     );
     let renewed = tls_secret(&client, &second_ns).await.expect("a Secret");
     verify_chain(&chain_of(&renewed), &root, dir.path());
-    let q = quota(cluster, &common);
+    let q = quota(cluster, common);
     assert_eq!(
-        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        bucket(&q, "new-certificates-per-registered-domain", domain),
         (3, 47),
         "a renewal spent the registered domain's quota: {q}"
     );
@@ -396,8 +438,7 @@ async fn certificates_issue_verify_reuse_renew() {
         "{q}"
     );
 
-    cleanup_instance(&client, &instance).await;
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    case.cleanup(&client).await;
 }
 
 /// Real HTTP-01: pebble resolves every name to 127.0.0.1 (challtestsrv) and fetches the
@@ -411,39 +452,18 @@ async fn certificates_real_http01() {
     let Some(pebble) = pebble(false) else { return };
     let _guard = lock().await;
     let client = cluster.client().await;
-    let instance = unique("http01");
-    let ctl_ns = format!("{instance}-ctl");
-    controller_namespace(&client, &ctl_ns).await;
     let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    let domain = format!("{instance}.test");
-    let names = write_envs(&src, &instance, &domain, 1);
-    let mut apply = vec![
-        "apply".to_string(),
-        "--source".into(),
-        src.display().to_string(),
-        "--instance".into(),
-        instance.clone(),
-        "--controller-namespace".into(),
-        ctl_ns.clone(),
-        "--certificate-timeout".into(),
-        "30s".into(),
-    ];
-    apply.extend(pebble.flags());
+    let case = Case::new(&client, dir.path(), "http01", 1).await;
+    let mut flags = pebble.flags();
+    flags.extend(["--certificate-timeout".to_string(), "30s".into()]);
+    let mut apply = case.apply(&flags);
+    let names = &case.names;
 
     // No listener: pebble cannot fetch the token.
     let (code, out, err) = envctl(cluster, &apply);
     assert_eq!(code, 4, "apply without a challenge listener:\n{out}\n{err}");
     assert!(out.contains("failed"), "{out}");
-    let q = quota(
-        cluster,
-        &[
-            "--instance".into(),
-            instance.clone(),
-            "--controller-namespace".into(),
-            ctl_ns.clone(),
-        ],
-    );
+    let q = quota(cluster, &case.common);
     let failures: u64 = q["buckets"]
         .as_array()
         .expect("buckets")
@@ -466,10 +486,7 @@ async fn certificates_real_http01() {
         .await
         .expect("a Secret");
     verify_chain(&chain_of(&s), &pebble.root(dir.path()), dir.path());
-
-    cleanup_instance(&client, &instance).await;
-    let nsapi: Api<Namespace> = Api::all(client.clone());
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    case.cleanup(&client).await;
 }
 
 fn spawn_run(
@@ -521,25 +538,9 @@ async fn certificates_quota_holds_through_crash_loops() {
     let dir = tempfile::tempdir().expect("a temp dir");
 
     // Part 1: one apply.
-    let instance = unique("quota");
-    let ctl_ns = format!("{instance}-ctl");
-    controller_namespace(&client, &ctl_ns).await;
-    let src = dir.path().join("envs");
-    let domain = format!("{instance}.test");
-    let names = write_envs(&src, &instance, &domain, 60);
-    let common = vec![
-        "--instance".to_string(),
-        instance.clone(),
-        "--controller-namespace".into(),
-        ctl_ns.clone(),
-    ];
-    let mut apply = vec![
-        "apply".to_string(),
-        "--source".into(),
-        src.display().to_string(),
-    ];
-    apply.extend(common.clone());
-    apply.extend(pebble.flags());
+    let case = Case::new(&client, dir.path(), "quota", 60).await;
+    let (names, domain, common) = (&case.names, &case.domain, &case.common);
+    let apply = case.apply(&pebble.flags());
     let before = pebble.orders();
     let (code, out, err) = envctl(cluster, &apply);
     assert_eq!(code, 0, "apply failed:\n{out}\n{err}");
@@ -551,7 +552,7 @@ async fn certificates_quota_holds_through_crash_loops() {
     assert!(out.contains("50 issued, 10 waiting"), "{out}");
     let nsapi: Api<Namespace> = Api::all(client.clone());
     let mut waiting = 0;
-    for n in &names {
+    for n in names.iter() {
         let ns = nsapi
             .get(&format!("environment-{n}"))
             .await
@@ -568,9 +569,9 @@ async fn certificates_quota_holds_through_crash_loops() {
         }
     }
     assert_eq!(waiting, 10, "10 environments say when they will be served");
-    let q = quota(cluster, &common);
+    let q = quota(cluster, common);
     assert_eq!(
-        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        bucket(&q, "new-certificates-per-registered-domain", domain),
         (50, 0),
         "{q}"
     );
@@ -584,27 +585,16 @@ async fn certificates_quota_holds_through_crash_loops() {
         before,
         "a second apply sent orders beyond quota"
     );
-    cleanup_instance(&client, &instance).await;
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    case.cleanup(&client).await;
 
     // Part 2: the controller, killed and restarted during issuance.
-    let instance = unique("crash");
-    let ctl_ns = format!("{instance}-ctl");
-    controller_namespace(&client, &ctl_ns).await;
-    let src = dir.path().join("envs2");
-    let domain = format!("{instance}.test");
-    write_envs(&src, &instance, &domain, 60);
-    let common = vec![
-        "--instance".to_string(),
-        instance.clone(),
-        "--controller-namespace".into(),
-        ctl_ns.clone(),
-    ];
+    let case = Case::new(&client, dir.path(), "crash", 60).await;
+    let (src, domain, common) = (&case.src, &case.domain, &case.common);
     let log = dir.path().join("run.log");
     let before = pebble.orders();
     let kills = [1500u64, 700, 1200, 400, 900, 1600, 300, 1100];
     for ms in kills {
-        let mut child = spawn_run(cluster, &src, &common, pebble, &log);
+        let mut child = spawn_run(cluster, src, common, pebble, &log);
         std::thread::sleep(Duration::from_millis(ms));
         let _ = child.kill();
         let _ = child.wait();
@@ -612,11 +602,11 @@ async fn certificates_quota_holds_through_crash_loops() {
         assert!(sent <= 50, "{sent} orders reached pebble after a restart");
     }
     // Finally let it settle: 10 wait, and never more than 50 orders in all.
-    let mut child = spawn_run(cluster, &src, &common, pebble, &log);
+    let mut child = spawn_run(cluster, src, common, pebble, &log);
     let start = Instant::now();
     let settled = loop {
-        let q = quota(cluster, &common);
-        let (used, _) = bucket(&q, "new-certificates-per-registered-domain", &domain);
+        let q = quota(cluster, common);
+        let (used, _) = bucket(&q, "new-certificates-per-registered-domain", domain);
         let pending = q["pending"].as_object().map_or(0, |o| o.len());
         if used == 50 && pending == 0 {
             break true;
@@ -638,15 +628,14 @@ async fn certificates_quota_holds_through_crash_loops() {
         sent <= 50,
         "{sent} orders reached pebble through the crash loop"
     );
-    let q = quota(cluster, &common);
+    let q = quota(cluster, common);
     assert_eq!(
-        bucket(&q, "new-certificates-per-registered-domain", &domain),
+        bucket(&q, "new-certificates-per-registered-domain", domain),
         (50, 0),
         "{q}"
     );
     eprintln!("crash loop: {sent} orders reached pebble for 60 environments (limit 50)");
-    cleanup_instance(&client, &instance).await;
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    case.cleanup(&client).await;
 }
 
 /// A small TLS proxy in front of pebble that answers the first new-order request with Let's
@@ -812,35 +801,21 @@ async fn certificates_429_defers_the_bucket() {
     let Some(pebble) = pebble(true) else { return };
     let _guard = lock().await;
     let client = cluster.client().await;
-    let instance = unique("limited");
-    let ctl_ns = format!("{instance}-ctl");
-    controller_namespace(&client, &ctl_ns).await;
     let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    let domain = format!("{instance}.test");
-    let names = write_envs(&src, &instance, &domain, 1);
+    let case = Case::new(&client, dir.path(), "limited", 1).await;
+    let (names, domain, common) = (&case.names, &case.domain, &case.common);
     let proxy = start_proxy(
         pebble,
         dir.path(),
         format!("too many certificates (50) already issued for \"{domain}\" in the last 168h0m0s"),
     )
     .await;
-    let common = vec![
-        "--instance".to_string(),
-        instance.clone(),
-        "--controller-namespace".into(),
-        ctl_ns.clone(),
-    ];
-    let mut apply = vec![
-        "apply".to_string(),
-        "--source".into(),
-        src.display().to_string(),
+    let apply = case.apply(&[
         "--acme-directory".into(),
         proxy.directory.clone(),
         "--acme-ca-bundle".into(),
         proxy.bundle.display().to_string(),
-    ];
-    apply.extend(common.clone());
+    ]);
     let run = |args: Vec<String>| {
         let kubeconfig = cluster.kubeconfig.clone();
         tokio::task::spawn_blocking(move || {
@@ -892,8 +867,8 @@ async fn certificates_429_defers_the_bucket() {
         (started + 3590..=now() + 3610).contains(&until_secs),
         "waits until Retry-After: {until}"
     );
-    let q = quota(cluster, &common);
-    let (_, remaining) = bucket(&q, "new-certificates-per-registered-domain", &domain);
+    let q = quota(cluster, common);
+    let (_, remaining) = bucket(&q, "new-certificates-per-registered-domain", domain);
     assert_eq!(remaining, 0, "the bucket is resynchronised to empty: {q}");
 
     // The next pass sends nothing: the ledger already knows.
@@ -905,6 +880,5 @@ async fn certificates_429_defers_the_bucket() {
         1,
         "a deferred bucket was asked again"
     );
-    cleanup_instance(&client, &instance).await;
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    case.cleanup(&client).await;
 }
