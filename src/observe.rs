@@ -9,7 +9,6 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt, stream};
 use kube::Client;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -205,7 +204,9 @@ fn merge_fields(into: &mut serde_json::Value, from: &serde_json::Value) {
 /// gets a server-side dry-run, so dropping fields can cost a request but never hide a change.
 pub fn prune_to_fields(value: &mut serde_json::Value, fields: &serde_json::Value) {
     use serde_json::Value;
-    let Some(tree) = fields.as_object() else { return };
+    let Some(tree) = fields.as_object() else {
+        return;
+    };
     if tree.keys().all(|k| k == ".") {
         return;
     }
@@ -257,62 +258,120 @@ pub fn prune_to_fields(value: &mut serde_json::Value, fields: &serde_json::Value
     }
 }
 
-/// A watch-fed cache of every owned object (status, managedFields and the fields envctl does
-/// not own dropped: the plan never reads them), so a controller pass needs no LIST. A change to what can drift wakes `drift`.
+/// (namespace, name) -> (drift fingerprint, compact JSON).
+type Objects = std::collections::HashMap<(String, String), (String, Box<str>)>;
+
+/// One kind's cached objects.
+#[derive(Default)]
+struct KindStore {
+    objects: Objects,
+}
+
+/// A watch-fed cache of every owned object, so a controller pass needs no LIST. Objects are
+/// kept as compact JSON of only what the plan reads (status, managedFields and the fields
+/// envctl does not own dropped), and parsed when a pass asks for them: a parsed tree is
+/// several times larger than its text. A change to what can drift wakes `drift`.
 pub struct Cache {
-    stores: Vec<(ObjectKind, Store<DynamicObject>)>,
+    stores: Vec<(ObjectKind, Arc<std::sync::RwLock<KindStore>>)>,
+    ready: Vec<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// What the cache keeps of a watched object: (key, fingerprint, compact JSON).
+fn compact(mut o: DynamicObject) -> Option<((String, String), String, Box<str>)> {
+    let managed = o.metadata.managed_fields.take();
+    if let Some(m) = o.data.as_object_mut() {
+        m.remove("status");
+    }
+    if let Some(fields) = envctl_fields(managed.as_deref()) {
+        prune_to_fields(&mut o.data, &fields);
+    }
+    let key = (
+        o.metadata.namespace.clone().unwrap_or_default(),
+        o.metadata.name.clone()?,
+    );
+    let fingerprint = drift_fingerprint(&o);
+    let text = serde_json::to_string(&o).ok()?;
+    Some((key, fingerprint, text.into_boxed_str()))
 }
 
 impl Cache {
     /// Starts one watch per owned kind.
     pub fn start(client: &Client, instance: &str, drift: Arc<Notify>) -> Cache {
         let mut stores = Vec::new();
+        let mut ready = Vec::new();
         for &kind in OBSERVED_KINDS {
-            let ar = crate::cluster::api_resource(kind);
             let api = api(client, kind, None);
-            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-            let reader = writer.as_reader();
-            stores.push((kind, reader.clone()));
+            let store = Arc::new(std::sync::RwLock::new(KindStore::default()));
+            stores.push((kind, store.clone()));
+            let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+            ready.push(ready_rx);
             let config = watcher::Config::default().labels(&owned_selector(instance));
             let drift = drift.clone();
-            let stream = watcher(api, config)
-                .default_backoff()
-                .modify(|o: &mut DynamicObject| {
-                    let managed = o.metadata.managed_fields.take();
-                    if let Some(m) = o.data.as_object_mut() {
-                        m.remove("status");
-                    }
-                    if let Some(fields) = envctl_fields(managed.as_deref()) {
-                        prune_to_fields(&mut o.data, &fields);
-                    }
-                })
-                .inspect(move |event| match event {
-                    Ok(watcher::Event::Apply(obj)) => {
-                        let key = ObjectRef::from_obj_with(obj, ar.clone());
-                        if reader
-                            .get(&key)
-                            .is_some_and(|old| drift_fingerprint(&old) != drift_fingerprint(obj))
-                        {
-                            drift.notify_one();
+            let mut events = watcher(api, config).default_backoff().boxed();
+            tokio::spawn(async move {
+                // A (re)list is gathered apart and swapped in whole when it is complete.
+                let mut relist: Option<Objects> = None;
+                while let Some(event) = events.next().await {
+                    let mut moved = false;
+                    match event {
+                        Ok(watcher::Event::Init) => relist = Some(Default::default()),
+                        Ok(watcher::Event::InitApply(obj)) => {
+                            if let (Some(r), Some((k, f, t))) = (relist.as_mut(), compact(obj)) {
+                                r.insert(k, (f, t));
+                            }
+                        }
+                        Ok(watcher::Event::InitDone) => {
+                            if let Some(new) = relist.take() {
+                                let mut st = store.write().unwrap_or_else(|e| e.into_inner());
+                                moved = st.objects.len() != new.len()
+                                    || new.iter().any(|(k, (f, _))| {
+                                        st.objects.get(k).is_none_or(|(old, _)| old != f)
+                                    });
+                                st.objects = new;
+                            }
+                            let first = !*ready_tx.borrow();
+                            ready_tx.send_replace(true);
+                            if first {
+                                moved = false;
+                            }
+                        }
+                        Ok(watcher::Event::Apply(obj)) => {
+                            if let Some((k, f, t)) = compact(obj) {
+                                let mut st = store.write().unwrap_or_else(|e| e.into_inner());
+                                moved = st.objects.get(&k).is_some_and(|(old, _)| *old != f);
+                                st.objects.insert(k, (f, t));
+                            }
+                        }
+                        Ok(watcher::Event::Delete(obj)) => {
+                            let key = (
+                                obj.metadata.namespace.clone().unwrap_or_default(),
+                                obj.metadata.name.clone().unwrap_or_default(),
+                            );
+                            store
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .objects
+                                .remove(&key);
+                            moved = true;
+                        }
+                        Err(e) => {
+                            tracing::debug!(kind = kind.as_str(), error = %e, "watch interrupted; it resumes")
                         }
                     }
-                    Ok(watcher::Event::Delete(_)) => drift.notify_one(),
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(kind = kind.as_str(), error = %e, "watch interrupted; it resumes"),
-                });
-            tokio::spawn(async move {
-                reflector::reflector(writer, stream)
-                    .for_each(|_| async {})
-                    .await;
+                    if moved {
+                        drift.notify_one();
+                    }
+                }
             });
         }
-        Cache { stores }
+        Cache { stores, ready }
     }
 
     /// Waits until every watch has listed once.
     pub async fn ready(&self) {
-        for (_, store) in &self.stores {
-            let _ = store.wait_until_ready().await;
+        for r in &self.ready {
+            let mut r = r.clone();
+            let _ = r.wait_for(|ready| *ready).await;
         }
     }
 
@@ -320,8 +379,9 @@ impl Cache {
     pub fn live(&self) -> Live {
         let mut live = Live::default();
         for (kind, store) in &self.stores {
-            for obj in store.state() {
-                if let Ok(v) = serde_json::to_value(&*obj) {
+            let st = store.read().unwrap_or_else(|e| e.into_inner());
+            for (_, text) in st.objects.values() {
+                if let Ok(v) = serde_json::from_str::<Value>(text) {
                     live.insert(*kind, v);
                 }
             }
