@@ -375,16 +375,40 @@ impl Cache {
         }
     }
 
-    /// The cached objects as `Live`.
+    /// The cached objects as `Live`, parsed on every core (a pass with nothing to do is
+    /// mostly this parse).
     pub fn live(&self) -> Live {
+        let texts: Vec<(ObjectKind, Box<str>)> = self
+            .stores
+            .iter()
+            .flat_map(|(kind, store)| {
+                let st = store.read().unwrap_or_else(|e| e.into_inner());
+                st.objects
+                    .values()
+                    .map(|(_, t)| (*kind, t.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = texts.len().div_ceil(threads).max(256);
+        let parsed: Vec<Vec<(ObjectKind, Value)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = texts
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .filter_map(|(k, t)| {
+                                serde_json::from_str::<Value>(t).ok().map(|v| (*k, v))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
         let mut live = Live::default();
-        for (kind, store) in &self.stores {
-            let st = store.read().unwrap_or_else(|e| e.into_inner());
-            for (_, text) in st.objects.values() {
-                if let Ok(v) = serde_json::from_str::<Value>(text) {
-                    live.insert(*kind, v);
-                }
-            }
+        for (kind, v) in parsed.into_iter().flatten() {
+            live.insert(kind, v);
         }
         live
     }
