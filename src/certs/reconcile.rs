@@ -692,13 +692,13 @@ impl Certs {
                 doc.queued.remove(&env);
             })
             .await;
-        let was_waiting = self
-            .announced
-            .lock()
-            .map(|mut a| a.remove(&env).is_some())
-            .unwrap_or(false);
-        if was_waiting || resume.is_some() {
-            let _ = self.store.annotate_wait(&t.namespace, None).await;
+        if let Ok(mut a) = self.announced.lock() {
+            a.remove(&env);
+        }
+        // Always: the wait may have been announced by another process (an earlier apply, a
+        // previous leader).
+        if let Err(e) = self.store.annotate_wait(&t.namespace, None).await {
+            tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "clearing the certificate wait annotations");
         }
         let info = cert.info.clone().unwrap_or_else(empty_info);
         if let Some(ev) = events {

@@ -418,6 +418,19 @@ async fn certificates_issue_verify_reuse_renew() {
         .replace(&copy_name, &PostParams::default(), &c)
         .await
         .expect("planting a near-expiry copy");
+    // As if an earlier process had announced a wait for it: served, the note must go.
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    nsapi
+        .patch(
+            &second_ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                "envctl.materialize.cloud/certificate-wait-until": "2030-01-01T00:00:00Z",
+                "envctl.materialize.cloud/certificate-wait-reason": "new-certificates-per-registered-domain"
+            }}})),
+        )
+        .await
+        .expect("planting a stale wait");
     let (code, out, err) = envctl(cluster, &apply);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
@@ -425,6 +438,17 @@ async fn certificates_issue_verify_reuse_renew() {
         "{out}"
     );
     let renewed = tls_secret(&client, &second_ns).await.expect("a Secret");
+    let annotations = nsapi
+        .get(&second_ns)
+        .await
+        .expect("the namespace")
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    assert!(
+        !annotations.contains_key("envctl.materialize.cloud/certificate-wait-until"),
+        "a served certificate still says it waits: {annotations:?}"
+    );
     verify_chain(&chain_of(&renewed), &root, dir.path());
     let q = quota(cluster, common);
     assert_eq!(
