@@ -1,13 +1,14 @@
-//! Apply: the only writer to the cluster. Executes a `Plan` exactly: server-side apply
+//! Apply: the only writer of desired objects. Executes a `Plan` exactly: server-side apply
 //! (field manager `envctl`, forced) for creates and updates in kind order, then deletes in
 //! reverse order, guarded by the live object's uid. Environments run concurrently up to a
-//! bound; it never re-decides what the plan said.
+//! bound; it never re-decides what the plan said. The certificate step's TLS Secrets go
+//! through the same server-side apply (`server_side_apply`).
 
 use std::collections::BTreeMap;
 
 use futures::{StreamExt, stream};
 use kube::Client;
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 
 use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
 use crate::plan::{Action, Change, Plan};
@@ -51,6 +52,22 @@ fn error_text(e: &kube::Error) -> String {
     }
 }
 
+/// Server-side apply of one object, forced, with field manager `envctl`: how envctl writes
+/// every object it wants to exist.
+pub async fn server_side_apply<K>(
+    api: &Api<K>,
+    name: &str,
+    object: &(impl serde::Serialize + std::fmt::Debug),
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(name, &params, &Patch::Apply(object))
+        .await
+        .map(|_| ())
+}
+
 async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error> {
     let key = &change.key;
     let api = api(client, key.kind, key.namespace.as_deref());
@@ -59,8 +76,7 @@ async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error
             let Some(object) = &change.object else {
                 return Ok(());
             };
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            api.patch(&key.name, &params, &Patch::Apply(object)).await?;
+            server_side_apply(&api, &key.name, object).await?;
         }
         Action::Delete => {
             let params = DeleteParams {

@@ -219,13 +219,14 @@ fn parse_limit_override(s: &str) -> Result<(String, BucketSpec), String> {
 }
 
 impl LedgerArgs {
+    /// `concurrency` is the API concurrency; orders run at most 16 at once.
     fn settings(&self, instance: &str, concurrency: usize) -> CertSettings {
         CertSettings {
             namespace: self.controller_namespace.clone(),
             instance: instance.to_string(),
             overrides: self.overrides.iter().cloned().collect(),
             margin: self.acme_safety_margin,
-            concurrency,
+            concurrency: concurrency.min(16),
         }
     }
 }
@@ -429,7 +430,7 @@ fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
                 settings: args
                     .certs
                     .ledger
-                    .settings(&instance, args.cluster.concurrency.min(16)),
+                    .settings(&instance, args.cluster.concurrency),
             })
         },
     };
@@ -576,6 +577,11 @@ pub struct PassArgs {
 }
 
 impl PassArgs {
+    /// What `diff` and `apply` start from: the loaded source and the pass options.
+    fn prepare(&self) -> Result<(Loaded, PassOptions), CliError> {
+        Ok((self.source.load()?, self.options()))
+    }
+
     fn options(&self) -> PassOptions {
         PassOptions {
             render: self.source.policy.render_options(),
@@ -856,15 +862,8 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Diff { pass: args, live } => {
-            let PassArgs {
-                source,
-                cluster,
-                output,
-                ..
-            } = &*args;
-            let output = *output;
-            let loaded = source.load()?;
-            let options = args.options();
+            let (cluster, output) = (&args.cluster, args.output);
+            let (loaded, options) = args.prepare()?;
             let pass = runtime()?.block_on(async {
                 let client = match live {
                     LiveMode::None => None,
@@ -888,15 +887,8 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
             })
         }
         Command::Apply { pass: args, certs } => {
-            let PassArgs {
-                source,
-                cluster,
-                output,
-                ..
-            } = &*args;
-            let output = *output;
-            let loaded = source.load()?;
-            let options = args.options();
+            let (cluster, output) = (&args.cluster, args.output);
+            let (loaded, options) = args.prepare()?;
             runtime()?.block_on(async {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())
                     .await
@@ -919,7 +911,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                         let cert_report = apply_certificates(
                             &client,
                             &certs,
-                            &source.policy.instance,
+                            &args.source.policy.instance,
                             cluster.concurrency,
                             &targets,
                         )
@@ -930,10 +922,9 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                             PlanFormat::Json => std::io::stderr().write_all(text.as_bytes()),
                         }
                         .map_err(CliError::Output)?;
-                        if cert_report.failed() > 0 {
-                            return Err(CliError::CertificatesFailed {
-                                failed: cert_report.failed(),
-                            });
+                        let failed = cert_report.tally().failed;
+                        if failed > 0 {
+                            return Err(CliError::CertificatesFailed { failed });
                         }
                     }
                 }
@@ -1030,7 +1021,7 @@ async fn apply_certificates(
         }
         None => None,
     };
-    let settings = args.ledger.settings(instance, concurrency.min(16));
+    let settings = args.ledger.settings(instance, concurrency);
     let certs =
         crate::certs::reconcile::Certs::connect(client, args.acme_config()?, settings, challenges)
             .await

@@ -114,12 +114,6 @@ pub fn parse_retry_after(value: &str, now: u64) -> Option<u64> {
     u64::try_from(t.unix_timestamp()).ok()
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Counts what reaches the ACME server.
 #[derive(Debug, Default)]
 pub struct AcmeCounters {
@@ -129,6 +123,8 @@ pub struct AcmeCounters {
 
 type Hyper = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
 
+/// Cheap to clone: clones share the connection pool and the counters.
+#[derive(Clone)]
 struct Http {
     inner: Hyper,
     counters: Arc<AcmeCounters>,
@@ -152,7 +148,7 @@ impl HttpClient for Http {
                     .headers()
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, unix_now()));
+                    .and_then(|v| parse_retry_after(v, super::unix_now()));
                 let _ = RETRY_AFTER.try_with(|r| *r.borrow_mut() = at);
             }
             Ok(BytesResponse::from(rsp))
@@ -285,12 +281,11 @@ impl Acme {
         stored: Option<&[u8]>,
     ) -> Result<(Acme, Option<Vec<u8>>), AcmeError> {
         let counters = Arc::new(AcmeCounters::default());
-        let builder = || -> Result<_, AcmeError> {
-            Ok(Account::builder_with_http(Box::new(http_client(
-                config.ca_bundle.as_deref(),
-                counters.clone(),
-            )?)))
-        };
+        // One client (the system roots are read once), shared by the account and the
+        // directory lookup below.
+        let http = http_client(config.ca_bundle.as_deref(), counters.clone())?;
+        let builder =
+            || -> Result<_, AcmeError> { Ok(Account::builder_with_http(Box::new(http.clone()))) };
         let restored = match stored.map(serde_json::from_slice::<AccountCredentials>) {
             Some(Ok(creds)) => Some(
                 builder()?
@@ -333,7 +328,7 @@ impl Acme {
         };
         // ARI: whether the directory names a renewalInfo endpoint. instant-acme only says so
         // by refusing `replaces`, so ask for the directory ourselves.
-        let ari = directory_has_ari(&config, counters.clone()).await;
+        let ari = directory_has_ari(&http, &config.directory).await;
         Ok((
             Acme {
                 account,
@@ -519,11 +514,8 @@ impl Acme {
     }
 }
 
-async fn directory_has_ari(config: &AcmeConfig, counters: Arc<AcmeCounters>) -> bool {
-    let Ok(http) = http_client(config.ca_bundle.as_deref(), counters) else {
-        return false;
-    };
-    let Ok(req) = Request::get(&config.directory).body(BodyWrapper::<Bytes>::default()) else {
+async fn directory_has_ari(http: &Http, directory: &str) -> bool {
+    let Ok(req) = Request::get(directory).body(BodyWrapper::<Bytes>::default()) else {
         return false;
     };
     let Ok(rsp) = http.inner.request(req).await else {

@@ -59,6 +59,14 @@ impl CertInfo {
     }
 }
 
+/// The wall clock in unix seconds (the one clock of the certificate step; the pure
+/// functions here take `now` as an argument).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Sorted, lower-cased, de-duplicated names.
 pub fn sorted_names(names: &[String]) -> Vec<String> {
     let mut v: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();

@@ -17,7 +17,7 @@ use super::ledger::{BucketKey, BucketSpec, Ledger, Limit, OrderKind, OrderReques
 use super::store::{
     AccountStore, CertStore, LedgerStore, Pending, StoreError, StoredCert, rfc3339,
 };
-use super::{CertInfo, Need, Request, Slot, need, schedule};
+use super::{CertInfo, Need, Request, Slot, need, schedule, unix_now};
 use crate::manifest::Environment;
 use crate::status::{
     Events, ExpiryLabels, ExpiryRange, LimitLabels, Metrics, OrderLabels, OrderOutcome,
@@ -115,13 +115,31 @@ pub struct CertReport {
     pub next_wake: Option<u64>,
 }
 
-impl CertReport {
-    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
-        self.environments.iter().filter(|e| f(&e.outcome)).count()
-    }
+/// How many environments ended each way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub current: usize,
+    pub reused: usize,
+    pub issued: usize,
+    pub waiting: usize,
+    pub no_namespace: usize,
+    pub failed: usize,
+}
 
-    pub fn failed(&self) -> usize {
-        self.count(|o| matches!(o, Outcome::Failed { .. }))
+impl CertReport {
+    pub fn tally(&self) -> Tally {
+        let mut t = Tally::default();
+        for e in &self.environments {
+            *match e.outcome {
+                Outcome::Current { .. } => &mut t.current,
+                Outcome::Reused { .. } => &mut t.reused,
+                Outcome::Issued { .. } => &mut t.issued,
+                Outcome::Waiting { .. } => &mut t.waiting,
+                Outcome::NoNamespace => &mut t.no_namespace,
+                Outcome::Failed { .. } => &mut t.failed,
+            } += 1;
+        }
+        t
     }
 
     /// One line per environment and a summary.
@@ -155,23 +173,13 @@ impl CertReport {
             };
             out.push_str(&format!("certificate {}: {line}\n", e.environment));
         }
+        let t = self.tally();
         out.push_str(&format!(
             "certificates: {} current, {} reused, {} issued, {} waiting, {} failed; {} order(s) sent\n",
-            self.count(|o| matches!(o, Outcome::Current { .. })),
-            self.count(|o| matches!(o, Outcome::Reused { .. })),
-            self.count(|o| matches!(o, Outcome::Issued { .. })),
-            self.count(|o| matches!(o, Outcome::Waiting { .. })),
-            self.failed(),
-            self.orders_sent,
+            t.current, t.reused, t.issued, t.waiting, t.failed, self.orders_sent,
         ));
         out
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// An ACME account with its ledger and stores: everything the step needs.
@@ -181,7 +189,6 @@ pub struct Certs {
     pub store: CertStore,
     pub challenges: Arc<Challenges>,
     pub settings: CertSettings,
-    client: Client,
     /// Waits last announced, by environment (so unchanged waits are not re-announced).
     announced: std::sync::Mutex<BTreeMap<String, (u64, Limit)>>,
 }
@@ -226,7 +233,6 @@ impl Certs {
             store: CertStore::new(client, &settings.namespace, &settings.instance),
             challenges,
             settings,
-            client: client.clone(),
             announced: Default::default(),
         })
     }
@@ -252,7 +258,7 @@ impl Certs {
                 .map(|(i, t)| async move {
                     let read = self.store.read(&t.namespace).await;
                     let exists = match &read {
-                        Ok(None) => self.namespace_ready(&t.namespace).await,
+                        Ok(None) => self.store.namespace_ready(&t.namespace).await,
                         _ => true,
                     };
                     (i, read, exists)
@@ -599,13 +605,6 @@ impl Certs {
             })
             .collect();
         Ok(report)
-    }
-
-    /// Whether a namespace exists and is not being deleted.
-    async fn namespace_ready(&self, namespace: &str) -> bool {
-        let api: kube::Api<k8s_openapi::api::core::v1::Namespace> =
-            kube::Api::all(self.client.clone());
-        matches!(api.get_opt(namespace).await, Ok(Some(ns)) if ns.metadata.deletion_timestamp.is_none())
     }
 
     /// Places (or resumes) one order and sees it through. The ledger was charged already.

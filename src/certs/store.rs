@@ -1,7 +1,8 @@
 //! Where certificate state lives in the cluster: the quota ledger (a ConfigMap in the
 //! controller's namespace, updated with resourceVersion compare-and-swap), the ACME account
 //! (a Secret there), each environment's `environment-tls` Secret and the controller's copy of
-//! it, and the namespace annotations of waiting certificates. Reads and writes only these.
+//! it, and the namespace annotations of waiting certificates. Reads and writes only these;
+//! the TLS Secrets are written through `apply::server_side_apply`.
 
 use std::collections::BTreeMap;
 
@@ -370,10 +371,6 @@ pub fn rfc3339(t: i64) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
-}
-
 /// The environments' Secrets and the controller's copies.
 #[derive(Clone)]
 pub struct CertStore {
@@ -407,6 +404,12 @@ impl CertStore {
                 name: TLS_SECRET.to_string(),
                 source,
             })
+    }
+
+    /// Whether a namespace exists and is not being deleted (where a Secret can be written).
+    pub async fn namespace_ready(&self, namespace: &str) -> bool {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        matches!(api.get_opt(namespace).await, Ok(Some(ns)) if ns.metadata.deletion_timestamp.is_none())
     }
 
     /// The controller's copies, by environment.
@@ -444,13 +447,12 @@ impl CertStore {
             (ENVIRONMENT_LABEL.to_string(), environment.to_string()),
         ]);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        api.patch(
+        crate::apply::server_side_apply(
+            &api,
             TLS_SECRET,
-            &apply_params(),
-            &Patch::Apply(tls_secret(TLS_SECRET, namespace, labels, cert)),
+            &tls_secret(TLS_SECRET, namespace, labels, cert),
         )
         .await
-        .map(|_| ())
         .map_err(|source| StoreError::Kube {
             what: "writing the TLS Secret",
             namespace: namespace.to_string(),
@@ -469,13 +471,12 @@ impl CertStore {
             (COPY_LABEL.to_string(), "true".to_string()),
         ]);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        api.patch(
+        crate::apply::server_side_apply(
+            &api,
             &name,
-            &apply_params(),
-            &Patch::Apply(tls_secret(&name, &self.namespace, labels, cert)),
+            &tls_secret(&name, &self.namespace, labels, cert),
         )
         .await
-        .map(|_| ())
         .map_err(|source| StoreError::Kube {
             what: "writing the certificate copy",
             namespace: self.namespace.clone(),

@@ -674,25 +674,21 @@ async fn cert_worker(
         let Some(c) = &certs else { continue };
         match c.reconcile(&want, Some(&events), Some(&metrics)).await {
             Ok(report) => {
-                let count = |f: fn(&crate::certs::reconcile::Outcome) -> bool| report.count(f);
-                use crate::certs::reconcile::Outcome;
+                let t = report.tally();
                 tracing::info!(
-                    current = count(|o| matches!(o, Outcome::Current { .. })),
-                    reused = count(|o| matches!(o, Outcome::Reused { .. })),
-                    issued = count(|o| matches!(o, Outcome::Issued { .. })),
-                    waiting = count(|o| matches!(o, Outcome::Waiting { .. })),
-                    failed = report.failed(),
+                    current = t.current,
+                    reused = t.reused,
+                    issued = t.issued,
+                    waiting = t.waiting,
+                    failed = t.failed,
                     orders_sent = report.orders_sent,
                     "certificates"
                 );
                 if let Some(at) = report.next_wake {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                    let wait = Duration::from_secs(at.saturating_sub(now).max(1));
-                    next = next.min(tokio::time::Instant::now() + wait);
+                    let wait = at.saturating_sub(crate::certs::unix_now()).max(1);
+                    next = next.min(tokio::time::Instant::now() + Duration::from_secs(wait));
                 }
-                if report.failed() > 0 || report.count(|o| matches!(o, Outcome::NoNamespace)) > 0 {
+                if t.failed > 0 || t.no_namespace > 0 {
                     next = next.min(tokio::time::Instant::now() + Duration::from_secs(30));
                 }
             }

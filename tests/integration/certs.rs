@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 
 use crate::cluster::{self, TestCluster, cleanup_instance, unique, wait_namespace_gone};
-use crate::support::repo_root;
+use crate::support::{repo_root, required, script_last_line};
 
 /// One running pebble: its directory, the CA of its listener, its management address, log.
 pub struct Pebble {
@@ -45,17 +45,7 @@ fn start_pebble(always_valid: bool) -> Result<Pebble, String> {
     } else {
         cmd.env_remove("PEBBLE_VA_ALWAYS_VALID");
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running scripts/pebble up: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/pebble up failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let env_file = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let env_file = script_last_line(cmd, "scripts/pebble up")?;
     let text = std::fs::read_to_string(&env_file).map_err(|e| format!("{env_file}: {e}"))?;
     let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
     let get = |k: &str| {
@@ -78,16 +68,30 @@ pub fn pebble(always_valid: bool) -> Option<&'static Pebble> {
     static VALID: OnceLock<Result<Pebble, String>> = OnceLock::new();
     static REAL: OnceLock<Result<Pebble, String>> = OnceLock::new();
     let cell = if always_valid { &VALID } else { &REAL };
-    match cell.get_or_init(|| start_pebble(always_valid)) {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var("ENVCTL_REQUIRE_CLUSTER").as_deref() == Ok("1") => {
-            panic!("pebble is required (ENVCTL_REQUIRE_CLUSTER=1) but could not start: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: no pebble: {e}");
-            None
-        }
-    }
+    required("pebble", cell.get_or_init(|| start_pebble(always_valid)))
+}
+
+/// What every certificate test starts from: the cluster, a pebble, the certificate lock
+/// (held while this lives), a client and a temp dir.
+struct Setup {
+    cluster: &'static TestCluster,
+    pebble: &'static Pebble,
+    _guard: tokio::sync::MutexGuard<'static, ()>,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(always_valid: bool) -> Option<Setup> {
+    let cluster = cluster::require()?;
+    let pebble = pebble(always_valid)?;
+    let guard = lock().await;
+    Some(Setup {
+        cluster,
+        pebble,
+        _guard: guard,
+        client: cluster.client().await,
+        dir: tempfile::tempdir().expect("a temp dir"),
+    })
 }
 
 /// Certificate tests run one at a time, so that pebble's order counts are theirs.
@@ -323,13 +327,16 @@ fn now() -> i64 {
 /// is renewed as a renewal (the registered domain's bucket is not charged).
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_issue_verify_reuse_renew() {
-    let Some(cluster) = cluster::require() else {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(true).await
+    else {
         return;
     };
-    let Some(pebble) = pebble(true) else { return };
-    let _guard = lock().await;
-    let client = cluster.client().await;
-    let dir = tempfile::tempdir().expect("a temp dir");
     let case = Case::new(&client, dir.path(), "certs", 3).await;
     let (instance, ctl_ns, domain, names) =
         (&case.instance, &case.ctl_ns, &case.domain, &case.names);
@@ -470,13 +477,16 @@ async fn certificates_issue_verify_reuse_renew() {
 /// reported failed and the failure is booked in the ledger.
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_real_http01() {
-    let Some(cluster) = cluster::require() else {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(false).await
+    else {
         return;
     };
-    let Some(pebble) = pebble(false) else { return };
-    let _guard = lock().await;
-    let client = cluster.client().await;
-    let dir = tempfile::tempdir().expect("a temp dir");
     let case = Case::new(&client, dir.path(), "http01", 1).await;
     let mut flags = pebble.flags();
     flags.extend(["--certificate-timeout".to_string(), "30s".into()]);
@@ -553,13 +563,16 @@ fn spawn_run(
 /// and again during issuance never sends more than 50.
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_quota_holds_through_crash_loops() {
-    let Some(cluster) = cluster::require() else {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(true).await
+    else {
         return;
     };
-    let Some(pebble) = pebble(true) else { return };
-    let _guard = lock().await;
-    let client = cluster.client().await;
-    let dir = tempfile::tempdir().expect("a temp dir");
 
     // Part 1: one apply.
     let case = Case::new(&client, dir.path(), "quota", 60).await;
@@ -819,13 +832,16 @@ async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
 /// waits with a stated time, and the next pass sends no order at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_429_defers_the_bucket() {
-    let Some(cluster) = cluster::require() else {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(true).await
+    else {
         return;
     };
-    let Some(pebble) = pebble(true) else { return };
-    let _guard = lock().await;
-    let client = cluster.client().await;
-    let dir = tempfile::tempdir().expect("a temp dir");
     let case = Case::new(&client, dir.path(), "limited", 1).await;
     let (names, domain, common) = (&case.names, &case.domain, &case.common);
     let proxy = start_proxy(

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams};
 
-use crate::support::repo_root;
+use crate::support::{repo_root, required, script_last_line};
 
 pub struct TestCluster {
     pub kubeconfig: PathBuf,
@@ -27,40 +27,18 @@ fn start() -> Result<TestCluster, String> {
             kubeconfig: PathBuf::from(path),
         });
     }
-    let out = Command::new(repo_root().join("scripts/control-plane"))
-        .arg("up")
-        .output()
-        .map_err(|e| format!("running scripts/control-plane up: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/control-plane up failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .last()
-        .ok_or("scripts/control-plane up printed nothing")?;
+    let mut command = Command::new(repo_root().join("scripts/control-plane"));
+    command.arg("up");
+    let kubeconfig = script_last_line(command, "scripts/control-plane up")?;
     Ok(TestCluster {
-        kubeconfig: PathBuf::from(last.trim()),
+        kubeconfig: PathBuf::from(kubeconfig),
     })
 }
 
 /// The test cluster, or `None` (test skipped) when there is none and none is required.
 pub fn require() -> Option<&'static TestCluster> {
     static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
-    match CLUSTER.get_or_init(start) {
-        Ok(c) => Some(c),
-        Err(e) if std::env::var("ENVCTL_REQUIRE_CLUSTER").as_deref() == Ok("1") => {
-            panic!("a cluster is required (ENVCTL_REQUIRE_CLUSTER=1) but none could start: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: no cluster: {e}");
-            None
-        }
-    }
+    required("cluster", CLUSTER.get_or_init(start))
 }
 
 /// A name unique to this test run and call: `<prefix>-<pid><n>`.

@@ -76,3 +76,38 @@ pub fn examples_renamed(dest: &Path, suffix: &str) -> Vec<String> {
     }
     names
 }
+
+/// Runs one of the project's scripts and returns the last line it printed (the scripts print
+/// the path of what they started last).
+pub fn script_last_line(mut command: Command, what: &str) -> Result<String, String> {
+    let out = command
+        .output()
+        .map_err(|e| format!("running {what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(|l| l.trim().to_string())
+        .ok_or(format!("{what} printed nothing"))
+}
+
+/// A real component the tests need, once started: `None` (the test is skipped, with a note)
+/// when it could not start, unless `ENVCTL_REQUIRE_CLUSTER=1` (CI): then the test FAILS.
+pub fn required<T>(what: &str, started: &'static Result<T, String>) -> Option<&'static T> {
+    match started {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var("ENVCTL_REQUIRE_CLUSTER").as_deref() == Ok("1") => {
+            panic!("{what} is required (ENVCTL_REQUIRE_CLUSTER=1) but could not start: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no {what}: {e}");
+            None
+        }
+    }
+}
