@@ -65,7 +65,18 @@ pub enum AcmeError {
     },
 }
 
+/// How many times a step refused with badNonce is tried (each try is itself retried by
+/// instant-acme).
+const NONCE_ATTEMPTS: usize = 4;
+
+const BAD_NONCE: &str = "urn:ietf:params:acme:error:badNonce";
+
 impl AcmeError {
+    /// A stale or refused nonce: the request did nothing and can be sent again.
+    pub fn is_bad_nonce(&self) -> bool {
+        matches!(self, AcmeError::Acme { source: instant_acme::Error::Api(p), .. } if p.r#type.as_deref() == Some(BAD_NONCE))
+    }
+
     fn from_acme(what: &'static str, source: instant_acme::Error) -> AcmeError {
         if let instant_acme::Error::Api(p) = &source
             && p.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited")
@@ -382,10 +393,19 @@ impl Acme {
         if let Some(r) = replaced.filter(|_| self.ari) {
             new = new.replaces(r);
         }
-        RETRY_AFTER
-            .scope(RefCell::new(None), self.account.new_order(&new))
-            .await
-            .map_err(|e| AcmeError::from_acme("placing the order", e))
+        // A badNonce refusal is not an order (the server counted nothing): ask again.
+        let mut attempt = 0;
+        loop {
+            let result = RETRY_AFTER
+                .scope(RefCell::new(None), self.account.new_order(&new))
+                .await
+                .map_err(|e| AcmeError::from_acme("placing the order", e));
+            attempt += 1;
+            match result {
+                Err(e) if e.is_bad_nonce() && attempt < NONCE_ATTEMPTS => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Picks up an order placed earlier (by a process that stopped before finishing it).
@@ -403,12 +423,25 @@ impl Acme {
         challenges: &Challenges,
     ) -> Result<Issued, AcmeError> {
         let mut served = Vec::new();
-        let result = RETRY_AFTER
-            .scope(
-                RefCell::new(None),
-                self.complete_inner(order, challenges, &mut served),
-            )
-            .await;
+        let mut attempt = 0;
+        let result = loop {
+            let result = RETRY_AFTER
+                .scope(
+                    RefCell::new(None),
+                    self.complete_inner(order, challenges, &mut served),
+                )
+                .await;
+            attempt += 1;
+            match result {
+                // A badNonce (Let's Encrypt sends them; pebble refuses 5% of nonces on
+                // purpose) survived instant-acme's own retries: pick the order up where it
+                // is and go on.
+                Err(e) if e.is_bad_nonce() && attempt < NONCE_ATTEMPTS => {
+                    let _ = order.refresh().await;
+                }
+                other => break other,
+            }
+        };
         for token in served {
             challenges.remove(&token);
         }
@@ -422,6 +455,13 @@ impl Acme {
         served: &mut Vec<String>,
     ) -> Result<Issued, AcmeError> {
         let fail = |what| move |e| AcmeError::from_acme(what, e);
+        // Finalized already (by a process that stopped before storing the result): the
+        // certificate's key went with it, so this order cannot give us a usable certificate.
+        if let status @ (OrderStatus::Processing | OrderStatus::Valid) = order.state().status {
+            return Err(AcmeError::OrderFailed {
+                status: format!("{status:?}, finalized by an earlier process whose key is lost"),
+            });
+        }
         if order.state().status == OrderStatus::Pending {
             let mut authorizations = order.authorizations();
             while let Some(result) = authorizations.next().await {
@@ -458,7 +498,10 @@ impl Acme {
         let status = match order.poll_ready(&retries).await {
             Ok(s) => s,
             Err(instant_acme::Error::Api(p))
-                if p.r#type.as_deref() != Some("urn:ietf:params:acme:error:rateLimited") =>
+                if !matches!(
+                    p.r#type.as_deref(),
+                    Some("urn:ietf:params:acme:error:rateLimited") | Some(BAD_NONCE)
+                ) =>
             {
                 let mut names = Vec::new();
                 let mut identifiers = order.identifiers();
@@ -474,7 +517,6 @@ impl Acme {
         };
         match status {
             OrderStatus::Ready => {}
-            OrderStatus::Valid => {}
             OrderStatus::Invalid => {
                 let mut detail = String::from("the order became invalid");
                 let mut name = String::new();
@@ -495,17 +537,10 @@ impl Acme {
                 });
             }
         }
-        let key_pem = if order.state().status == OrderStatus::Ready {
-            order
-                .finalize()
-                .await
-                .map_err(fail("finalizing the order"))?
-        } else {
-            // Valid already: the key went with the process that finalized it.
-            return Err(AcmeError::OrderFailed {
-                status: "valid, finalized by an earlier process whose key is lost".into(),
-            });
-        };
+        let key_pem = order
+            .finalize()
+            .await
+            .map_err(fail("finalizing the order"))?;
         let chain_pem = order
             .poll_certificate(&retries)
             .await

@@ -627,7 +627,7 @@ impl Certs {
         };
         let mut order = match placed {
             Ok(o) => o,
-            Err(e) => return (self.refused(t, r, account, e, events).await, None),
+            Err(e) => return (self.refused(t, r, account, e, false, events).await, None),
         };
         if resume.is_none() {
             let url = order.url().to_string();
@@ -660,7 +660,15 @@ impl Certs {
         .await
         {
             Ok(Ok(i)) => i,
-            Ok(Err(e)) => return (self.refused(t, r, account, e, events).await, None),
+            // A protocol or network failure leaves the placed order to be resumed next time
+            // (no new order, no new charge).
+            Ok(Err(e)) => {
+                let resumable = matches!(e, AcmeError::Acme { .. });
+                return (
+                    self.refused(t, r, account, e, resumable, events).await,
+                    None,
+                );
+            }
             Err(_) => {
                 return (
                     Outcome::Failed {
@@ -726,13 +734,15 @@ impl Certs {
     }
 
     /// Books a refused order in the ledger: a 429 resynchronises its bucket, an
-    /// authorization failure spends the identifiers' failure tokens.
+    /// authorization failure spends the identifiers' failure tokens; any other failure ends
+    /// the order unless it is `resumable` (placed, and failed in transit).
     async fn refused(
         &self,
         t: &Target,
         r: &Request,
         account: &str,
         e: AcmeError,
+        resumable: bool,
         events: Option<&Events>,
     ) -> Outcome {
         let env = r.environment.clone();
@@ -800,12 +810,14 @@ impl Certs {
                 }
             }
             _ => {
-                let _ = self
-                    .ledger
-                    .update(|doc| {
-                        doc.pending.remove(&env);
-                    })
-                    .await;
+                if !resumable {
+                    let _ = self
+                        .ledger
+                        .update(|doc| {
+                            doc.pending.remove(&env);
+                        })
+                        .await;
+                }
                 Outcome::Failed {
                     error: crate::controller::error_chain(&e),
                 }

@@ -246,6 +246,17 @@ pub fn envctl(cluster: &TestCluster, args: &[String]) -> (i32, String, String) {
     )
 }
 
+/// `envctl` run on a blocking thread, so that the test's own servers (the proxy) keep
+/// serving meanwhile.
+pub async fn envctl_off_runtime(
+    cluster: &'static TestCluster,
+    args: Vec<String>,
+) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || envctl(cluster, &args))
+        .await
+        .expect("running envctl")
+}
+
 /// A namespace for the controller's state (account, ledger, copies) of one test.
 pub async fn controller_namespace(client: &kube::Client, name: &str) {
     let api: Api<Namespace> = Api::all(client.clone());
@@ -675,16 +686,28 @@ async fn certificates_quota_holds_through_crash_loops() {
     case.cleanup(&client).await;
 }
 
-/// A small TLS proxy in front of pebble that answers the first new-order request with Let's
-/// Encrypt's 429 (`rateLimited`, `Retry-After: 3600`) and forwards everything else. It keeps
-/// the Host header, so pebble writes the proxy's address into the URLs it hands out.
+/// A small TLS proxy in front of pebble that refuses the first `times` POSTs to paths
+/// starting with `path` with an ACME problem, and forwards everything else. It keeps the
+/// Host header, so pebble writes the proxy's address into the URLs it hands out.
 struct Proxy {
     directory: String,
     bundle: PathBuf,
-    new_orders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// POSTs seen on the refused path.
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
+/// What the proxy refuses, and how.
+#[derive(Clone)]
+struct Refusal {
+    path: &'static str,
+    times: usize,
+    status: u16,
+    problem: &'static str,
+    detail: String,
+    retry_after: Option<&'static str>,
+}
+
+async fn start_proxy(pebble: &Pebble, dir: &Path, refusal: Refusal) -> Proxy {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -735,19 +758,19 @@ async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
         .await
         .expect("a proxy port");
     let port = listener.local_addr().expect("an address").port();
-    let new_orders = Arc::new(AtomicUsize::new(0));
-    let hits = new_orders.clone();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let hits = seen.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, upstream, base, hits, detail) = (
+            let (acceptor, upstream, base, hits, refusal) = (
                 acceptor.clone(),
                 upstream.clone(),
                 pebble_base.clone(),
                 hits.clone(),
-                detail.clone(),
+                refusal.clone(),
             );
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -755,8 +778,12 @@ async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
                 };
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (upstream, base, hits, detail) =
-                            (upstream.clone(), base.clone(), hits.clone(), detail.clone());
+                        let (upstream, base, hits, refusal) = (
+                            upstream.clone(),
+                            base.clone(),
+                            hits.clone(),
+                            refusal.clone(),
+                        );
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body
@@ -770,20 +797,22 @@ async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
                                 .map_or("/", |p| p.as_str())
                                 .to_string();
                             if parts.method == hyper::Method::POST
-                                && parts.uri.path() == "/order-plz"
-                                && hits.fetch_add(1, Ordering::SeqCst) == 0
+                                && parts.uri.path().starts_with(refusal.path)
+                                && hits.fetch_add(1, Ordering::SeqCst) < refusal.times
                             {
                                 let problem = serde_json::json!({
-                                    "type": "urn:ietf:params:acme:error:rateLimited",
-                                    "detail": detail,
-                                    "status": 429,
+                                    "type": refusal.problem,
+                                    "detail": refusal.detail,
+                                    "status": refusal.status,
                                 });
+                                let mut rsp = hyper::Response::builder()
+                                    .status(refusal.status)
+                                    .header("Content-Type", "application/problem+json");
+                                if let Some(r) = refusal.retry_after {
+                                    rsp = rsp.header("Retry-After", r);
+                                }
                                 return Ok::<_, std::convert::Infallible>(
-                                    hyper::Response::builder()
-                                        .status(429)
-                                        .header("Content-Type", "application/problem+json")
-                                        .header("Retry-After", "3600")
-                                        .body(Full::new(Bytes::from(problem.to_string())))
+                                    rsp.body(Full::new(Bytes::from(problem.to_string())))
                                         .expect("a response"),
                                 );
                             }
@@ -824,7 +853,7 @@ async fn start_proxy(pebble: &Pebble, dir: &Path, detail: String) -> Proxy {
     Proxy {
         directory: format!("https://127.0.0.1:{port}/dir"),
         bundle,
-        new_orders,
+        hits: seen,
     }
 }
 
@@ -847,7 +876,16 @@ async fn certificates_429_defers_the_bucket() {
     let proxy = start_proxy(
         pebble,
         dir.path(),
-        format!("too many certificates (50) already issued for \"{domain}\" in the last 168h0m0s"),
+        Refusal {
+            path: "/order-plz",
+            times: 1,
+            status: 429,
+            problem: "urn:ietf:params:acme:error:rateLimited",
+            detail: format!(
+                "too many certificates (50) already issued for \"{domain}\" in the last 168h0m0s"
+            ),
+            retry_after: Some("3600"),
+        },
     )
     .await;
     let apply = case.apply(&[
@@ -856,36 +894,15 @@ async fn certificates_429_defers_the_bucket() {
         "--acme-ca-bundle".into(),
         proxy.bundle.display().to_string(),
     ]);
-    let run = |args: Vec<String>| {
-        let kubeconfig = cluster.kubeconfig.clone();
-        tokio::task::spawn_blocking(move || {
-            let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
-                .args(&args)
-                .arg("--kubeconfig")
-                .arg(&kubeconfig)
-                .env_remove("ENVCTL_SKIP_CERTIFICATES")
-                .env_remove("KUBECONFIG")
-                .output()
-                .expect("running envctl");
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        })
-    };
     let before = pebble.orders();
     let started = now();
-    let (code, out, err) = run(apply.clone()).await.expect("envctl");
+    let (code, out, err) = envctl_off_runtime(cluster, apply.clone()).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("waiting for quota (new-certificates-per-registered-domain)"),
         "{out}\n{err}"
     );
-    assert_eq!(
-        proxy.new_orders.load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(proxy.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(
         pebble.orders(),
         before,
@@ -912,13 +929,63 @@ async fn certificates_429_defers_the_bucket() {
     assert_eq!(remaining, 0, "the bucket is resynchronised to empty: {q}");
 
     // The next pass sends nothing: the ledger already knows.
-    let (code, out, err) = run(apply).await.expect("envctl");
+    let (code, out, err) = envctl_off_runtime(cluster, apply).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("1 waiting"), "{out}");
     assert_eq!(
-        proxy.new_orders.load(std::sync::atomic::Ordering::SeqCst),
+        proxy.hits.load(std::sync::atomic::Ordering::SeqCst),
         1,
         "a deferred bucket was asked again"
+    );
+    case.cleanup(&client).await;
+}
+
+/// Let's Encrypt answers badNonce now and then (pebble on purpose, 5% of nonces): more in a
+/// row than instant-acme retries must not fail the order nor spend quota on a new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_survive_bad_nonces() {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(true).await
+    else {
+        return;
+    };
+    let case = Case::new(&client, dir.path(), "nonce", 1).await;
+    let proxy = start_proxy(
+        pebble,
+        dir.path(),
+        Refusal {
+            path: "/authZ/",
+            times: 6,
+            status: 400,
+            problem: "urn:ietf:params:acme:error:badNonce",
+            detail: "JWS has an invalid anti-replay nonce".into(),
+            retry_after: None,
+        },
+    )
+    .await;
+    let apply = case.apply(&[
+        "--acme-directory".into(),
+        proxy.directory.clone(),
+        "--acme-ca-bundle".into(),
+        proxy.bundle.display().to_string(),
+    ]);
+    let before = pebble.orders();
+    let (code, stdout, stderr) = envctl_off_runtime(cluster, apply).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 issued"), "{stdout}");
+    assert!(
+        proxy.hits.load(std::sync::atomic::Ordering::SeqCst) > 6,
+        "the refusals were exercised"
+    );
+    assert_eq!(
+        pebble.orders() - before,
+        1,
+        "one order, however many refusals"
     );
     case.cleanup(&client).await;
 }
