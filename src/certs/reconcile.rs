@@ -13,7 +13,7 @@ use kube::Client;
 use serde::Serialize;
 
 use super::acme::{Acme, AcmeConfig, AcmeError, Challenges};
-use super::ledger::{BucketKey, BucketSpec, Ledger, Limit, OrderKind, OrderRequest};
+use super::ledger::{BucketKey, BucketSpec, Decision, Ledger, Limit, OrderKind, OrderRequest};
 use super::store::{
     AccountStore, CertStore, LedgerStore, Pending, StoreError, StoredCert, rfc3339,
 };
@@ -399,8 +399,9 @@ impl Certs {
         }).collect(), concurrency)
         .await;
 
-        // Reserve: decide every order against the ledger and record the ones sent now,
-        // durably, before sending any.
+        // Queue: decide every order against the ledger (the order of service and the times of
+        // the waiting ones). Each order sent now is charged on its own, just before it is
+        // sent (`order_one`), so a crash wastes at most the orders in flight.
         let account = self.acme.id().to_string();
         let requesting: BTreeSet<String> = requests
             .iter()
@@ -411,7 +412,7 @@ impl Certs {
             .filter_map(|(r, p)| p.clone().map(|p| (r.environment.clone(), p)))
             .collect();
         let requests: Vec<Request> = requests.into_iter().map(|(r, _)| r).collect();
-        let (resumes, slots, buckets) = self
+        let (resumes, slots) = self
             .ledger
             .update(|doc| {
                 doc.queued.retain(|env, _| requesting.contains(env));
@@ -441,21 +442,7 @@ impl Certs {
                 doc.pending
                     .retain(|env, _| resumes.iter().any(|(r, _)| r.environment == *env));
                 let slots = schedule(fresh, &doc.buckets, &account, now);
-                for (r, slot) in &slots {
-                    if let Slot::Now(charges) = slot {
-                        doc.buckets.charge(charges, now);
-                        doc.pending.insert(
-                            r.environment.clone(),
-                            Pending {
-                                names: r.names.clone(),
-                                kind: r.kind,
-                                charged_at: now,
-                                order_url: None,
-                            },
-                        );
-                    }
-                }
-                (resumes, slots, doc.buckets.clone())
+                (resumes, slots)
             })
             .await?;
 
@@ -524,8 +511,7 @@ impl Certs {
                 Slot::Later { .. } => None,
             }))
             .collect();
-        report.orders_sent = jobs.iter().filter(|(_, url)| url.is_none()).count();
-        let results: Vec<(String, Outcome, Option<CertInfo>)> = bounded(
+        let results: Vec<(String, Sent)> = bounded(
             jobs.into_iter()
                 .map(|(r, url)| {
                     let target = by_env.get(r.environment.as_str()).copied();
@@ -533,19 +519,29 @@ impl Certs {
                     let account = account.clone();
                     async move {
                         let Some(t) = target else {
-                            return (r.environment.clone(), Outcome::NoNamespace, None);
+                            return (r.environment.clone(), Sent::outcome(Outcome::NoNamespace));
                         };
-                        let (outcome, info) = self
+                        let sent = self
                             .order_one(t, &r, url.as_deref(), replaces.as_deref(), &account, events)
                             .await;
-                        (r.environment.clone(), outcome, info)
+                        (r.environment.clone(), sent)
                     }
                 })
                 .collect(),
             concurrency,
         )
         .await;
-        for (env, outcome, info) in results {
+        for (env, sent) in results {
+            let Sent {
+                outcome,
+                info,
+                new_order,
+            } = sent;
+            report.orders_sent += usize::from(new_order);
+            if let Outcome::Waiting { .. } = outcome {
+                // Someone else spent the token in the meantime: look again soon.
+                report.next_wake = min_opt(report.next_wake, Some(unix_now() + 60));
+            }
             if let Some(i) = info {
                 expiries.push(i.not_after);
                 report.next_wake = min_opt(report.next_wake, Some(i.renew_at().max(0) as u64));
@@ -580,7 +576,12 @@ impl Certs {
                     .set(waiting_by_limit.get(&l).copied().unwrap_or(0));
             }
             m.certs.queue_served_at.set(last_served as i64);
-            set_quota_metrics(m, &buckets, &account, now);
+            match self.ledger.load().await {
+                Ok((doc, _)) => set_quota_metrics(m, &doc.buckets, &account, now),
+                Err(e) => {
+                    tracing::warn!(error = %crate::controller::error_chain(&e), "reading the ledger for metrics")
+                }
+            }
             let mut ranges: BTreeMap<u8, i64> = BTreeMap::new();
             for e in &expiries {
                 *ranges
@@ -616,18 +617,66 @@ impl Certs {
         replaces: Option<&str>,
         account: &str,
         events: Option<&Events>,
-    ) -> (Outcome, Option<CertInfo>) {
+    ) -> Sent {
         let env = r.environment.clone();
         let failed = |e: &dyn std::error::Error| Outcome::Failed {
             error: crate::controller::error_chain(e),
         };
+        if resume.is_none() {
+            // Write-ahead: charge this order in the ledger, durably, before it is sent;
+            // decided again on the ledger as it is now (another process may have spent).
+            let req = OrderRequest {
+                account: account.to_string(),
+                names: r.names.clone(),
+                kind: r.kind,
+            };
+            let charged = self
+                .ledger
+                .update(|doc| {
+                    let now = unix_now();
+                    match doc.buckets.decide(&req, now) {
+                        Decision::Allowed { charges } => {
+                            doc.buckets.charge(&charges, now);
+                            doc.pending.insert(
+                                env.clone(),
+                                Pending {
+                                    names: r.names.clone(),
+                                    kind: r.kind,
+                                    charged_at: now,
+                                    order_url: None,
+                                },
+                            );
+                            None
+                        }
+                        Decision::Wait { at, limit } => Some((at, limit)),
+                    }
+                })
+                .await;
+            match charged {
+                Ok(None) => {}
+                Ok(Some((at, limit))) => {
+                    return Sent::outcome(Outcome::Waiting {
+                        until: rfc3339(at as i64),
+                        limit,
+                    });
+                }
+                Err(e) => return Sent::outcome(failed(&e)),
+            }
+        }
         let placed = match resume {
             Some(url) => self.acme.resume(url).await,
             None => self.acme.new_order(&r.names, replaces).await,
         };
+        let new_order = resume.is_none();
         let mut order = match placed {
             Ok(o) => o,
-            Err(e) => return (self.refused(t, r, account, e, false, events).await, None),
+            Err(e) => {
+                return Sent {
+                    outcome: self.refused(t, r, account, e, false, events).await,
+                    info: None,
+                    new_order,
+                };
+            }
         };
         if resume.is_none() {
             let url = order.url().to_string();
@@ -664,21 +713,23 @@ impl Certs {
             // (no new order, no new charge).
             Ok(Err(e)) => {
                 let resumable = matches!(e, AcmeError::Acme { .. });
-                return (
-                    self.refused(t, r, account, e, resumable, events).await,
-                    None,
-                );
+                return Sent {
+                    outcome: self.refused(t, r, account, e, resumable, events).await,
+                    info: None,
+                    new_order,
+                };
             }
             Err(_) => {
-                return (
-                    Outcome::Failed {
+                return Sent {
+                    outcome: Outcome::Failed {
                         error: format!(
                             "the order did not complete within {:?}; it is resumed next time",
                             self.acme.config.order_timeout
                         ),
                     },
-                    None,
-                );
+                    info: None,
+                    new_order,
+                };
             }
         };
         let cert = StoredCert {
@@ -687,7 +738,11 @@ impl Certs {
             key: issued.key_pem.into_bytes(),
         };
         if let Err(e) = self.store.write(&t.environment, &t.namespace, &cert).await {
-            return (failed(&e), None);
+            return Sent {
+                outcome: failed(&e),
+                info: None,
+                new_order,
+            };
         }
         if let Err(e) = self.store.write_copy(&t.environment, &cert).await {
             tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "keeping a copy of the certificate");
@@ -723,14 +778,15 @@ impl Certs {
             .await;
         }
         tracing::info!(environment = %env, serial = %info.serial, "certificate issued");
-        (
-            Outcome::Issued {
+        Sent {
+            outcome: Outcome::Issued {
                 serial: info.serial.clone(),
                 not_after: rfc3339(info.not_after),
                 kind: r.kind,
             },
-            Some(info),
-        )
+            info: Some(info),
+            new_order,
+        }
     }
 
     /// Books a refused order in the ledger: a 429 resynchronises its bucket, an
@@ -839,6 +895,25 @@ async fn bounded<F: std::future::Future>(futures: Vec<F>, n: usize) -> Vec<F::Ou
         .buffer_unordered(n)
         .collect()
         .await
+}
+
+/// What became of one order.
+struct Sent {
+    outcome: Outcome,
+    /// The issued certificate.
+    info: Option<CertInfo>,
+    /// Whether a new order reached the server (not a resumed one).
+    new_order: bool,
+}
+
+impl Sent {
+    fn outcome(outcome: Outcome) -> Sent {
+        Sent {
+            outcome,
+            info: None,
+            new_order: false,
+        }
+    }
 }
 
 fn empty_info() -> CertInfo {
