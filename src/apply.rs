@@ -78,6 +78,24 @@ async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error
             };
             server_side_apply(&api, &key.name, object).await?;
         }
+        Action::Replace => {
+            let Some(object) = &change.object else {
+                return Ok(());
+            };
+            let params = DeleteParams {
+                preconditions: change.uid.clone().map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&key.name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            server_side_apply(&api, &key.name, object).await?;
+        }
         Action::Delete => {
             let params = DeleteParams {
                 propagation_policy: Some(PropagationPolicy::Background),

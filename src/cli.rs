@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
 use crate::certs::ledger::BucketSpec;
 use crate::certs::reconcile::CertSettings;
@@ -54,6 +55,8 @@ pub enum CliError {
     Observe(#[source] ObserveError),
     #[error("starting the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("{count} environment(s) were refused: their namespace is not this instance's")]
+    Refused { count: usize },
     #[error("{failed} object(s) could not be written")]
     Apply { failed: usize, unreachable: bool },
     #[error("reading the Git source")]
@@ -242,10 +245,11 @@ pub struct CertArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub skip_certificates: bool,
-    /// ACME directory URL (Let's Encrypt's staging:
-    /// https://acme-staging-v02.api.letsencrypt.org/directory).
-    #[arg(long, env = "ENVCTL_ACME_DIRECTORY", default_value = crate::certs::acme::LETS_ENCRYPT)]
-    pub acme_directory: String,
+    /// The ACME directory: a URL, or `letsencrypt` (production) or `letsencrypt-staging`.
+    /// There is no default: without one, TLS environments are applied without certificates
+    /// (and reported so), never sent to a production CA by accident.
+    #[arg(long, env = "ENVCTL_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
     /// Contact address registered with the ACME account.
     #[arg(long, env = "ENVCTL_ACME_EMAIL")]
     pub acme_email: Option<String>,
@@ -270,8 +274,28 @@ pub struct CertArgs {
 }
 
 impl CertArgs {
-    fn acme_config(&self) -> Result<AcmeConfig, CliError> {
-        let directory = self.acme_directory.trim().to_string();
+    /// What the certificate step does: nothing (`--skip-certificates`), nothing but report
+    /// (no directory), or order from the directory.
+    fn mode(&self) -> Result<CertMode, CliError> {
+        if self.skip_certificates {
+            return Ok(CertMode::Skip);
+        }
+        Ok(match self.acme_config()? {
+            Some(config) => CertMode::Acme(config),
+            None => CertMode::Unconfigured,
+        })
+    }
+
+    fn acme_config(&self) -> Result<Option<AcmeConfig>, CliError> {
+        let Some(directory) = self.acme_directory.as_deref().map(str::trim) else {
+            return Ok(None);
+        };
+        let directory = match directory {
+            "" => return Ok(None),
+            "letsencrypt" => crate::certs::acme::LETS_ENCRYPT.to_string(),
+            "letsencrypt-staging" => crate::certs::acme::LETS_ENCRYPT_STAGING.to_string(),
+            url => url.to_string(),
+        };
         let plain_http_ok = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
             .iter()
             .any(|p| directory.starts_with(p));
@@ -279,7 +303,7 @@ impl CertArgs {
             return Err(CliError::Setting {
                 setting: "--acme-directory",
                 message: format!(
-                    "{directory:?} must be an https:// URL (plain http only on loopback, for tests)"
+                    "{directory:?} must be an https:// URL, `letsencrypt` or `letsencrypt-staging` (plain http only on loopback, for tests)"
                 ),
             });
         }
@@ -300,13 +324,13 @@ impl CertArgs {
             }
             _ => None,
         };
-        Ok(AcmeConfig {
+        Ok(Some(AcmeConfig {
             directory,
             email: self.acme_email.clone(),
             ca_bundle: self.acme_ca_bundle.clone(),
             eab,
             order_timeout: self.certificate_timeout,
-        })
+        }))
     }
 }
 
@@ -343,6 +367,11 @@ pub struct RunArgs {
     /// How long a lease lasts without renewal.
     #[arg(long, env = "ENVCTL_LEADER_ELECT_LEASE", default_value = "15s", value_parser = parse_duration)]
     pub leader_elect_lease: std::time::Duration,
+    /// After SIGTERM or SIGINT: how long the pass in flight may take to finish before the
+    /// Lease is released and the process exits (keep it below the pod's
+    /// terminationGracePeriodSeconds).
+    #[arg(long, env = "ENVCTL_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: std::time::Duration,
     /// Log format.
     #[arg(long, env = "ENVCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -410,6 +439,7 @@ fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
             concurrency: args.cluster.concurrency,
             diffs: false,
             scope: None,
+            adopt: args.prune.adopt,
         },
         interval: args.interval,
         resync: args.resync_interval,
@@ -420,19 +450,15 @@ fn run_controller(args: RunArgs) -> Result<Exit, CliError> {
             name: format!("envctl-{instance}"),
             identity,
             duration: args.leader_elect_lease,
-            renew_every: args.leader_elect_lease / 3,
+            // client-go's retry period: a standby notices a released lease within 2 s.
+            renew_every: (args.leader_elect_lease / 3).min(std::time::Duration::from_secs(2)),
         }),
-        certs: if args.certs.skip_certificates {
-            None
-        } else {
-            Some(crate::controller::run::CertRun {
-                config: args.certs.acme_config()?,
-                settings: args
-                    .certs
-                    .ledger
-                    .settings(&instance, args.cluster.concurrency),
-            })
-        },
+        shutdown_grace: args.shutdown_grace,
+        certs: args.certs.mode()?,
+        cert_settings: args
+            .certs
+            .ledger
+            .settings(&instance, args.cluster.concurrency),
     };
     runtime()?.block_on(async {
         let client = cluster::connect(args.cluster.kubeconfig.as_deref())
@@ -486,6 +512,11 @@ pub struct PolicyArgs {
     /// several instances can share a cluster.
     #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE, value_parser = parse_instance)]
     pub instance: String,
+    /// The ClusterRole that each environment's RoleBinding `environmentd` grants environmentd
+    /// (the chart installs it as `<release>-environmentd`). envctl binds it; it never writes
+    /// Roles.
+    #[arg(long, env = "ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", default_value = crate::render::DEFAULT_ENVIRONMENTD_CLUSTER_ROLE)]
+    pub environmentd_cluster_role: String,
 }
 
 fn parse_instance(s: &str) -> Result<String, String> {
@@ -560,6 +591,10 @@ pub struct PruneArgs {
     /// Delete even when more environments would go than --max-prune allows.
     #[arg(long)]
     pub allow_mass_prune: bool,
+    /// Take over an environment's namespace that exists but that no envctl instance owns
+    /// (a namespace of another instance is never taken over).
+    #[arg(long, env = "ENVCTL_ADOPT")]
+    pub adopt: bool,
 }
 
 /// What `diff` and `apply` share: the source, the cluster, prune policy and output format.
@@ -589,6 +624,7 @@ impl PassArgs {
             concurrency: self.cluster.concurrency,
             diffs: true,
             scope: None,
+            adopt: self.prune.adopt,
         }
     }
 }
@@ -636,6 +672,7 @@ impl PolicyArgs {
         RenderOptions {
             orchestrator_service_labels: self.platform_labels(),
             instance: self.instance.clone(),
+            environmentd_cluster_role: self.environmentd_cluster_role.clone(),
         }
     }
 
@@ -878,7 +915,9 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                     .map_err(CliError::Observe)
             })?;
             print_plan(&mut out, &pass, &loaded, output, None)?;
-            Ok(if !loaded.is_valid() {
+            Ok(if !pass.plan.refused.is_empty() {
+                Exit::Failure
+            } else if !loaded.is_valid() {
                 Exit::Invalid
             } else if pass.plan.has_changes() {
                 Exit::Changes
@@ -904,13 +943,29 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                         unreachable: report.unreachable(),
                     });
                 }
-                if !certs.skip_certificates {
-                    let envs = loaded.environments.iter().map(|e| &e.environment);
-                    let targets = crate::certs::reconcile::targets(envs);
-                    if !targets.is_empty() {
+                // A refused environment gets nothing written, its certificate included.
+                let refused: BTreeSet<&str> = pass
+                    .plan
+                    .refused
+                    .iter()
+                    .map(|r| r.environment.as_str())
+                    .collect();
+                let envs = loaded
+                    .environments
+                    .iter()
+                    .map(|e| &e.environment)
+                    .filter(|e| !refused.contains(e.metadata.name.as_str()));
+                let targets = crate::certs::reconcile::targets(envs);
+                match certs.mode()? {
+                    CertMode::Skip => {}
+                    CertMode::Unconfigured => {
+                        report_unconfigured(&client, &targets).await?;
+                    }
+                    CertMode::Acme(config) if !targets.is_empty() => {
                         let cert_report = apply_certificates(
                             &client,
                             &certs,
+                            config,
                             &args.source.policy.instance,
                             cluster.concurrency,
                             &targets,
@@ -927,6 +982,12 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                             return Err(CliError::CertificatesFailed { failed });
                         }
                     }
+                    CertMode::Acme(_) => {}
+                }
+                if !pass.plan.refused.is_empty() {
+                    return Err(CliError::Refused {
+                        count: pass.plan.refused.len(),
+                    });
                 }
                 Ok::<_, CliError>(())
             })?;
@@ -999,33 +1060,56 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
     }
 }
 
+/// `apply` without an ACME directory: one warning, and every TLS environment's namespace
+/// says why it has no certificate (`envctl status` shows it).
+async fn report_unconfigured(
+    client: &kube::Client,
+    targets: &[crate::certs::reconcile::Target],
+) -> Result<(), CliError> {
+    if targets.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "warning: {} TLS environment(s) applied without certificates: no ACME directory is configured (--acme-directory letsencrypt, letsencrypt-staging or a URL; --skip-certificates silences this)",
+        targets.len()
+    );
+    let namespaces: Vec<&str> = targets.iter().map(|t| t.namespace.as_str()).collect();
+    crate::status::note_certificates(client, &namespaces, crate::certs::UNCONFIGURED_NOTE)
+        .await
+        .map_err(CliError::Status)
+}
+
 /// The certificate step of `envctl apply`, bounded in time; answers HTTP-01 on
 /// `--acme-http01-listen` while it runs.
 async fn apply_certificates(
     client: &kube::Client,
     args: &CertArgs,
+    config: AcmeConfig,
     instance: &str,
     concurrency: usize,
     targets: &[crate::certs::reconcile::Target],
 ) -> Result<crate::certs::reconcile::CertReport, CliError> {
-    let challenges = std::sync::Arc::new(crate::certs::acme::Challenges::default());
+    let settings = args.ledger.settings(instance, concurrency);
+    let challenges = std::sync::Arc::new(crate::certs::challenges::Challenges::new(
+        client,
+        &settings.namespace,
+        instance,
+    ));
     let server = match args.acme_http01_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| CliError::ChallengeListen { addr, source })?;
-            let router = crate::certs::acme::challenge_router(challenges.clone());
+            let router = crate::certs::challenges::challenge_router(challenges.clone());
             Some(tokio::spawn(async move {
                 let _ = axum::serve(listener, router).await;
             }))
         }
         None => None,
     };
-    let settings = args.ledger.settings(instance, concurrency);
-    let certs =
-        crate::certs::reconcile::Certs::connect(client, args.acme_config()?, settings, challenges)
-            .await
-            .map_err(|e| CliError::Certificates(Box::new(e)))?;
+    let certs = crate::certs::reconcile::Certs::connect(client, config, settings, challenges)
+        .await
+        .map_err(|e| CliError::Certificates(Box::new(e)))?;
     let events = crate::status::Events::new(client.clone(), instance);
     let result = certs
         .reconcile(targets, Some(&events), None)

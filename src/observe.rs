@@ -103,6 +103,52 @@ pub async fn list_owned(client: &Client, instance: &str) -> Result<Live, Observe
     Ok(live)
 }
 
+/// The labels of each of `names` that exists as a namespace (ownership is judged from them).
+/// A few are read one by one; many at once are read with one metadata LIST.
+pub async fn namespace_labels(
+    client: &Client,
+    names: &[&str],
+    concurrency: usize,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, ObserveError> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let err = |source| ObserveError::List {
+        kind: "Namespace",
+        source,
+    };
+    if names.len() > 32 {
+        let wanted: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        let list = api
+            .list_metadata(&kube::api::ListParams::default())
+            .await
+            .map_err(err)?;
+        return Ok(list
+            .items
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.metadata.name?;
+                wanted
+                    .contains(name.as_str())
+                    .then(|| (name, m.metadata.labels.unwrap_or_default()))
+            })
+            .collect());
+    }
+    let found: Vec<Option<(String, BTreeMap<String, String>)>> =
+        stream::iter(names.iter().map(|n| {
+            let api = api.clone();
+            async move {
+                match api.get_metadata_opt(n).await {
+                    Ok(m) => Ok(m.map(|m| (n.to_string(), m.metadata.labels.unwrap_or_default()))),
+                    Err(e) => Err(err(e)),
+                }
+            }
+        }))
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
 /// The server's answer to a dry-run server-side apply of each object, `concurrency` at a time.
 pub async fn dry_run(
     client: &Client,

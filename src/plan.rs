@@ -115,6 +115,9 @@ impl Live {
 pub enum Action {
     Create,
     Update,
+    /// Delete the live object (guarded by its uid), then create the desired one: for fields
+    /// the server never lets change (a RoleBinding's `roleRef`).
+    Replace,
     Delete,
 }
 
@@ -123,9 +126,22 @@ impl Action {
         match self {
             Action::Create => "create",
             Action::Update => "update",
+            Action::Replace => "replace",
             Action::Delete => "delete",
         }
     }
+}
+
+/// Whether `desired` changes a field that the server refuses to update in place, so the
+/// object must be replaced (a RoleBinding's `roleRef` is immutable).
+fn needs_replace(kind: ObjectKind, desired: &Value, live: &Value) -> bool {
+    kind == ObjectKind::RoleBinding && desired.get("roleRef") != live.get("roleRef")
+}
+
+fn live_uid(live: &Value) -> Option<String> {
+    live.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -162,6 +178,7 @@ pub struct Summary {
     pub unchanged: usize,
     pub held: usize,
     pub orphaned: usize,
+    pub refused: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -172,6 +189,8 @@ pub struct Plan {
     pub held: Vec<Held>,
     /// Owned objects no longer desired, left alone because pruning is off.
     pub orphaned: Vec<ObjectKey>,
+    /// Environments not planned at all (their namespace is another's).
+    pub refused: Vec<Refused>,
 }
 
 impl Plan {
@@ -231,6 +250,45 @@ pub struct SourceHealth {
     /// When set, only these environments are planned (their objects created, updated or
     /// deleted); the others are left as they are. Removed environments are still pruned.
     pub scope: Option<BTreeSet<String>>,
+    /// Namespaces of desired environments that exist but are not this instance's, with their
+    /// labels: each such environment is refused (see `ownership`).
+    pub existing_namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// This instance's name.
+    pub instance: String,
+    /// `--adopt`: take over existing namespaces that no envctl instance owns.
+    pub adopt: bool,
+}
+
+/// Why an environment whose namespace already exists may not be applied by `instance`, if
+/// it may not: another instance owns it (never taken over), or nothing owns it (taken over
+/// only with `--adopt`).
+pub fn ownership(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    instance: &str,
+    adopt: bool,
+) -> Option<String> {
+    let managed = labels
+        .get(crate::render::MANAGED_BY_KEY)
+        .map(String::as_str)
+        == Some(crate::render::MANAGED_BY_VALUE);
+    match labels.get(crate::render::INSTANCE_LABEL) {
+        Some(owner) if managed && owner != instance => Some(format!(
+            "namespace {namespace} belongs to envctl instance {owner:?}, not {instance:?}; nothing of it is written (change the environment's name, or remove it from that instance first)"
+        )),
+        Some(_) if managed => None,
+        _ if adopt => None,
+        _ => Some(format!(
+            "namespace {namespace} already exists and no envctl instance owns it; nothing of it is written (pass --adopt to take it over)"
+        )),
+    }
+}
+
+/// An environment that was not planned at all, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refused {
+    pub environment: String,
+    pub reason: String,
 }
 
 impl SourceHealth {
@@ -288,9 +346,10 @@ pub fn needs_dry_run<'a>(
         .iter()
         .filter(|d| health.in_scope(&d.environment))
         .filter(|d| {
-            live.objects
-                .get(&ObjectKey::of(d))
-                .is_some_and(|l| !provably_unchanged(&d.object, &l.object))
+            live.objects.get(&ObjectKey::of(d)).is_some_and(|l| {
+                !provably_unchanged(&d.object, &l.object)
+                    && !needs_replace(d.kind, &d.object, &l.object)
+            })
         })
         .collect()
 }
@@ -406,9 +465,33 @@ pub fn build(
         .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
         .filter_map(|l| l.environment.as_deref())
         .collect();
+    // Environments whose namespace exists but is not ours to write.
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    for d in desired
+        .iter()
+        .filter(|d| d.kind == ObjectKind::Namespace && health.in_scope(&d.environment))
+    {
+        if live.objects.contains_key(&ObjectKey::of(d)) {
+            continue;
+        }
+        if let Some(reason) = health
+            .existing_namespaces
+            .get(&d.name)
+            .and_then(|labels| ownership(&d.name, labels, &health.instance, health.adopt))
+        {
+            refused.insert(d.environment.clone(), reason);
+        }
+    }
+    plan.refused = refused
+        .iter()
+        .map(|(environment, reason)| Refused {
+            environment: environment.clone(),
+            reason: reason.clone(),
+        })
+        .collect();
     for d in desired
         .into_iter()
-        .filter(|d| health.in_scope(&d.environment))
+        .filter(|d| health.in_scope(&d.environment) && !refused.contains_key(&d.environment))
     {
         let key = ObjectKey::of(&d);
         let terminating = terminating_envs.contains(d.environment.as_str())
@@ -436,6 +519,14 @@ pub fn build(
                 environment: d.environment,
                 object: Some(d.object),
                 uid: None,
+            }),
+            Some(l) if needs_replace(d.kind, &d.object, &l.object) => plan.changes.push(Change {
+                action: Action::Replace,
+                diff: unified(&key, &normalize(&l.object), &normalize(&d.object)),
+                key,
+                environment: d.environment,
+                object: Some(d.object),
+                uid: live_uid(&l.object),
             }),
             Some(l) => {
                 let new = match dry_run.get(&key) {
@@ -555,11 +646,7 @@ pub fn build(
                 key: l.key.clone(),
                 environment: env.unwrap_or_default(),
                 object: None,
-                uid: l
-                    .object
-                    .pointer("/metadata/uid")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                uid: live_uid(&l.object),
             }),
         }
     }
@@ -570,12 +657,13 @@ pub fn build(
     for c in &plan.changes {
         match c.action {
             Action::Create => plan.summary.create += 1,
-            Action::Update => plan.summary.update += 1,
+            Action::Update | Action::Replace => plan.summary.update += 1,
             Action::Delete => plan.summary.delete += 1,
         }
     }
     plan.summary.held = plan.held.len();
     plan.summary.orphaned = plan.orphaned.len();
+    plan.summary.refused = plan.refused.len();
     plan
 }
 
@@ -608,6 +696,12 @@ pub fn render_text(plan: &Plan, color: bool) -> String {
     }
     for h in &plan.held {
         out.push_str(&format!("held {}: {}\n", h.key, h.reason));
+    }
+    for r in &plan.refused {
+        out.push_str(&format!(
+            "refused environment {}: {}\n",
+            r.environment, r.reason
+        ));
     }
     if !plan.orphaned.is_empty() {
         out.push_str(&format!(

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, Namespace, PodSpec, PodTemplateSpec, ResourceRequirements,
     Service, ServiceAccount, ServicePort, ServiceSpec,
 };
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -44,7 +44,6 @@ const ENVIRONMENTD: &str = "environmentd";
 pub enum ObjectKind {
     Namespace,
     ServiceAccount,
-    Role,
     RoleBinding,
     Service,
     StatefulSet,
@@ -52,10 +51,9 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 7] = [
+    pub const ALL: [ObjectKind; 6] = [
         ObjectKind::Namespace,
         ObjectKind::ServiceAccount,
-        ObjectKind::Role,
         ObjectKind::RoleBinding,
         ObjectKind::Service,
         ObjectKind::StatefulSet,
@@ -66,7 +64,6 @@ impl ObjectKind {
         match self {
             ObjectKind::Namespace => "Namespace",
             ObjectKind::ServiceAccount => "ServiceAccount",
-            ObjectKind::Role => "Role",
             ObjectKind::RoleBinding => "RoleBinding",
             ObjectKind::Service => "Service",
             ObjectKind::StatefulSet => "StatefulSet",
@@ -80,7 +77,7 @@ impl ObjectKind {
             | ObjectKind::ServiceAccount
             | ObjectKind::Service
             | ObjectKind::Secret => "v1",
-            ObjectKind::Role | ObjectKind::RoleBinding => "rbac.authorization.k8s.io/v1",
+            ObjectKind::RoleBinding => "rbac.authorization.k8s.io/v1",
             ObjectKind::StatefulSet => "apps/v1",
         }
     }
@@ -89,7 +86,6 @@ impl ObjectKind {
         match self {
             ObjectKind::Namespace => "namespaces",
             ObjectKind::ServiceAccount => "serviceaccounts",
-            ObjectKind::Role => "roles",
             ObjectKind::RoleBinding => "rolebindings",
             ObjectKind::Service => "services",
             ObjectKind::StatefulSet => "statefulsets",
@@ -120,13 +116,21 @@ pub struct RenderOptions {
     pub orchestrator_service_labels: BTreeMap<String, String>,
     /// `--instance`: the value of `INSTANCE_LABEL`.
     pub instance: String,
+    /// `--environmentd-cluster-role`: the ClusterRole each environment's RoleBinding grants
+    /// environmentd.
+    pub environmentd_cluster_role: String,
 }
+
+/// The ClusterRole environmentd is bound to unless told otherwise (the chart's, for a
+/// release named `envctl`).
+pub const DEFAULT_ENVIRONMENTD_CLUSTER_ROLE: &str = "envctl-environmentd";
 
 impl Default for RenderOptions {
     fn default() -> Self {
         RenderOptions {
             orchestrator_service_labels: BTreeMap::new(),
             instance: DEFAULT_INSTANCE.to_string(),
+            environmentd_cluster_role: DEFAULT_ENVIRONMENTD_CLUSTER_ROLE.to_string(),
         }
     }
 }
@@ -331,40 +335,15 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
         ENVIRONMENTD.into(),
         to_value(ObjectKind::ServiceAccount, &sa),
     ));
-    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
-        api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
-        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
-        verbs: verbs.iter().map(|s| s.to_string()).collect(),
-        ..PolicyRule::default()
-    };
-    let manage = [
-        "create", "delete", "get", "list", "patch", "update", "watch",
-    ];
-    let role = Role {
-        metadata: meta(env, ENVIRONMENTD, owner.clone()),
-        rules: Some(vec![
-            rule(&["apps"], &["statefulsets"], &manage),
-            rule(&[""], &["services"], &manage),
-            rule(&[""], &["pods"], &["delete", "get", "list", "watch"]),
-            rule(&[""], &["pods/log"], &["get"]),
-            rule(
-                &[""],
-                &["persistentvolumeclaims"],
-                &["delete", "get", "list", "watch"],
-            ),
-        ]),
-    };
-    out.push((
-        ObjectKind::Role,
-        ENVIRONMENTD.into(),
-        to_value(ObjectKind::Role, &role),
-    ));
     let binding = RoleBinding {
         metadata: meta(env, ENVIRONMENTD, owner.clone()),
+        // environmentd's powers are a fixed ClusterRole that the platform installs (the
+        // chart ships it); envctl only binds it here, so it never writes a Role and cannot
+        // grant anything it was not given to grant.
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: ENVIRONMENTD.into(),
+            kind: "ClusterRole".into(),
+            name: options.environmentd_cluster_role.clone(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),

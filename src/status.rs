@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use futures::StreamExt;
+
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -24,8 +26,9 @@ pub const STATE_ANNOTATION: &str = "envctl.materialize.cloud/state";
 pub const ERROR_ANNOTATION: &str = "envctl.materialize.cloud/last-error";
 pub const APPLIED_AT_ANNOTATION: &str = "envctl.materialize.cloud/applied-at";
 /// Every bookkeeping annotation envctl writes on namespaces (none of them is drift).
-pub const STATUS_ANNOTATIONS: [&str; 6] = [
+pub const STATUS_ANNOTATIONS: [&str; 7] = [
     REVISION_ANNOTATION,
+    crate::certs::CERTIFICATE_ANNOTATION,
     STATE_ANNOTATION,
     ERROR_ANNOTATION,
     APPLIED_AT_ANNOTATION,
@@ -172,6 +175,8 @@ pub struct CertMetrics {
     /// When the last waiting certificate will be ordered (unix seconds; 0 when none waits).
     pub queue_served_at: Gauge,
     pub by_expiry: Family<ExpiryLabels, Gauge>,
+    /// TLS environments without a certificate because no ACME directory is configured.
+    pub unconfigured: Gauge,
 }
 
 /// Every metric envctl exports.
@@ -250,6 +255,11 @@ impl Metrics {
             certs.queue_served_at.clone(),
         );
         registry.register(
+            "certificates_unconfigured",
+            "TLS environments applied without a certificate because no ACME directory is configured",
+            certs.unconfigured.clone(),
+        );
+        registry.register(
             "certificates_by_days_to_expiry",
             "Environments' certificates by days to expiry",
             certs.by_expiry.clone(),
@@ -311,6 +321,8 @@ pub struct EnvStatus {
     pub revision: String,
     pub state: EnvState,
     pub error: Option<String>,
+    /// Why a TLS environment has no certificate (`None` removes the note).
+    pub certificate: Option<&'static str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -350,6 +362,12 @@ pub async fn annotate(client: &Client, status: &EnvStatus, now: &str) -> Result<
             .as_deref()
             .map_or(serde_json::Value::Null, |e| truncate(e, 1024).into()),
     );
+    annotations.insert(
+        crate::certs::CERTIFICATE_ANNOTATION.into(),
+        status
+            .certificate
+            .map_or(serde_json::Value::Null, serde_json::Value::from),
+    );
     if status.state == EnvState::Applied {
         annotations.insert(APPLIED_AT_ANNOTATION.into(), now.into());
     }
@@ -369,6 +387,40 @@ pub async fn annotate(client: &Client, status: &EnvStatus, now: &str) -> Result<
             source,
         }),
     }
+}
+
+/// Sets the certificate note on these namespaces (those that exist), concurrently.
+pub async fn note_certificates(
+    client: &Client,
+    namespaces: &[&str],
+    note: &str,
+) -> Result<(), StatusError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        crate::certs::CERTIFICATE_ANNOTATION: note,
+    }}});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    let results: Vec<Result<(), StatusError>> =
+        futures::stream::iter(namespaces.iter().map(|ns| {
+            let (api, patch, params) = (&api, &patch, &params);
+            async move {
+                match api.patch(ns, params, &Patch::Merge(patch)).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                    Err(source) => Err(StatusError::Annotate {
+                        namespace: ns.to_string(),
+                        source,
+                    }),
+                }
+            }
+        }))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 /// Publishes Kubernetes Events about environments (reported as `envctl`).
@@ -422,6 +474,8 @@ pub struct StatusRow {
     pub revision: String,
     pub state: String,
     pub applied_at: String,
+    /// The certificate's state: why there is none, or when it waits for quota.
+    pub certificate: String,
     pub last_error: String,
 }
 
@@ -453,6 +507,7 @@ pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>,
                     get(STATE_ANNOTATION)
                 },
                 applied_at: get(APPLIED_AT_ANNOTATION),
+                certificate: certificate_state(&ann),
                 last_error: get(ERROR_ANNOTATION),
             }
         })
@@ -461,10 +516,32 @@ pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>,
     Ok(rows)
 }
 
+/// What the namespace's annotations say of its certificate.
+fn certificate_state(annotations: &BTreeMap<String, String>) -> String {
+    if let Some(note) = annotations.get(crate::certs::CERTIFICATE_ANNOTATION) {
+        return note.clone();
+    }
+    match (
+        annotations.get(crate::certs::WAIT_UNTIL_ANNOTATION),
+        annotations.get(crate::certs::WAIT_REASON_ANNOTATION),
+    ) {
+        (Some(until), Some(reason)) => format!("waiting for quota ({reason}) until {until}"),
+        (Some(until), None) => format!("waiting for quota until {until}"),
+        _ => String::new(),
+    }
+}
+
 /// The rows as an aligned text table.
 pub fn table(rows: &[StatusRow]) -> String {
-    let header = ["ENVIRONMENT", "REVISION", "STATE", "APPLIED", "LAST ERROR"];
-    let cells: Vec<[String; 5]> = rows
+    let header = [
+        "ENVIRONMENT",
+        "REVISION",
+        "STATE",
+        "APPLIED",
+        "CERTIFICATE",
+        "LAST ERROR",
+    ];
+    let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
             [
@@ -480,6 +557,11 @@ pub fn table(rows: &[StatusRow]) -> String {
                 } else {
                     r.applied_at.clone()
                 },
+                if r.certificate.is_empty() {
+                    "-".into()
+                } else {
+                    r.certificate.clone()
+                },
                 r.last_error.replace('\n', " "),
             ]
         })
@@ -491,9 +573,9 @@ pub fn table(rows: &[StatusRow]) -> String {
         }
     }
     let mut out = String::new();
-    let mut line = |vals: [&str; 5]| {
+    let mut line = |vals: [&str; 6]| {
         for (i, v) in vals.iter().enumerate() {
-            if i == 4 {
+            if i == 5 {
                 out.push_str(v);
             } else {
                 out.push_str(&format!("{v:<w$}  ", w = widths[i]));
@@ -506,7 +588,7 @@ pub fn table(rows: &[StatusRow]) -> String {
     };
     line(header);
     for c in &cells {
-        line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
+        line([&c[0], &c[1], &c[2], &c[3], &c[4], &c[5]]);
     }
     out
 }

@@ -1,5 +1,6 @@
 //! The ACME client: an account on the directory (its credentials kept by the caller), orders
-//! answered with HTTP-01 through `Challenges` (served by envctl's HTTP listener), and answers
+//! answered with HTTP-01 through `Challenges` (kept in the cluster, served by every replica's
+//! listener), and answers
 //! classified for the ledger. Wraps instant-acme with our own HTTP client so that one rustls
 //! crypto provider (ring) is used, extra roots can be trusted, and the `Retry-After` of a 429
 //! (which instant-acme drops) is kept.
@@ -7,12 +8,11 @@
 //! Sends ACME requests only; never decides whether an order may be sent (the ledger does).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,10 +26,13 @@ use instant_acme::{
     NewOrder, Order, OrderStatus, RetryPolicy,
 };
 
+use super::challenges::Challenges;
 use super::ledger::Limit;
 
 /// Let's Encrypt's production directory.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory (untrusted certificates, far higher limits).
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -55,6 +58,10 @@ pub enum AcmeError {
     AuthorizationFailed { name: String, detail: String },
     #[error("the ACME server does not offer an HTTP-01 challenge for {name}")]
     NoHttpChallenge { name: String },
+    #[error(
+        "publishing the HTTP-01 answer for {name} (the CA was not asked to validate): {message}"
+    )]
+    Challenge { name: String, message: String },
     #[error("the order ended as {status}")]
     OrderFailed { status: String },
     #[error("{what}")]
@@ -220,47 +227,6 @@ pub struct AcmeConfig {
     pub eab: Option<(String, Vec<u8>)>,
     /// How long an order may take from challenge to certificate.
     pub order_timeout: Duration,
-}
-
-/// HTTP-01 answers being served: token -> key authorization.
-#[derive(Debug, Default)]
-pub struct Challenges(RwLock<HashMap<String, String>>);
-
-impl Challenges {
-    pub fn get(&self, token: &str) -> Option<String> {
-        self.0.read().ok()?.get(token).cloned()
-    }
-    fn put(&self, token: &str, key_authorization: &str) {
-        if let Ok(mut m) = self.0.write() {
-            m.insert(token.to_string(), key_authorization.to_string());
-        }
-    }
-    fn remove(&self, token: &str) {
-        if let Ok(mut m) = self.0.write() {
-            m.remove(token);
-        }
-    }
-}
-
-/// The route envctl's listeners add: `GET /.well-known/acme-challenge/{token}`.
-pub fn challenge_router(challenges: Arc<Challenges>) -> axum::Router {
-    use axum::extract::{Path as UrlPath, State};
-    use axum::http::StatusCode;
-    async fn answer(
-        State(c): State<Arc<Challenges>>,
-        UrlPath(token): UrlPath<String>,
-    ) -> (StatusCode, String) {
-        match c.get(&token) {
-            Some(k) => (StatusCode::OK, k),
-            None => (StatusCode::NOT_FOUND, "no such challenge\n".into()),
-        }
-    }
-    axum::Router::new()
-        .route(
-            "/.well-known/acme-challenge/{token}",
-            axum::routing::get(answer),
-        )
-        .with_state(challenges)
 }
 
 /// A ready account.
@@ -443,7 +409,9 @@ impl Acme {
             }
         };
         for token in served {
-            challenges.remove(&token);
+            if let Err(e) = challenges.remove(&token).await {
+                tracing::warn!(error = %crate::controller::error_chain(&e), "withdrawing an HTTP-01 answer; it is swept once stale");
+            }
         }
         result
     }
@@ -481,7 +449,23 @@ impl Acme {
                     .challenge(ChallengeType::Http01)
                     .ok_or(AcmeError::NoHttpChallenge { name: name.clone() })?;
                 let token = challenge.token.clone();
-                challenges.put(&token, challenge.key_authorization().as_str());
+                // Published where every replica reads it before the CA is told to look; if
+                // it cannot be published, the CA is not asked (a failed validation would
+                // spend the authorization-failure limit).
+                let now = super::unix_now();
+                let ttl = self.config.order_timeout.as_secs() * 2 + 300;
+                challenges
+                    .put(
+                        &token,
+                        challenge.key_authorization().as_str(),
+                        now,
+                        now + ttl,
+                    )
+                    .await
+                    .map_err(|e| AcmeError::Challenge {
+                        name: name.clone(),
+                        message: crate::controller::error_chain(&e),
+                    })?;
                 served.push(token);
                 challenge
                     .set_ready()

@@ -1,5 +1,5 @@
-//! Certificates: one TLS certificate per environment from an ACME server (Let's Encrypt by
-//! default), planned against a model of Let's Encrypt's rate limits so that no order is ever
+//! Certificates: one TLS certificate per environment from an ACME server (the directory is
+//! always named explicitly; there is no default CA), planned against a model of Let's Encrypt's rate limits so that no order is ever
 //! refused for quota.
 //!
 //! This file holds the pure decisions: what a certificate says (`inspect`), whether an
@@ -10,11 +10,30 @@
 //! its TLS Secret (and the namespace's certificate annotations).
 
 pub mod acme;
+pub mod challenges;
 pub mod ledger;
 pub mod reconcile;
 pub mod store;
 
 use ledger::{BucketKey, Decision, Ledger, Limit, OrderKind, OrderRequest};
+
+/// What the certificate step of `apply` and `run` does.
+#[derive(Debug, Clone)]
+pub enum CertMode {
+    /// `--skip-certificates`: certificates are left alone.
+    Skip,
+    /// No ACME directory: TLS environments are applied without certificates, and reported so.
+    Unconfigured,
+    /// Certificates from this ACME directory.
+    Acme(acme::AcmeConfig),
+}
+
+/// On a TLS environment's namespace: why it has no certificate (set while no ACME directory
+/// is configured; removed once a certificate is stored).
+pub const CERTIFICATE_ANNOTATION: &str = "envctl.materialize.cloud/certificate";
+/// The value of `CERTIFICATE_ANNOTATION` while no ACME directory is configured.
+pub const UNCONFIGURED_NOTE: &str =
+    "none: no ACME directory is configured (--acme-directory letsencrypt|letsencrypt-staging|URL)";
 
 /// The Secret holding an environment's certificate, in the environment's namespace.
 pub const TLS_SECRET: &str = "environment-tls";

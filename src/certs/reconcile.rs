@@ -12,7 +12,8 @@ use futures::StreamExt;
 use kube::Client;
 use serde::Serialize;
 
-use super::acme::{Acme, AcmeConfig, AcmeError, Challenges};
+use super::acme::{Acme, AcmeConfig, AcmeError};
+use super::challenges::Challenges;
 use super::ledger::{BucketKey, BucketSpec, Decision, Ledger, Limit, OrderKind, OrderRequest};
 use super::store::{
     AccountStore, CertStore, LedgerStore, Pending, StoreError, StoredCert, rfc3339,

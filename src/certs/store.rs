@@ -501,6 +501,8 @@ impl CertStore {
         let patch = serde_json::json!({"metadata": {"annotations": {
             super::WAIT_UNTIL_ANNOTATION: until,
             super::WAIT_REASON_ANNOTATION: reason,
+            // A directory is configured now: the "no directory" note no longer holds.
+            super::CERTIFICATE_ANNOTATION: serde_json::Value::Null,
         }}});
         let api: Api<Namespace> = Api::all(self.client.clone());
         let pp = PatchParams {

@@ -1,6 +1,7 @@
-//! The controller's HTTP listener: `/healthz`, `/readyz`, `/metrics`, and the Git webhook
-//! `POST /hooks/git`, authenticated by an HMAC-SHA256 signature of the body in GitHub's
-//! `X-Hub-Signature-256: sha256=<hex>` form. Serves; decides nothing.
+//! The controller's HTTP listener: `/healthz`, `/readyz`, `/metrics`, HTTP-01 answers, and
+//! the Git webhook `POST /hooks/git`, authenticated by an HMAC-SHA256 signature of the body in
+//! GitHub's `X-Hub-Signature-256: sha256=<hex>` form (a standby relays it to the leader).
+//! Serves; decides nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,9 +24,14 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub webhook_secret: Option<Vec<u8>>,
     /// Wakes the loop for an immediate poll.
-    pub poke: Notify,
-    /// HTTP-01 answers for the certificate step.
-    pub challenges: Arc<crate::certs::acme::Challenges>,
+    pub poke: Arc<Notify>,
+    /// HTTP-01 answers, read from the cluster (every replica answers); `None` without
+    /// certificates.
+    pub challenges: Option<Arc<crate::certs::challenges::Challenges>>,
+    /// Whether this replica leads (always true without leader election).
+    pub leading: tokio::sync::watch::Receiver<bool>,
+    /// With leader election: how a standby hands a webhook call to the leader.
+    pub relay: Option<super::relay::Relay>,
 }
 
 /// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under `secret`.
@@ -93,20 +99,35 @@ async fn hook(
             "bad or missing X-Hub-Signature-256\n",
         );
     }
-    shared.poke.notify_one();
-    (StatusCode::ACCEPTED, "poll scheduled\n")
+    match &shared.relay {
+        Some(relay) if !*shared.leading.borrow() => match relay.forward().await {
+            Ok(()) => (StatusCode::ACCEPTED, "poll relayed to the leader\n"),
+            Err(e) => {
+                tracing::warn!(error = %super::error_chain(&e), "relaying a webhook call");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this replica stands by and could not relay the call to the leader\n",
+                )
+            }
+        },
+        _ => {
+            shared.poke.notify_one();
+            (StatusCode::ACCEPTED, "poll scheduled\n")
+        }
+    }
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/hooks/git", post(hook))
-        .with_state(shared.clone())
-        .merge(crate::certs::acme::challenge_router(
-            shared.challenges.clone(),
-        ))
+        .with_state(shared.clone());
+    match &shared.challenges {
+        Some(c) => router.merge(crate::certs::challenges::challenge_router(c.clone())),
+        None => router,
+    }
 }
 
 /// Serves until the process ends.

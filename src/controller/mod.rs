@@ -25,6 +25,8 @@ pub struct PassOptions {
     pub diffs: bool,
     /// Plan only these environments (see `SourceHealth::scope`); `None` plans all.
     pub scope: Option<std::collections::BTreeSet<String>>,
+    /// `--adopt`: take over existing namespaces that no envctl instance owns.
+    pub adopt: bool,
 }
 
 /// What a pass found, with timings of its steps.
@@ -61,10 +63,35 @@ pub async fn plan_pass(
     };
     timings.insert("observe", t.elapsed());
 
+    // Namespaces about to be created may exist already, unowned or another instance's:
+    // read their labels so that the plan can refuse those environments.
+    let t = Instant::now();
+    let missing: Vec<&str> = desired
+        .iter()
+        .filter(|d| {
+            d.kind == crate::render::ObjectKind::Namespace
+                && !live.objects.contains_key(&plan::ObjectKey::of(d))
+                && options
+                    .scope
+                    .as_ref()
+                    .is_none_or(|s| s.contains(&d.environment))
+        })
+        .map(|d| d.name.as_str())
+        .collect();
+    let existing_namespaces = match client {
+        Some(c) if !missing.is_empty() => {
+            observe::namespace_labels(c, &missing, options.concurrency).await?
+        }
+        _ => BTreeMap::new(),
+    };
+    timings.insert("ownership", t.elapsed());
     let health = SourceHealth {
         invalid_environments: loaded.invalid_names.clone(),
         unattributed_files: loaded.unattributed_files.clone(),
         scope: options.scope.clone(),
+        existing_namespaces,
+        instance: options.render.instance.clone(),
+        adopt: options.adopt,
     };
     let t = Instant::now();
     let to_check = plan::needs_dry_run(&desired, &live, &health);
@@ -132,4 +159,5 @@ pub async fn apply_pass(client: &Client, pass: &PassPlan, options: &PassOptions)
 
 pub mod http;
 pub mod leader;
+pub mod relay;
 pub mod run;

@@ -19,8 +19,11 @@ use tokio::sync::{Notify, watch};
 
 use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
+use super::relay::Relay;
 use super::{PassOptions, apply_pass, error_chain, plan_pass};
-use crate::certs::acme::{AcmeConfig, Challenges};
+use crate::certs::CertMode;
+use crate::certs::acme::AcmeConfig;
+use crate::certs::challenges::Challenges;
 use crate::certs::reconcile::{CertSettings, Certs, Target};
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, LoadOptions, SourceFile};
@@ -51,15 +54,12 @@ pub struct RunOptions {
     pub listen: SocketAddr,
     pub webhook_secret: Option<Vec<u8>>,
     pub leader: Option<LeaseConfig>,
-    /// Certificates from an ACME server (`None`: `--skip-certificates`).
-    pub certs: Option<CertRun>,
-}
-
-/// How `run` gets certificates.
-#[derive(Debug, Clone)]
-pub struct CertRun {
-    pub config: AcmeConfig,
-    pub settings: CertSettings,
+    /// How long a pass in flight may take to finish after SIGTERM or SIGINT.
+    pub shutdown_grace: Duration,
+    /// Certificates: skipped, unconfigured (reported only) or from an ACME directory.
+    pub certs: CertMode,
+    /// Where certificate state lives (used with `CertMode::Acme`).
+    pub cert_settings: CertSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,8 @@ struct Loop {
     loaded: Option<(String, std::sync::Arc<manifest::Loaded>)>,
     /// Wakes the certificate worker with the environments that want certificates.
     cert_targets: watch::Sender<Vec<Target>>,
+    /// Refused environments already logged at error level (logged once, not every pass).
+    refusals_reported: BTreeSet<String>,
 }
 
 impl Loop {
@@ -268,6 +270,18 @@ impl Loop {
                 .entry(env)
                 .or_insert_with(|| format!("{} {}: {}", f.action.as_str(), f.object, f.error));
         }
+        let refused: BTreeSet<&str> = pass
+            .plan
+            .refused
+            .iter()
+            .map(|r| r.environment.as_str())
+            .collect();
+        for r in &pass.plan.refused {
+            failed.insert(r.environment.clone(), r.reason.clone());
+            if self.refusals_reported.insert(r.environment.clone()) {
+                tracing::error!(environment = %r.environment, reason = %r.reason, "refused");
+            }
+        }
         let mut touched: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
         for c in &pass.plan.changes {
             let e = touched.entry(c.environment.as_str()).or_default();
@@ -280,8 +294,13 @@ impl Loop {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let mut counts: BTreeMap<EnvState, i64> = BTreeMap::new();
         let mut statuses = Vec::new();
+        let unconfigured = matches!(self.opts.certs, CertMode::Unconfigured);
+        let mut without_certificate = 0i64;
         for env in &loaded.environments {
             let name = env.environment.metadata.name.clone();
+            let certificate = (unconfigured && env.environment.spec.tls.enabled)
+                .then_some(crate::certs::UNCONFIGURED_NOTE);
+            without_certificate += i64::from(certificate.is_some());
             let file_changed = revision
                 .changed
                 .as_ref()
@@ -306,6 +325,7 @@ impl Loop {
                 revision: revision_id,
                 state,
                 error,
+                certificate,
             });
         }
         for name in &loaded.invalid_names {
@@ -326,15 +346,28 @@ impl Loop {
                 revision: previous_revision,
                 state: EnvState::Invalid,
                 error: Some(reason),
+                certificate: None,
             });
         }
         self.metrics.set_states(&counts);
+        self.metrics.certs.unconfigured.set(without_certificate);
+        if without_certificate > 0 {
+            tracing::warn!(
+                environments = without_certificate,
+                "TLS environments are applied without certificates: no ACME directory is configured (--acme-directory letsencrypt, letsencrypt-staging or a URL)"
+            );
+        }
         self.metrics.set_revision(&revision.id);
 
         // The certificate worker looks again when the environments changed or a namespace
         // was (re)created; otherwise it keeps its own schedule.
-        let targets =
-            crate::certs::reconcile::targets(loaded.environments.iter().map(|e| &e.environment));
+        let targets = crate::certs::reconcile::targets(
+            loaded
+                .environments
+                .iter()
+                .map(|e| &e.environment)
+                .filter(|e| !refused.contains(e.metadata.name.as_str())),
+        );
         let created_namespace = pass
             .plan
             .changes
@@ -360,12 +393,17 @@ impl Loop {
                 a.get(status::REVISION_ANNOTATION) == Some(&s.revision)
                     && a.get(status::STATE_ANNOTATION).map(String::as_str) == Some(s.state.as_str())
                     && a.get(status::ERROR_ANNOTATION) == s.error.as_ref()
+                    && a.get(crate::certs::CERTIFICATE_ANNOTATION)
+                        .map(String::as_str)
+                        == s.certificate
             });
             let namespace_exists =
                 recorded.is_some() || touched.contains_key(s.environment.as_str());
             let changed = self.written.insert(s.environment.clone(), key.clone()) != Some(key);
             let note = s.error.clone().unwrap_or_default();
             match (s.state, touched.get(s.environment.as_str())) {
+                // Nothing is written into a namespace that is not ours, Events included.
+                _ if refused.contains(s.environment.as_str()) => {}
                 (EnvState::Failed, _) if changed => {
                     publish.push((s.namespace.clone(), true, "ApplyFailed", note))
                 }
@@ -463,12 +501,39 @@ impl Loop {
 /// Runs the controller until interrupted.
 pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let (lead_tx, lead_rx) = watch::channel(opts.leader.is_none());
+    let challenges = matches!(opts.certs, CertMode::Acme(_)).then(|| {
+        Arc::new(Challenges::new(
+            &client,
+            &opts.cert_settings.namespace,
+            &opts.cert_settings.instance,
+        ))
+    });
+    let relay = opts.leader.as_ref().map(|cfg| {
+        Relay::new(
+            &client,
+            &cfg.namespace,
+            &opts.pass.render.instance,
+            &cfg.identity,
+        )
+    });
+    let poke = Arc::new(Notify::new());
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         ready: Default::default(),
         webhook_secret: opts.webhook_secret.clone(),
-        poke: Notify::new(),
-        challenges: Arc::new(Challenges::default()),
+        poke: poke.clone(),
+        challenges: challenges.clone(),
+        leading: lead_rx.clone(),
+        relay: relay.clone(),
+    });
+    // SIGTERM (rollouts, drains) and SIGINT: stop starting passes, finish the one in flight
+    // within the grace period, release the Lease, exit 0.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("asked to stop: no new pass is started");
+        let _ = stop_tx.send(true);
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -484,9 +549,12 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         }
     });
 
-    let (lead_tx, lead_rx) = watch::channel(opts.leader.is_none());
-    if let Some(cfg) = opts.leader.clone() {
-        tokio::spawn(leader::run(client.clone(), cfg, lead_tx));
+    let leader_task = opts
+        .leader
+        .clone()
+        .map(|cfg| tokio::spawn(leader::run(client.clone(), cfg, lead_tx)));
+    if let (Some(relay), true) = (relay, opts.webhook_secret.is_some()) {
+        tokio::spawn(relay.watch(poke.clone()));
     }
     let drift = Arc::new(Notify::new());
     let cache = crate::observe::Cache::start(&client, &opts.pass.render.instance, drift.clone());
@@ -529,17 +597,20 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     };
     let events = Events::new(client.clone(), &opts.pass.render.instance);
     let (cert_targets, targets_rx) = watch::channel(Vec::new());
-    if let Some(c) = opts.certs.clone() {
-        tokio::spawn(cert_worker(
+    let cert_task = match (opts.certs.clone(), challenges) {
+        (CertMode::Acme(config), Some(challenges)) => Some(tokio::spawn(cert_worker(
             client.clone(),
-            c,
-            shared.challenges.clone(),
+            config,
+            opts.cert_settings.clone(),
+            challenges,
             metrics.clone(),
             targets_rx,
             lead_rx.clone(),
+            stop_rx.clone(),
             opts.resync,
-        ));
-    }
+        ))),
+        _ => None,
+    };
     let interval = opts.interval;
     let resync = opts.resync;
     let max = opts.max_file_size;
@@ -552,14 +623,21 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         written: BTreeMap::new(),
         loaded: None,
         cert_targets,
+        refusals_reported: BTreeSet::new(),
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();
     let mut trigger = Trigger::Poll;
     let mut first = true;
+    let mut stop = stop_rx.clone();
+    let grace = state.opts.shutdown_grace;
     loop {
+        if *stop.borrow() {
+            break;
+        }
         if !first {
             tokio::select! {
+                _ = stop.changed() => break,
                 _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
                 _ = shared.poke.notified() => trigger = Trigger::Webhook,
                 _ = file_changes.notified() => trigger = Trigger::Watch,
@@ -567,10 +645,6 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
                     // Let a burst of watch events settle into one pass.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     trigger = Trigger::Drift;
-                }
-                _ = tokio::signal::ctrl_c() => {
-                    tracing::info!("interrupted; stopping");
-                    return Ok(());
                 }
             }
         }
@@ -621,30 +695,109 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         } else {
             continue; // nothing moved: no fetch was made, nothing is written
         };
-        state.reconcile(&rev, why, moved).await;
+        if *stop.borrow() || !*lead_rx.borrow() {
+            continue; // asked to stop, or the lease was lost while polling
+        }
+        // A pass in flight when the stop comes may finish within the grace period.
+        let mut stopping = stop_rx.clone();
+        tokio::select! {
+            _ = state.reconcile(&rev, why, moved) => {}
+            _ = async {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace = ?grace, "the pass did not finish within the grace period; stopping anyway");
+                break;
+            }
+        }
         last_pass = Instant::now();
         shared.ready.store(true, Ordering::Relaxed);
     }
+    shutdown(
+        &state.client,
+        state.opts.leader.as_ref(),
+        cert_task,
+        leader_task,
+        grace,
+    )
+    .await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The end of `run`: the certificate worker finishes its round (within the grace period),
+/// then the Lease is released so that a standby takes over at once.
+async fn shutdown(
+    client: &Client,
+    lease: Option<&LeaseConfig>,
+    cert_task: Option<tokio::task::JoinHandle<()>>,
+    leader_task: Option<tokio::task::JoinHandle<()>>,
+    grace: Duration,
+) {
+    if let Some(mut task) = cert_task
+        && tokio::time::timeout(grace, &mut task).await.is_err()
+    {
+        tracing::warn!(
+            "the certificate step did not finish within the grace period; its orders resume on the next start"
+        );
+        task.abort();
+    }
+    if let Some(task) = leader_task {
+        task.abort();
+    }
+    if let Some(cfg) = lease {
+        match tokio::time::timeout(Duration::from_secs(5), leader::release(client, cfg)).await {
+            Ok(Ok(true)) => tracing::info!(lease = %cfg.name, "released the lease"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "releasing the lease; a standby takes over when it expires")
+            }
+            Err(_) => tracing::warn!(
+                "releasing the lease timed out; a standby takes over when it expires"
+            ),
+        }
+    }
+    tracing::info!("stopped");
 }
 
 /// Keeps certificates up to date: runs the certificate step when the environments change,
 /// when a waiting order or a renewal falls due, and on every resync; only while leading.
+#[allow(clippy::too_many_arguments)]
 async fn cert_worker(
     client: Client,
-    settings: CertRun,
+    config: AcmeConfig,
+    settings: CertSettings,
     challenges: Arc<Challenges>,
     metrics: Arc<Metrics>,
     mut targets: watch::Receiver<Vec<Target>>,
     lead: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     resync: Duration,
 ) {
-    let events = Events::new(client.clone(), &settings.settings.instance);
+    let events = Events::new(client.clone(), &settings.instance);
     let mut certs: Option<Certs> = None;
     let mut next = tokio::time::Instant::now() + resync;
     loop {
         tokio::select! {
             changed = targets.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep_until(next) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
         next = tokio::time::Instant::now() + resync;
         if !*lead.borrow() {
@@ -657,8 +810,8 @@ async fn cert_worker(
         if certs.is_none() {
             match Certs::connect(
                 &client,
-                settings.config.clone(),
-                settings.settings.clone(),
+                config.clone(),
+                settings.clone(),
                 challenges.clone(),
             )
             .await

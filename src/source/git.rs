@@ -14,20 +14,82 @@ use git2::{
 use crate::diagnostic::Diagnostic;
 use crate::manifest::SourceFile;
 
+/// A libgit2 error whose message has had any credential in it replaced (libgit2 may quote
+/// the URL it was given, userinfo and all).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Git2Error {
+    pub message: String,
+    pub class: git2::ErrorClass,
+    pub code: git2::ErrorCode,
+}
+
+impl Git2Error {
+    fn new(e: git2::Error, secrets: &[String]) -> Git2Error {
+        Git2Error {
+            message: redact_text(e.message(), secrets),
+            class: e.class(),
+            code: e.code(),
+        }
+    }
+}
+
+/// `url` with its userinfo (`user:token@`) replaced by `***@`: a URL fit to print.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// The credential parts of a URL (its whole userinfo and its password) that must never be
+/// printed.
+fn url_secrets(url: &str) -> Vec<String> {
+    let Some(scheme_end) = url.find("://") else {
+        return Vec::new();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return Vec::new();
+    };
+    let userinfo = &rest[..at];
+    let mut out = vec![userinfo.to_string()];
+    if let Some((_, password)) = userinfo.split_once(':') {
+        out.push(password.to_string());
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// `text` with every secret in it replaced by `***`.
+pub fn redact_text(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 3) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     #[error("opening the Git cache at {path}")]
     Cache {
         path: String,
         #[source]
-        source: git2::Error,
+        source: Git2Error,
     },
     #[error("asking {url} for {reference}")]
     LsRemote {
         url: String,
         reference: String,
         #[source]
-        source: git2::Error,
+        source: Git2Error,
     },
     #[error("{url} has no branch or tag {reference:?}")]
     NoSuchRef { url: String, reference: String },
@@ -36,13 +98,13 @@ pub enum GitError {
         url: String,
         reference: String,
         #[source]
-        source: git2::Error,
+        source: Git2Error,
     },
     #[error("reading commit {commit}")]
     Read {
         commit: String,
         #[source]
-        source: git2::Error,
+        source: Git2Error,
     },
     #[error("reading credentials from {what}")]
     Credentials { what: String },
@@ -64,14 +126,24 @@ pub fn configure_timeouts() {
     });
 }
 
-/// How to authenticate to the remote.
-#[derive(Debug, Clone, Default)]
+/// How to authenticate to the remote. `Debug` prints no token.
+#[derive(Clone, Default)]
 pub struct Credentials {
     pub username: Option<String>,
     /// HTTPS token (password).
     pub token: Option<String>,
     /// SSH private key file.
     pub ssh_key: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("token", &self.token.as_ref().map(|_| "(redacted)"))
+            .field("ssh_key", &self.ssh_key)
+            .finish()
+    }
 }
 
 impl Credentials {
@@ -104,14 +176,24 @@ impl Credentials {
     }
 }
 
-/// Where the manifests live in Git.
-#[derive(Debug, Clone)]
+/// Where the manifests live in Git. `Debug` prints the URL without its userinfo.
+#[derive(Clone)]
 pub struct GitSpec {
     pub url: String,
     /// A branch, a tag, a full ref name or a commit id.
     pub reference: String,
     /// Folder inside the repository holding the manifests.
     pub path: Option<String>,
+}
+
+impl std::fmt::Debug for GitSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitSpec")
+            .field("url", &redact_url(&self.url))
+            .field("reference", &self.reference)
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 /// The Git operations a controller needs; behind a trait so the backend can change.
@@ -135,6 +217,10 @@ pub struct Git2Source {
     spec: GitSpec,
     credentials: Credentials,
     repo: Repository,
+    /// The URL as printed (userinfo redacted).
+    shown_url: String,
+    /// What must never be printed: the URL's userinfo and the token.
+    secrets: Vec<String>,
 }
 
 const LOCAL_REF: &str = "refs/envctl/source";
@@ -155,16 +241,20 @@ impl Git2Source {
         credentials: Credentials,
         cache_dir: &Path,
     ) -> Result<Git2Source, GitError> {
+        let mut secrets = url_secrets(&spec.url);
+        secrets.extend(credentials.token.iter().cloned());
         let repo = Repository::init_bare(cache_dir)
             .or_else(|_| Repository::open_bare(cache_dir))
             .map_err(|source| GitError::Cache {
                 path: cache_dir.display().to_string(),
-                source,
+                source: Git2Error::new(source, &secrets),
             })?;
         Ok(Git2Source {
+            shown_url: redact_url(&spec.url),
             spec,
             credentials,
             repo,
+            secrets,
         })
     }
 
@@ -209,9 +299,9 @@ impl Git2Source {
 
     fn ls_remote_error(&self, source: git2::Error) -> GitError {
         GitError::LsRemote {
-            url: self.spec.url.clone(),
+            url: self.shown_url.clone(),
             reference: self.spec.reference.clone(),
-            source,
+            source: Git2Error::new(source, &self.secrets),
         }
     }
 }
@@ -240,16 +330,16 @@ impl Git2Source {
             }
         }
         Err(GitError::NoSuchRef {
-            url: self.spec.url.clone(),
+            url: self.shown_url.clone(),
             reference: self.spec.reference.clone(),
         })
     }
 
     fn fetch_refspec(&self, refspec: &str, shallow: bool) -> Result<(), GitError> {
         let fetch_err = |source| GitError::Fetch {
-            url: self.spec.url.clone(),
+            url: self.shown_url.clone(),
             reference: self.spec.reference.clone(),
-            source,
+            source: Git2Error::new(source, &self.secrets),
         };
         let mut remote = self
             .repo
@@ -289,7 +379,7 @@ impl GitBackend for Git2Source {
             }
             if !known(&self.repo) {
                 return Err(GitError::NoSuchRef {
-                    url: self.spec.url.clone(),
+                    url: self.shown_url.clone(),
                     reference,
                 });
             }
@@ -315,7 +405,7 @@ impl GitBackend for Git2Source {
     ) -> Result<(Vec<SourceFile>, Vec<Diagnostic>), GitError> {
         let read_err = |source| GitError::Read {
             commit: commit.to_string(),
-            source,
+            source: Git2Error::new(source, &self.secrets),
         };
         let oid = Oid::from_str(commit).map_err(read_err)?;
         let tree = self
@@ -434,7 +524,50 @@ impl Git2Source {
             .map(|c| c.id().to_string())
             .map_err(|source| GitError::Read {
                 commit: name.to_string(),
-                source,
+                source: Git2Error::new(source, &self.secrets),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_print_without_credentials() {
+        assert_eq!(
+            redact_url("https://bot:s3cr3t@git.example.com/envs.git"),
+            "https://***@git.example.com/envs.git"
+        );
+        assert_eq!(
+            redact_url("https://ghp_token@git.example.com/a@b.git"),
+            "https://***@git.example.com/a@b.git"
+        );
+        assert_eq!(
+            redact_url("git://127.0.0.1:9418/envs.git"),
+            "git://127.0.0.1:9418/envs.git"
+        );
+        assert_eq!(redact_url("/srv/envs.git"), "/srv/envs.git");
+        let secrets = url_secrets("https://bot:s3cr3t@host/x");
+        assert_eq!(
+            secrets,
+            vec!["bot:s3cr3t".to_string(), "s3cr3t".to_string()]
+        );
+        assert_eq!(
+            redact_text("failed to reach https://bot:s3cr3t@host/x", &secrets),
+            "failed to reach https://***@host/x"
+        );
+        let c = Credentials {
+            username: Some("bot".into()),
+            token: Some("s3cr3t".into()),
+            ssh_key: None,
+        };
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        let spec = GitSpec {
+            url: "https://bot:s3cr3t@host/x".into(),
+            reference: "main".into(),
+            path: None,
+        };
+        assert!(!format!("{spec:?}").contains("s3cr3t"));
     }
 }

@@ -99,6 +99,9 @@ def test_non_default_values():
         {"instance": "no/slashes"},
         {"certificates": {"limitOverrides": {"example.cloud": "lots"}}},
         {"certificates": {"acme": {"directory": "ftp://acme"}}},
+        {"certificates": {"acme": {"directory": "letsencrypt-production"}}},
+        {"image": {"repository": "x", "digest": "latest"}},
+        {"terminationGracePeriodSeconds": 5},
         {"certificates": {"safetyMargin": -1}},
     ],
 )
@@ -141,7 +144,8 @@ def test_certificate_values():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["ENVCTL_SKIP_CERTIFICATES"] == "true"
     assert "ENVCTL_ACME_DIRECTORY" not in env
-    assert not [r for r in by_kind(off, "Role")[0]["rules"] if "configmaps" in r["resources"]]
+    names = {n for r in by_kind(off, "Role")[0]["rules"] for n in r.get("resourceNames", [])}
+    assert "envctl-default-acme-ledger" not in names and "envctl-default-http01" not in names
 
 
 def test_schema_accepts_the_defaults_with_a_source():
@@ -151,3 +155,94 @@ def test_schema_accepts_the_defaults_with_a_source():
 def test_missing_source_url_is_refused():
     with pytest.raises(helm.HelmError):
         render({})
+
+
+def env_of(docs):
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_no_production_ca_by_default():
+    env = env_of(render())
+    assert "ENVCTL_ACME_DIRECTORY" not in env
+    assert "ENVCTL_SKIP_CERTIFICATES" not in env
+    for name in ["letsencrypt", "letsencrypt-staging"]:
+        env = env_of(render({**BASE, "certificates": {"acme": {"directory": name}}}))
+        assert env["ENVCTL_ACME_DIRECTORY"] == name
+
+
+def test_rbac_grants_no_escalate_no_role_writes_and_binds_one_cluster_role():
+    docs = render()
+    envctl_role = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == "envctl"][0]
+    environmentd = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == "envctl-environmentd"]
+    assert environmentd, [d["metadata"]["name"] for d in by_kind(docs, "ClusterRole")]
+    for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+        for rule in role["rules"]:
+            assert "escalate" not in rule["verbs"], rule
+            assert "roles" not in rule["resources"], rule
+    binds = [r for r in envctl_role["rules"] if "bind" in r["verbs"]]
+    assert binds == [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+                      "resourceNames": ["envctl-environmentd"], "verbs": ["bind"]}]
+    # The ClusterRole envctl binds is the one the Deployment tells it to bind.
+    assert env_of(docs)["ENVCTL_ENVIRONMENTD_CLUSTER_ROLE"] == "envctl-environmentd"
+    # environmentd's ClusterRole is never bound cluster-wide by the chart.
+    for b in by_kind(docs, "ClusterRoleBinding"):
+        assert b["roleRef"]["name"] != "envctl-environmentd"
+
+
+def test_pod_disruption_budget_and_spread():
+    docs = render()
+    pdb = by_kind(docs, "PodDisruptionBudget")
+    assert len(pdb) == 1 and pdb[0]["spec"]["minAvailable"] == 1
+    deploy = by_kind(docs, "Deployment")[0]
+    assert pdb[0]["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    spread = deploy["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread[0]["topologyKey"] == "kubernetes.io/hostname"
+    assert spread[0]["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    off = render({**BASE, "podDisruptionBudget": {"enabled": False}, "topologySpread": {"enabled": False}})
+    assert not by_kind(off, "PodDisruptionBudget")
+    assert "topologySpreadConstraints" not in by_kind(off, "Deployment")[0]["spec"]["template"]["spec"]
+
+
+def test_image_pinned_by_digest():
+    digest = "sha256:" + "ab" * 32
+    docs = render({**BASE, "image": {"repository": "registry.example.com/envctl", "tag": "0.1.0", "digest": digest}})
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"registry.example.com/envctl@{digest}"
+    container = by_kind(render(), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].endswith(":0.1.0")
+
+
+def test_shutdown_grace_fits_inside_the_termination_grace_period():
+    for seconds in [30, 15, 120]:
+        docs = render({**BASE, "terminationGracePeriodSeconds": seconds})
+        pod = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == seconds
+        grace = env_of(docs)["ENVCTL_SHUTDOWN_GRACE"]
+        assert grace.endswith("s") and 0 < int(grace[:-1]) < seconds, grace
+
+
+def test_ssh_key_credentials_are_wired():
+    docs = render({"source": {"url": "ssh://git@git.example.com/envs.git",
+                              "credentials": {"secretName": "git-creds", "sshKey": True}}})
+    env = env_of(docs)
+    assert env["ENVCTL_GIT_SSH_KEY_FILE"] == "/etc/envctl/git/ssh-privatekey"
+    assert "ENVCTL_GIT_TOKEN_FILE" not in env
+    mounts = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "git-credentials", "mountPath": "/etc/envctl/git", "readOnly": True} in mounts
+
+
+def test_admission_policy_renders_and_lints():
+    values = {**BASE, "instance": "prod", "admissionPolicy": {"enabled": True}}
+    docs = render(values)
+    policy = by_kind(docs, "ValidatingAdmissionPolicy")
+    binding = by_kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert len(policy) == 1 and len(binding) == 1
+    assert binding[0]["spec"]["policyName"] == policy[0]["metadata"]["name"]
+    condition = policy[0]["spec"]["matchConditions"][0]["expression"]
+    assert "system:serviceaccount:envctl-system:envctl" in condition
+    rule = policy[0]["spec"]["validations"][0]["expression"]
+    assert "'envctl.materialize.cloud/instance'] == 'prod'" in rule
+    report = helm.lint(CHART, values, strict=True)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report
+    assert not by_kind(render(), "ValidatingAdmissionPolicy")

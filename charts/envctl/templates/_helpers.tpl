@@ -22,3 +22,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "envctl.verbs.manage" -}}
 ["get", "list", "watch", "create", "update", "patch", "delete"]
 {{- end -}}
+
+{{- define "envctl.environmentdClusterRole" -}}
+{{- printf "%s-environmentd" (include "envctl.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
