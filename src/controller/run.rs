@@ -636,8 +636,12 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             break;
         }
         if !first {
+            // A standby that becomes the leader reconciles at once, not an interval later.
+            let standing_by = !*lead_rx.borrow();
+            let mut became_leader = lead_rx.clone();
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = became_leader.wait_for(|l| *l), if standing_by => trigger = Trigger::Poll,
                 _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
                 _ = shared.poke.notified() => trigger = Trigger::Webhook,
                 _ = file_changes.notified() => trigger = Trigger::Watch,

@@ -73,15 +73,15 @@ pub fn pebble(always_valid: bool) -> Option<&'static Pebble> {
 
 /// What every certificate test starts from: the cluster, a pebble, the certificate lock
 /// (held while this lives), a client and a temp dir.
-struct Setup {
-    cluster: &'static TestCluster,
-    pebble: &'static Pebble,
-    _guard: tokio::sync::MutexGuard<'static, ()>,
-    client: kube::Client,
-    dir: tempfile::TempDir,
+pub struct Setup {
+    pub cluster: &'static TestCluster,
+    pub pebble: &'static Pebble,
+    pub _guard: tokio::sync::MutexGuard<'static, ()>,
+    pub client: kube::Client,
+    pub dir: tempfile::TempDir,
 }
 
-async fn setup(always_valid: bool) -> Option<Setup> {
+pub async fn setup(always_valid: bool) -> Option<Setup> {
     let cluster = cluster::require()?;
     let pebble = pebble(always_valid)?;
     let guard = lock().await;
@@ -269,14 +269,14 @@ pub async fn controller_namespace(client: &kube::Client, name: &str) {
         .expect("creating the controller namespace");
 }
 
-async fn tls_secret(client: &kube::Client, namespace: &str) -> Option<Secret> {
+pub async fn tls_secret(client: &kube::Client, namespace: &str) -> Option<Secret> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     api.get_opt("environment-tls")
         .await
         .expect("reading a Secret")
 }
 
-fn chain_of(secret: &Secret) -> Vec<u8> {
+pub fn chain_of(secret: &Secret) -> Vec<u8> {
     secret
         .data
         .as_ref()

@@ -142,12 +142,25 @@ async fn envctl_runs_as_the_charts_service_account() {
     // The examples, under names unique to this test.
     let source = dir.path().join("envs");
     let names = examples_renamed(&source, &id[id.len() - 4..]);
+    // The ClusterRole the chart's Deployment tells envctl to bind.
+    let environmentd_role = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .and_then(|d| d["spec"]["template"]["spec"]["containers"][0]["env"].as_array())
+        .and_then(|env| {
+            env.iter()
+                .find(|e| e["name"] == "ENVCTL_ENVIRONMENTD_CLUSTER_ROLE")
+                .and_then(|e| e["value"].as_str())
+        })
+        .expect("the Deployment names environmentd's ClusterRole")
+        .to_string();
     let envctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_envctl"))
             .args(args)
             .arg("--kubeconfig")
             .arg(&sa_kubeconfig)
             .env_remove("KUBECONFIG")
+            .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
             .output()
             .expect("running envctl")
     };
@@ -220,6 +233,7 @@ async fn envctl_runs_as_the_charts_service_account() {
         ])
         .arg("--kubeconfig")
         .arg(&sa_kubeconfig)
+        .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
         .env("ENVCTL_LOG", "info")
         .stdout(file.try_clone().expect("log"))
         .stderr(file)
@@ -261,6 +275,105 @@ async fn envctl_runs_as_the_charts_service_account() {
             other.map(|l| l.items.len())
         ),
     }
+
+    // Least privilege: no Role writes, no binding of anything but environmentd's
+    // ClusterRole, no Secrets outside what envctl owns.
+    let env_ns = format!("environment-{}", names[0]);
+    let forbidden = |what: &str, r: Result<serde_json::Value, kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("{what} was not refused: {other:?}"),
+    };
+    let roles: Api<DynamicObject> = Api::namespaced_with(
+        sa_client.clone(),
+        &env_ns,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::rbac::v1::Role>(&()),
+    );
+    let secret_role = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "environmentd", "namespace": env_ns},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]
+    });
+    let as_dynamic = |v: &serde_json::Value| -> DynamicObject {
+        serde_json::from_value(v.clone()).expect("an object")
+    };
+    forbidden(
+        "creating a Role that grants Secrets",
+        roles
+            .create(&PostParams::default(), &as_dynamic(&secret_role))
+            .await
+            .map(|o| serde_json::to_value(o).unwrap_or_default()),
+    );
+    forbidden(
+        "server-side applying a Role that grants Secrets",
+        roles
+            .patch(
+                "environmentd",
+                &PatchParams::apply("envctl").force(),
+                &Patch::Apply(&secret_role),
+            )
+            .await
+            .map(|o| serde_json::to_value(o).unwrap_or_default()),
+    );
+    let bindings: Api<DynamicObject> = Api::namespaced_with(
+        sa_client.clone(),
+        &env_ns,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::rbac::v1::RoleBinding>(&()),
+    );
+    for role in [
+        "cluster-admin",
+        "admin",
+        "edit",
+        "view",
+        "system:controller:namespace-controller",
+    ] {
+        let binding = serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("grab-{}", role.replace(':', "-")), "namespace": env_ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": namespace}]
+        });
+        forbidden(
+            &format!("binding {role}"),
+            bindings
+                .create(&PostParams::default(), &as_dynamic(&binding))
+                .await
+                .map(|o| serde_json::to_value(o).unwrap_or_default()),
+        );
+    }
+    // The one binding envctl may make is the one every pass makes (applied above).
+    let made = bindings
+        .get("environmentd")
+        .await
+        .expect("the environmentd RoleBinding");
+    assert_eq!(made.data["roleRef"]["name"], environmentd_role.as_str());
+    assert_eq!(made.data["roleRef"]["kind"], "ClusterRole");
+    // A Secret in a namespace envctl does not own.
+    let other_ns = format!("{id}-other");
+    nsapi
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": other_ns}}))
+                .expect("ns"),
+        )
+        .await
+        .expect("creating another namespace");
+    let admin_secrets: Api<Secret> = Api::namespaced(client.clone(), &other_ns);
+    admin_secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "db-password"}, "stringData": {"password": "x"}})).expect("a secret"),
+        )
+        .await
+        .expect("creating a Secret as the admin");
+    let sa_secrets: Api<Secret> = Api::namespaced(sa_client.clone(), &other_ns);
+    match sa_secrets.get("db-password").await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!(
+            "reading another namespace's Secret was not refused: {:?}",
+            other.map(|s| s.metadata.name)
+        ),
+    }
+    let _ = nsapi.delete(&other_ns, &DeleteParams::default()).await;
 
     cleanup_instance(&client, &instance).await;
     let _ = nsapi.delete(&namespace, &DeleteParams::default()).await;

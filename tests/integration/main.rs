@@ -9,4 +9,5 @@ mod cluster;
 mod diff;
 mod gitops;
 mod golden;
+mod safety;
 mod support;
