@@ -566,6 +566,9 @@ pub struct SourceArgs {
     /// Where fetched Git objects are kept.
     #[arg(long, env = "ENVCTL_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Longest a Git server may take to accept a connection, or stay silent while answering.
+    #[arg(long, env = "ENVCTL_GIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub git_timeout: std::time::Duration,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -701,6 +704,7 @@ impl SourceArgs {
     /// The Git backend for this source.
     pub fn git(&self) -> Result<crate::source::git::Git2Source, CliError> {
         use crate::source::git::{Credentials, Git2Source, GitSpec};
+        crate::source::git::configure_timeouts(self.git_timeout);
         let credentials = Credentials::load(
             self.git_username.clone(),
             self.git_token_file.as_deref(),

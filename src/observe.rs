@@ -52,7 +52,7 @@ impl ObserveError {
 }
 
 /// Kinds observed: every kind envctl applies but Secrets (they join with certificates).
-pub const OBSERVED_KINDS: &[ObjectKind] = ObjectKind::ALL.split_at(6).0;
+pub const OBSERVED_KINDS: &[ObjectKind] = ObjectKind::ALL.split_at(ObjectKind::ALL.len() - 1).0;
 
 async fn list_kind(
     client: &Client,

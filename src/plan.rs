@@ -228,7 +228,8 @@ impl MaxPrune {
     fn allowed(self, live_environments: usize) -> usize {
         match self {
             MaxPrune::Count(n) => n,
-            MaxPrune::Percent(p) => live_environments * usize::from(p) / 100,
+            // Rounded up, so that a share of any fleet allows at least one deletion.
+            MaxPrune::Percent(p) => (live_environments * usize::from(p)).div_ceil(100),
         }
     }
 }
@@ -806,7 +807,78 @@ mod tests {
         assert_eq!("25%".parse::<MaxPrune>(), Ok(MaxPrune::Percent(25)));
         assert_eq!("3".parse::<MaxPrune>(), Ok(MaxPrune::Count(3)));
         assert!("x".parse::<MaxPrune>().is_err());
-        assert_eq!(MaxPrune::Percent(25).allowed(10), 2);
+        // Shares round up: a fleet of any size may prune one environment.
+        assert_eq!(MaxPrune::Percent(25).allowed(10), 3);
+        assert_eq!(MaxPrune::Percent(25).allowed(2), 1);
+        assert_eq!(MaxPrune::Percent(25).allowed(4), 1);
+        assert_eq!(MaxPrune::Percent(1).allowed(1), 1);
+        assert_eq!(MaxPrune::Percent(0).allowed(100), 0);
+        assert_eq!(MaxPrune::Percent(100).allowed(7), 7);
+    }
+
+    #[test]
+    fn a_changed_role_ref_is_a_replace() {
+        let desired = vec![DesiredObject {
+            environment: "a".into(),
+            kind: ObjectKind::RoleBinding,
+            namespace: Some("environment-a".into()),
+            name: "environmentd".into(),
+            object: json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "environmentd", "namespace": "environment-a"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "envctl-environmentd"}}),
+        }];
+        let mut live = Live::default();
+        live.insert(
+            ObjectKind::RoleBinding,
+            json!({"metadata": {"name": "environmentd", "namespace": "environment-a", "uid": "u1",
+                "labels": {ENVIRONMENT_LABEL: "a"}},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "environmentd"}}),
+        );
+        let health = SourceHealth::default();
+        assert!(
+            needs_dry_run(&desired, &live, &health).is_empty(),
+            "no dry-run of an immutable change"
+        );
+        let prune = PrunePolicy {
+            enabled: false,
+            allow_mass_prune: false,
+            max_prune: MaxPrune::Count(1),
+        };
+        let plan = build(desired, &live, &BTreeMap::new(), &health, &prune, true);
+        assert_eq!(plan.changes.len(), 1);
+        assert_eq!(plan.changes[0].action, Action::Replace);
+        assert_eq!(plan.changes[0].uid.as_deref(), Some("u1"));
+        assert_eq!(plan.summary.update, 1);
+    }
+
+    #[test]
+    fn ownership_of_existing_namespaces() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let theirs = labels(&[
+            ("app.kubernetes.io/managed-by", "envctl"),
+            ("envctl.materialize.cloud/instance", "eu"),
+        ]);
+        let ours = labels(&[
+            ("app.kubernetes.io/managed-by", "envctl"),
+            ("envctl.materialize.cloud/instance", "us"),
+        ]);
+        let nobody = labels(&[("team", "data")]);
+        let refused =
+            ownership("environment-x", &theirs, "us", true).expect("refused even with --adopt");
+        assert!(
+            refused.contains("belongs to envctl instance \"eu\""),
+            "{refused}"
+        );
+        assert_eq!(ownership("environment-x", &ours, "us", false), None);
+        assert!(
+            ownership("environment-x", &nobody, "us", false).is_some_and(|r| r.contains("--adopt"))
+        );
+        assert_eq!(ownership("environment-x", &nobody, "us", true), None);
     }
 
     #[test]

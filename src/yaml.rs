@@ -97,7 +97,7 @@ fn write_scalar(out: &mut String, v: &Value) {
     }
 }
 
-/// Words YAML 1.1 or 1.2 readers take for booleans or null.
+/// Words YAML 1.1 or 1.2 readers take for booleans or null (compared ignoring case).
 const RESERVED: [&str; 22] = [
     "true", "false", "yes", "no", "on", "off", "y", "n", "null", "~", "True", "False", "Yes", "No",
     "On", "Off", "Y", "N", "Null", "NULL", "TRUE", "FALSE",
@@ -121,7 +121,8 @@ fn plain_safe(s: &str) -> bool {
     } else if !(first.is_ascii_alphabetic() || first == '/' || first == '_') {
         return false; // signs, dots and indicators: could read as a number or syntax
     }
-    if s.len() <= 5 && RESERVED.contains(&s) {
+    // Any capitalisation: YAML 1.1 readers take YES, NO, ON and OFF for booleans too.
+    if s.len() <= 5 && RESERVED.iter().any(|r| r.eq_ignore_ascii_case(s)) {
         return false;
     }
     let bytes = s.as_bytes();
@@ -166,5 +167,20 @@ mod tests {
         let text = to_yaml(&v);
         let back: Value = serde_saphyr::from_str(&text).expect("parses");
         assert_eq!(back, v, "{text}");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_are_quoted_in_any_case() {
+        for word in [
+            "yes", "YES", "Yes", "no", "NO", "on", "ON", "off", "OFF", "y", "N", "TRUE", "Null",
+            "nULL",
+        ] {
+            let text = to_yaml(&json!({ "v": word }));
+            assert!(
+                text.contains(&format!("\"{word}\"")) || text.contains(&format!("'{word}'")),
+                "{word} must be quoted: {text}"
+            );
+        }
+        assert_eq!(to_yaml(&json!({"v": "yesterday"})), "v: yesterday\n");
     }
 }

@@ -110,18 +110,22 @@ pub enum GitError {
     Credentials { what: String },
 }
 
-/// Bounds every network operation of libgit2: a connect gives up after 10 s, a silent
-/// server after 30 s (libgit2 waits forever by default, which would stall the controller).
-/// Call before any Git operation; later calls do nothing.
-pub fn configure_timeouts() {
+/// Bounds every network operation of libgit2 (git://, http(s):// and ssh://): a connect
+/// gives up after `timeout`, and so does a read from a server that went silent (libgit2 waits
+/// forever by default, which would stall the controller). The first call sets them for the
+/// process; later calls do nothing.
+pub fn configure_timeouts(timeout: std::time::Duration) {
     static ONCE: std::sync::Once = std::sync::Once::new();
+    let ms = i32::try_from(timeout.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1);
     ONCE.call_once(|| {
         // SAFETY: these set libgit2 globals without synchronisation. `Once` makes this the only
         // writer, and it runs before the first Git operation of the process, so no libgit2
         // call can race with it.
         unsafe {
-            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(10_000);
-            let _ = git2::opts::set_server_timeout_in_milliseconds(30_000);
+            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(ms);
+            let _ = git2::opts::set_server_timeout_in_milliseconds(ms);
         }
     });
 }

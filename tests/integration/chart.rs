@@ -61,7 +61,9 @@ async fn envctl_runs_as_the_charts_service_account() {
     let mut cluster_scoped = Vec::new();
     for doc in docs.iter().filter(|d| !d.is_null()) {
         let kind = doc["kind"].as_str().unwrap_or_default();
-        if kind == "Deployment" || kind == "Service" {
+        // Only RBAC and identity are applied (no pods run here); the PDB's policy/v1 needs
+        // Kubernetes >= 1.21.
+        if matches!(kind, "Deployment" | "Service" | "PodDisruptionBudget") {
             continue;
         }
         let gvk = kube::api::GroupVersionKind::try_from(&kube::api::TypeMeta {
@@ -319,6 +321,28 @@ async fn envctl_runs_as_the_charts_service_account() {
         &env_ns,
         &kube::api::ApiResource::erase::<k8s_openapi::api::rbac::v1::RoleBinding>(&()),
     );
+    // admin, edit and view are aggregated ClusterRoles: wait until the controller-manager
+    // has filled them in (an empty role is trivially "held", so binding it proves nothing).
+    let cluster_roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
+    for role in ["admin", "edit", "view"] {
+        let mut filled = false;
+        for _ in 0..150 {
+            filled = cluster_roles
+                .get(role)
+                .await
+                .ok()
+                .and_then(|r| r.rules)
+                .is_some_and(|r| !r.is_empty());
+            if filled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            filled,
+            "ClusterRole {role} has no rules: is the clusterrole-aggregation controller running?"
+        );
+    }
     for role in [
         "cluster-admin",
         "admin",

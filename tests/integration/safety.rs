@@ -865,3 +865,54 @@ async fn quickstart_runs_as_written() {
         .await;
     }
 }
+
+/// A Git server that accepts the connection and never answers: `diff` gives a clear error
+/// within `--git-timeout`, for git:// and http://, instead of hanging.
+#[test]
+fn a_hung_git_server_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let port = listener.local_addr().expect("an address").port();
+    // Accept and hold every connection, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().expect("a temp dir");
+    for url in [
+        format!("git://127.0.0.1:{port}/envs.git"),
+        format!("http://127.0.0.1:{port}/envs.git"),
+    ] {
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+            .args([
+                "diff",
+                "--live",
+                "none",
+                "--git-timeout",
+                "3s",
+                "--source",
+                &url,
+            ])
+            .arg("--cache-dir")
+            .arg(dir.path())
+            .output()
+            .expect("running envctl");
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        eprintln!(
+            "hung Git server ({url}): exit {:?} after {took:?}",
+            out.status.code()
+        );
+        assert_ne!(out.status.code(), Some(0), "{text}");
+        assert!(
+            took < Duration::from_secs(30),
+            "{url} took {took:?}: {text}"
+        );
+        assert!(
+            text.contains(&format!("127.0.0.1:{port}")),
+            "the error names the server: {text}"
+        );
+    }
+}
