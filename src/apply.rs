@@ -10,17 +10,21 @@ use futures::{StreamExt, stream};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 
-use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
+use crate::cluster::{FIELD_MANAGER, FailureReason, api, is_unreachable_or_refused, with_retries};
 use crate::plan::{Action, Change, Plan};
 
 /// One object that could not be written.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Failure {
     pub object: String,
+    /// The environment the object belongs to.
+    pub environment: String,
     pub action: Action,
     pub error: String,
     #[serde(skip)]
     pub unreachable: bool,
+    #[serde(skip)]
+    pub reason: Option<FailureReason>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -36,7 +40,8 @@ impl Report {
     }
 }
 
-fn error_text(e: &kube::Error) -> String {
+/// An API error as one line: the server's message and code, or the error chain.
+pub fn error_text(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
         other => {
@@ -63,7 +68,8 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &params, &Patch::Apply(object))
+    let patch = Patch::Apply(object);
+    with_retries(|| api.patch(name, &params, &patch))
         .await
         .map(|_| ())
 }
@@ -89,7 +95,7 @@ async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error
                 }),
                 ..DeleteParams::default()
             };
-            match api.delete(&key.name, &params).await {
+            match with_retries(|| api.delete(&key.name, &params)).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e),
@@ -105,7 +111,7 @@ async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error
                 }),
                 ..DeleteParams::default()
             };
-            match api.delete(&key.name, &params).await {
+            match with_retries(|| api.delete(&key.name, &params)).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e),
@@ -138,9 +144,11 @@ async fn execute_environment(client: &Client, changes: Vec<&Change>) -> Report {
                     failed = true;
                     report.failures.push(Failure {
                         object: c.key.to_string(),
+                        environment: c.environment.clone(),
                         action: c.action,
                         error: error_text(&e),
                         unreachable: is_unreachable_or_refused(&e),
+                        reason: Some(FailureReason::of(&e)),
                     });
                 }
             }

@@ -55,6 +55,10 @@ pub enum CliError {
     Observe(#[source] ObserveError),
     #[error("starting the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("{what} failed: a worker thread panicked (a bug; please report it)")]
+    Panicked { what: &'static str },
+    #[error("{count} environment(s) failed (the others were applied): {names}")]
+    EnvironmentsFailed { count: usize, names: String },
     #[error("{count} environment(s) were refused: their namespace is not this instance's")]
     Refused { count: usize },
     #[error("{failed} object(s) could not be written")]
@@ -809,6 +813,25 @@ fn encode_json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<String,
         })
 }
 
+/// Each environment that failed in a pass, with the first reason: a read or dry-run the
+/// server refused or left unanswered, or an object that could not be written.
+fn failed_environments(
+    plan: &crate::plan::Plan,
+    report: &crate::apply::Report,
+) -> BTreeMap<String, String> {
+    let mut failed: BTreeMap<String, String> = plan
+        .failed
+        .iter()
+        .map(|f| (f.environment.clone(), f.reason.clone()))
+        .collect();
+    for f in &report.failures {
+        failed
+            .entry(f.environment.clone())
+            .or_insert_with(|| format!("{} {}: {}", f.action.as_str(), f.object, f.error));
+    }
+    failed
+}
+
 /// The plan as `-o json` prints it (documented in the README).
 #[derive(serde::Serialize)]
 struct PlanDocument<'a> {
@@ -852,6 +875,10 @@ fn print_plan(
                         f.error
                     )
                     .map_err(CliError::Output)?;
+                }
+                for (env, reason) in failed_environments(&pass.plan, r) {
+                    writeln!(err, "environment {env} failed: {reason}")
+                        .map_err(CliError::Output)?;
                 }
                 writeln!(
                     out,
@@ -919,15 +946,17 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                     .map_err(CliError::Observe)
             })?;
             print_plan(&mut out, &pass, &loaded, output, None)?;
-            Ok(if !pass.plan.refused.is_empty() {
-                Exit::Failure
-            } else if !loaded.is_valid() {
-                Exit::Invalid
-            } else if pass.plan.has_changes() {
-                Exit::Changes
-            } else {
-                Exit::Ok
-            })
+            Ok(
+                if !pass.plan.refused.is_empty() || !pass.plan.failed.is_empty() {
+                    Exit::Failure
+                } else if !loaded.is_valid() {
+                    Exit::Invalid
+                } else if pass.plan.has_changes() {
+                    Exit::Changes
+                } else {
+                    Exit::Ok
+                },
+            )
         }
         Command::Apply { pass: args, certs } => {
             let (cluster, output) = (&args.cluster, args.output);
@@ -941,24 +970,27 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                     .map_err(CliError::Observe)?;
                 let report = controller::apply_pass(&client, &pass, &options).await;
                 print_plan(&mut out, &pass, &loaded, output, Some(&report))?;
-                if !report.failures.is_empty() {
+                if report.unreachable() && pass.plan.failed.is_empty() {
                     return Err(CliError::Apply {
                         failed: report.failures.len(),
-                        unreachable: report.unreachable(),
+                        unreachable: true,
                     });
                 }
-                // A refused environment gets nothing written, its certificate included.
-                let refused: BTreeSet<&str> = pass
+                // Every environment that failed, with its reason; the others were applied.
+                let failed = failed_environments(&pass.plan, &report);
+                // A refused or failed environment gets nothing more, its certificate included.
+                let skip: BTreeSet<&str> = pass
                     .plan
                     .refused
                     .iter()
                     .map(|r| r.environment.as_str())
+                    .chain(failed.keys().map(String::as_str))
                     .collect();
                 let envs = loaded
                     .environments
                     .iter()
                     .map(|e| &e.environment)
-                    .filter(|e| !refused.contains(e.metadata.name.as_str()));
+                    .filter(|e| !skip.contains(e.metadata.name.as_str()));
                 let targets = crate::certs::reconcile::targets(envs);
                 match certs.mode()? {
                     CertMode::Skip => {}
@@ -987,6 +1019,12 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                         }
                     }
                     CertMode::Acme(_) => {}
+                }
+                if !failed.is_empty() {
+                    return Err(CliError::EnvironmentsFailed {
+                        count: failed.len(),
+                        names: failed.keys().cloned().collect::<Vec<_>>().join(", "),
+                    });
                 }
                 if !pass.plan.refused.is_empty() {
                     return Err(CliError::Refused {
@@ -1175,9 +1213,10 @@ pub fn write_rendered(
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
+                .map(|h| h.join().ok())
+                .collect::<Option<Vec<String>>>()
+        })
+        .ok_or(CliError::Panicked { what: "rendering" })?;
         for p in parts {
             out.write_all(p.as_bytes()).map_err(CliError::Output)?;
         }

@@ -1,6 +1,7 @@
-//! How envctl reaches the Kubernetes API: client construction (kubeconfig or in-cluster) and
-//! the mapping from envctl's closed set of kinds to API resources. Makes no decisions and
-//! sends no requests of its own beyond building the client.
+//! How envctl reaches the Kubernetes API: client construction (kubeconfig or in-cluster, with
+//! timeouts), the mapping from envctl's closed set of kinds to API resources, and the retry
+//! policy for transient errors (jittered exponential backoff, bounded, counted by reason).
+//! Makes no decisions and sends no requests of its own beyond building the client.
 
 use std::path::Path;
 
@@ -58,7 +59,9 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ConnectError> 
         }
         None => Config::infer().await.map_err(ConnectError::Infer)?,
     };
+    config.connect_timeout = Some(std::time::Duration::from_secs(10));
     config.read_timeout = Some(std::time::Duration::from_secs(60));
+    config.write_timeout = Some(std::time::Duration::from_secs(60));
     Client::try_from(config).map_err(ConnectError::Client)
 }
 
@@ -91,5 +94,155 @@ pub fn is_unreachable_or_refused(err: &kube::Error) -> bool {
     match err {
         kube::Error::Api(status) => status.code == 401 || status.code == 403,
         _ => true,
+    }
+}
+
+/// Why a request was retried (a metric label; a closed set).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelValue,
+)]
+pub enum RetryReason {
+    /// 5xx from the server.
+    ServerError,
+    /// 429: the server asked us to slow down.
+    Throttled,
+    /// The connection failed or was cut.
+    Connection,
+    /// No answer in time.
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RetryLabels {
+    pub reason: RetryReason,
+}
+
+/// Requests retried, by reason (registered into the controller's metrics).
+pub static RETRIES: std::sync::LazyLock<
+    prometheus_client::metrics::family::Family<
+        RetryLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Whether `err` is worth sending again, why, and how long the server asked us to wait.
+pub fn transient(err: &kube::Error) -> Option<(RetryReason, Option<std::time::Duration>)> {
+    match err {
+        kube::Error::Api(s) if s.code == 429 => Some((
+            RetryReason::Throttled,
+            s.details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| std::time::Duration::from_secs(u64::from(s))),
+        )),
+        kube::Error::Api(s) if s.code == 504 => Some((RetryReason::Timeout, None)),
+        kube::Error::Api(s) if s.code >= 500 => Some((RetryReason::ServerError, None)),
+        kube::Error::Api(_) => None,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+            let mut text = err.to_string().to_ascii_lowercase();
+            let mut src = std::error::Error::source(err);
+            while let Some(s) = src {
+                text.push_str(&s.to_string().to_ascii_lowercase());
+                src = s.source();
+            }
+            if text.contains("timed out") || text.contains("elapsed") || text.contains("timeout") {
+                Some((RetryReason::Timeout, None))
+            } else {
+                Some((RetryReason::Connection, None))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// How many times a request is sent at most, and the backoff between tries.
+const ATTEMPTS: u32 = 5;
+const FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A factor in [0.5, 1.5) from the clock and a counter: enough to spread retries apart.
+fn jitter() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let mut x = nanos ^ N.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    0.5 + (x % 1000) as f64 / 1000.0
+}
+
+/// Sends a request until it succeeds, fails for good, or `ATTEMPTS` tries were made: a
+/// transient error (5xx, 429, a cut connection, a timeout) is retried after a jittered
+/// exponential backoff (or the server's Retry-After), each retry counted in `RETRIES`.
+pub async fn with_retries<T, F, Fut>(mut request: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match request().await {
+            Ok(v) => return Ok(v),
+            Err(e) => match transient(&e) {
+                Some((reason, retry_after)) if attempt < ATTEMPTS => {
+                    RETRIES.get_or_create(&RetryLabels { reason }).inc();
+                    let backoff = FIRST_DELAY
+                        .saturating_mul(1 << (attempt - 1))
+                        .min(MAX_DELAY)
+                        .mul_f64(jitter());
+                    let delay = retry_after.map_or(backoff, |r| r.min(MAX_DELAY * 2));
+                    tracing::debug!(?reason, attempt, ?delay, error = %e, "retrying a request");
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return Err(e),
+            },
+        }
+    }
+}
+
+/// Why an environment failed, from the error of its first failed request (a metric label).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelValue,
+)]
+pub enum FailureReason {
+    /// An admission webhook or policy refused the write.
+    AdmissionDenied,
+    /// 401/403: not allowed.
+    Forbidden,
+    /// 400/422: the object was refused as invalid.
+    Invalid,
+    /// 409: someone else holds the object or changed it.
+    Conflict,
+    /// No answer in time (after retries).
+    Timeout,
+    /// The server could not be reached (after retries).
+    Unreachable,
+    /// Anything else.
+    Other,
+}
+
+impl FailureReason {
+    pub fn of(err: &kube::Error) -> FailureReason {
+        match err {
+            kube::Error::Api(s)
+                if s.message.contains("admission webhook")
+                    || s.message.contains("denied the request") =>
+            {
+                FailureReason::AdmissionDenied
+            }
+            kube::Error::Api(s) if s.code == 401 || s.code == 403 => FailureReason::Forbidden,
+            kube::Error::Api(s) if s.code == 400 || s.code == 422 => FailureReason::Invalid,
+            kube::Error::Api(s) if s.code == 409 => FailureReason::Conflict,
+            e => match transient(e) {
+                Some((RetryReason::Timeout, _)) => FailureReason::Timeout,
+                Some((RetryReason::Connection, _)) => FailureReason::Unreachable,
+                _ => FailureReason::Other,
+            },
+        }
     }
 }

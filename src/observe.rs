@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, stream};
 use kube::Client;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused};
+use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused, with_retries};
 use crate::plan::{Live, ObjectKey};
 use crate::render::{DesiredObject, ObjectKind, owned_selector};
 
@@ -31,6 +31,15 @@ pub enum ObserveError {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "the watches of owned objects did not list within {timeout:?} (still missing: {kinds}); is the API server reachable and are list/watch allowed?"
+    )]
+    NotReady {
+        timeout: std::time::Duration,
+        kinds: String,
+    },
+    #[error("{what} failed: a worker thread panicked (a bug; please report it)")]
+    Panicked { what: &'static str },
     #[error("encoding a listed {kind}")]
     Encode {
         kind: &'static str,
@@ -47,6 +56,8 @@ impl ObserveError {
                 is_unreachable_or_refused(source)
             }
             ObserveError::Encode { .. } => false,
+            ObserveError::NotReady { .. } => true,
+            ObserveError::Panicked { .. } => false,
         }
     }
 }
@@ -63,13 +74,13 @@ async fn list_kind(
     let mut params = ListParams::default().labels(selector).limit(500);
     let mut out = Vec::new();
     loop {
-        let page = api
-            .list(&params)
-            .await
-            .map_err(|source| ObserveError::List {
-                kind: kind.as_str(),
-                source,
-            })?;
+        let page =
+            with_retries(|| api.list(&params))
+                .await
+                .map_err(|source| ObserveError::List {
+                    kind: kind.as_str(),
+                    source,
+                })?;
         for item in page.items {
             let v = serde_json::to_value(&item).map_err(|source| ObserveError::Encode {
                 kind: kind.as_str(),
@@ -103,26 +114,34 @@ pub async fn list_owned(client: &Client, instance: &str) -> Result<Live, Observe
     Ok(live)
 }
 
-/// The labels of each of `names` that exists as a namespace (ownership is judged from them).
-/// A few are read one by one; many at once are read with one metadata LIST.
+/// What was learned of the namespaces about to be created: the labels of those that exist
+/// (ownership is judged from them), and the ones that could not be read, with the error.
+#[derive(Debug, Default)]
+pub struct NamespaceLookup {
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub failed: BTreeMap<String, kube::Error>,
+}
+
+/// Reads each of `names` that exists as a namespace. A few are read one by one (a failure is
+/// that name's alone); many at once are read with one metadata LIST.
 pub async fn namespace_labels(
     client: &Client,
     names: &[&str],
     concurrency: usize,
-) -> Result<BTreeMap<String, BTreeMap<String, String>>, ObserveError> {
+) -> Result<NamespaceLookup, ObserveError> {
     use k8s_openapi::api::core::v1::Namespace;
     let api: kube::Api<Namespace> = kube::Api::all(client.clone());
-    let err = |source| ObserveError::List {
-        kind: "Namespace",
-        source,
-    };
+    let mut lookup = NamespaceLookup::default();
     if names.len() > 32 {
         let wanted: std::collections::BTreeSet<&str> = names.iter().copied().collect();
-        let list = api
-            .list_metadata(&kube::api::ListParams::default())
+        let lp = kube::api::ListParams::default();
+        let list = with_retries(|| api.list_metadata(&lp))
             .await
-            .map_err(err)?;
-        return Ok(list
+            .map_err(|source| ObserveError::List {
+                kind: "Namespace",
+                source,
+            })?;
+        lookup.labels = list
             .items
             .into_iter()
             .filter_map(|m| {
@@ -131,53 +150,91 @@ pub async fn namespace_labels(
                     .contains(name.as_str())
                     .then(|| (name, m.metadata.labels.unwrap_or_default()))
             })
-            .collect());
+            .collect();
+        return Ok(lookup);
     }
-    let found: Vec<Option<(String, BTreeMap<String, String>)>> =
-        stream::iter(names.iter().map(|n| {
-            let api = api.clone();
-            async move {
-                match api.get_metadata_opt(n).await {
-                    Ok(m) => Ok(m.map(|m| (n.to_string(), m.metadata.labels.unwrap_or_default()))),
-                    Err(e) => Err(err(e)),
-                }
+    let found: Vec<(
+        String,
+        Result<Option<BTreeMap<String, String>>, kube::Error>,
+    )> = stream::iter(names.iter().map(|n| {
+        let api = api.clone();
+        async move {
+            let got = with_retries(|| api.get_metadata_opt(n)).await;
+            (
+                n.to_string(),
+                got.map(|m| m.map(|m| m.metadata.labels.unwrap_or_default())),
+            )
+        }
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect()
+    .await;
+    for (name, result) in found {
+        match result {
+            Ok(Some(labels)) => {
+                lookup.labels.insert(name, labels);
             }
-        }))
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
-    Ok(found.into_iter().flatten().collect())
+            Ok(None) => {}
+            Err(e) => {
+                lookup.failed.insert(name, e);
+            }
+        }
+    }
+    Ok(lookup)
 }
 
-/// The server's answer to a dry-run server-side apply of each object, `concurrency` at a time.
+/// A dry-run that the server refused or did not answer: it fails its environment alone.
+#[derive(Debug)]
+pub struct DryRunFailure {
+    pub environment: String,
+    pub key: ObjectKey,
+    pub error: kube::Error,
+}
+
+/// The server's answer to a dry-run server-side apply of each object, `concurrency` at a
+/// time, each retried on transient errors. An object whose dry-run fails is returned among
+/// the failures, and every other object still gets its answer.
 pub async fn dry_run(
     client: &Client,
     objects: &[&DesiredObject],
     concurrency: usize,
-) -> Result<BTreeMap<ObjectKey, Value>, ObserveError> {
+) -> (BTreeMap<ObjectKey, Value>, Vec<DryRunFailure>) {
     let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
-    stream::iter(objects.iter().map(|d| {
-        let params = params.clone();
-        async move {
-            let key = ObjectKey::of(d);
-            let api = api(client, d.kind, d.namespace.as_deref());
-            let result = api
-                .patch(&d.name, &params, &Patch::Apply(&d.object))
-                .await
-                .map_err(|source| ObserveError::DryRun {
-                    key: key.to_string(),
-                    source,
-                })?;
-            let v = serde_json::to_value(&result).map_err(|source| ObserveError::Encode {
-                kind: d.kind.as_str(),
-                source,
-            })?;
-            Ok::<_, ObserveError>((key, v))
+    let results: Vec<Result<(ObjectKey, Value), DryRunFailure>> =
+        stream::iter(objects.iter().map(|d| {
+            let params = params.clone();
+            async move {
+                let key = ObjectKey::of(d);
+                let api = api(client, d.kind, d.namespace.as_deref());
+                let fail = |error| DryRunFailure {
+                    environment: d.environment.clone(),
+                    key: key.clone(),
+                    error,
+                };
+                let patch = Patch::Apply(&d.object);
+                let result = with_retries(|| api.patch(&d.name, &params, &patch))
+                    .await
+                    .map_err(fail)?;
+                let v =
+                    serde_json::to_value(&result).map_err(|e| fail(kube::Error::SerdeError(e)))?;
+                Ok((key, v))
+            }
+        }))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut answers = BTreeMap::new();
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok((k, v)) => {
+                answers.insert(k, v);
+            }
+            Err(f) => failures.push(f),
         }
-    }))
-    .buffer_unordered(concurrency.max(1))
-    .try_collect()
-    .await
+    }
+    failures.sort_by(|a, b| a.key.cmp(&b.key));
+    (answers, failures)
 }
 
 /// What of an owned object can drift: labels, annotations (but envctl's status ones), and
@@ -342,7 +399,15 @@ fn compact(mut o: DynamicObject) -> Option<((String, String), String, Box<str>)>
 
 impl Cache {
     /// Starts one watch per owned kind.
-    pub fn start(client: &Client, instance: &str, drift: Arc<Notify>) -> Cache {
+    pub fn start(
+        client: &Client,
+        instance: &str,
+        drift: Arc<Notify>,
+        watch_errors: prometheus_client::metrics::family::Family<
+            crate::status::KindLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> Cache {
         let mut stores = Vec::new();
         let mut ready = Vec::new();
         for &kind in OBSERVED_KINDS {
@@ -353,6 +418,8 @@ impl Cache {
             ready.push(ready_rx);
             let config = watcher::Config::default().labels(&owned_selector(instance));
             let drift = drift.clone();
+            let watch_errors = watch_errors.clone();
+            // A broken watch is re-established with exponential backoff.
             let mut events = watcher(api, config).default_backoff().boxed();
             tokio::spawn(async move {
                 // A (re)list is gathered apart and swapped in whole when it is complete.
@@ -401,7 +468,10 @@ impl Cache {
                             moved = true;
                         }
                         Err(e) => {
-                            tracing::debug!(kind = kind.as_str(), error = %e, "watch interrupted; it resumes")
+                            watch_errors
+                                .get_or_create(&crate::status::KindLabels { kind })
+                                .inc();
+                            tracing::warn!(kind = kind.as_str(), error = %e, "the watch of owned objects broke; it resumes with backoff")
                         }
                     }
                     if moved {
@@ -414,16 +484,34 @@ impl Cache {
     }
 
     /// Waits until every watch has listed once.
-    pub async fn ready(&self) {
-        for r in &self.ready {
-            let mut r = r.clone();
-            let _ = r.wait_for(|ready| *ready).await;
+    /// Waits until every watch has listed once, at most `timeout`; the error names the
+    /// kinds still missing.
+    pub async fn ready(&self, timeout: std::time::Duration) -> Result<(), ObserveError> {
+        let all = async {
+            for r in &self.ready {
+                let mut r = r.clone();
+                let _ = r.wait_for(|ready| *ready).await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_ok() {
+            return Ok(());
         }
+        let missing: Vec<&'static str> = self
+            .stores
+            .iter()
+            .zip(&self.ready)
+            .filter(|(_, r)| !*r.borrow())
+            .map(|((k, _), _)| k.as_str())
+            .collect();
+        Err(ObserveError::NotReady {
+            timeout,
+            kinds: missing.join(", "),
+        })
     }
 
     /// The cached objects as `Live`, parsed on every core (a pass with nothing to do is
     /// mostly this parse).
-    pub fn live(&self) -> Live {
+    pub fn live(&self) -> Result<Live, ObserveError> {
         let texts: Vec<(ObjectKind, Box<str>)> = self
             .stores
             .iter()
@@ -450,13 +538,19 @@ impl Cache {
                     })
                 })
                 .collect();
-            handles.into_iter().filter_map(|h| h.join().ok()).collect()
-        });
+            handles
+                .into_iter()
+                .map(|h| h.join().ok())
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or(ObserveError::Panicked {
+            what: "parsing the watch cache",
+        })?;
         let mut live = Live::default();
         for (kind, v) in parsed.into_iter().flatten() {
             live.insert(kind, v);
         }
-        live
+        Ok(live)
     }
 }
 

@@ -179,6 +179,7 @@ pub struct Summary {
     pub held: usize,
     pub orphaned: usize,
     pub refused: usize,
+    pub failed: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -190,7 +191,10 @@ pub struct Plan {
     /// Owned objects no longer desired, left alone because pruning is off.
     pub orphaned: Vec<ObjectKey>,
     /// Environments not planned at all (their namespace is another's).
-    pub refused: Vec<Refused>,
+    pub refused: Vec<EnvironmentError>,
+    /// Environments not planned because the server refused or did not answer a read or
+    /// dry-run of theirs; every other environment is planned as usual.
+    pub failed: Vec<EnvironmentError>,
 }
 
 impl Plan {
@@ -258,6 +262,9 @@ pub struct SourceHealth {
     pub instance: String,
     /// `--adopt`: take over existing namespaces that no envctl instance owns.
     pub adopt: bool,
+    /// Environments that could not be observed (a dry-run or a read refused or unanswered),
+    /// with the reason: each fails alone and is not planned.
+    pub failed: BTreeMap<String, String>,
 }
 
 /// Why an environment whose namespace already exists may not be applied by `instance`, if
@@ -287,7 +294,7 @@ pub fn ownership(
 
 /// An environment that was not planned at all, and why.
 #[derive(Debug, Clone, Serialize)]
-pub struct Refused {
+pub struct EnvironmentError {
     pub environment: String,
     pub reason: String,
 }
@@ -483,17 +490,28 @@ pub fn build(
             refused.insert(d.environment.clone(), reason);
         }
     }
-    plan.refused = refused
-        .iter()
-        .map(|(environment, reason)| Refused {
-            environment: environment.clone(),
-            reason: reason.clone(),
-        })
-        .collect();
-    for d in desired
-        .into_iter()
-        .filter(|d| health.in_scope(&d.environment) && !refused.contains_key(&d.environment))
-    {
+    let listed = |m: &BTreeMap<String, String>| -> Vec<EnvironmentError> {
+        m.iter()
+            .map(|(environment, reason)| EnvironmentError {
+                environment: environment.clone(),
+                reason: reason.clone(),
+            })
+            .collect()
+    };
+    plan.refused = listed(&refused);
+    plan.failed = listed(
+        &health
+            .failed
+            .iter()
+            .filter(|(e, _)| !refused.contains_key(*e))
+            .map(|(e, r)| (e.clone(), r.clone()))
+            .collect(),
+    );
+    for d in desired.into_iter().filter(|d| {
+        health.in_scope(&d.environment)
+            && !refused.contains_key(&d.environment)
+            && !health.failed.contains_key(&d.environment)
+    }) {
         let key = ObjectKey::of(&d);
         let terminating = terminating_envs.contains(d.environment.as_str())
             || live
@@ -566,7 +584,11 @@ pub fn build(
             continue;
         }
         let env = l.environment.as_deref().unwrap_or("");
-        if desired_envs.contains(env) && !health.in_scope(env) {
+        if desired_envs.contains(env)
+            && (!health.in_scope(env)
+                || refused.contains_key(env)
+                || health.failed.contains_key(env))
+        {
             continue; // in the source but not planned this time: leave it as it is
         }
         if desired_envs.contains(env) {
@@ -665,6 +687,7 @@ pub fn build(
     plan.summary.held = plan.held.len();
     plan.summary.orphaned = plan.orphaned.len();
     plan.summary.refused = plan.refused.len();
+    plan.summary.failed = plan.failed.len();
     plan
 }
 
@@ -702,6 +725,12 @@ pub fn render_text(plan: &Plan, color: bool) -> String {
         out.push_str(&format!(
             "refused environment {}: {}\n",
             r.environment, r.reason
+        ));
+    }
+    for f in &plan.failed {
+        out.push_str(&format!(
+            "failed environment {}: {}\n",
+            f.environment, f.reason
         ));
     }
     if !plan.orphaned.is_empty() {

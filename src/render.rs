@@ -40,7 +40,18 @@ const ORCH_SERVICE_ID_LABEL: &str = "environmentd.materialize.cloud/service-id";
 const ENVIRONMENTD: &str = "environmentd";
 
 /// The kinds envctl manages, in apply order (deletion goes in reverse).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    prometheus_client::encoding::EncodeLabelValue,
+)]
 pub enum ObjectKind {
     Namespace,
     ServiceAccount,

@@ -98,11 +98,23 @@ pub enum Trigger {
     Drift,
     Resync,
     Watch,
+    /// A failing environment's backoff ran out.
+    Retry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub reason: crate::cluster::FailureReason,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TriggerLabels {
     pub trigger: Trigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: crate::render::ObjectKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -188,6 +200,10 @@ pub struct Metrics {
     pub polls: Family<PollLabels, Counter>,
     pub api_requests: Family<ApiLabels, Counter>,
     pub applied_revision: Family<RevisionLabels, Gauge>,
+    /// Environments that failed in a pass, by reason.
+    pub environment_failures: Family<FailureLabels, Counter>,
+    /// Watch streams that broke and were re-established, by kind.
+    pub watch_errors: Family<KindLabels, Counter>,
     pub certs: CertMetrics,
     last_revision: Mutex<Option<String>>,
 }
@@ -233,6 +249,23 @@ impl Metrics {
             "The source revision last applied (value 1)",
             applied_revision.clone(),
         );
+        let environment_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "environment_failures",
+            "Environments that failed in a pass (each alone; the others went on), by reason",
+            environment_failures.clone(),
+        );
+        registry.register(
+            "api_retries",
+            "Requests to the Kubernetes API sent again after a transient error, by reason",
+            crate::cluster::RETRIES.clone(),
+        );
+        let watch_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Watch streams of owned objects that broke and were re-established, by kind",
+            watch_errors.clone(),
+        );
         let certs = CertMetrics::default();
         registry.register(
             "certificate_orders",
@@ -273,6 +306,8 @@ impl Metrics {
             polls,
             api_requests,
             applied_revision,
+            environment_failures,
+            watch_errors,
             last_revision: Mutex::new(None),
         }
     }

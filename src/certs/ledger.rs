@@ -289,6 +289,13 @@ impl Ledger {
         }
     }
 
+    /// Drops the buckets that are full again at `now` (their theoretical arrival time has
+    /// passed): a missing bucket reads as full, so every decision stays the same, and the
+    /// ledger stays bounded however many names it has seen.
+    pub fn compact(&mut self, now: u64) {
+        self.tat.retain(|_, tat| *tat > now as f64);
+    }
+
     /// Resynchronises a bucket from the server's 429 answer: nothing before `retry_after`.
     pub fn exhausted_until(&mut self, key: &BucketKey, retry_after: u64) {
         let spec = self.spec(key);
@@ -460,6 +467,40 @@ mod tests {
         let text = serde_json::to_string(&ledger).expect("encode");
         let back: Ledger = serde_json::from_str(&text).expect("decode");
         assert_eq!(back, ledger);
+    }
+
+    #[test]
+    fn compaction_keeps_the_ledger_small_and_its_decisions() {
+        let now = 1_800_000_000u64;
+        let mut ledger = Ledger::default();
+        // 20,000 historical issuances, long past every window, and a few recent ones.
+        for i in 0..20_000u64 {
+            let req = new_order(&format!("env-{i}.us-east-1.example.cloud"));
+            let charges = ledger.charges(&req);
+            ledger.charge(&charges, now - 30 * 24 * 3600 - i);
+        }
+        for i in 0..40u64 {
+            let req = new_order(&format!("fresh-{i}.us-east-1.example.cloud"));
+            let charges = ledger.charges(&req);
+            ledger.charge(&charges, now - 3600 + i);
+        }
+        let big = serde_json::to_string(&ledger).expect("json").len();
+        let probes: Vec<OrderRequest> = (0..200u64)
+            .map(|i| new_order(&format!("probe-{i}.example.cloud")))
+            .chain((0..40u64).map(|i| new_order(&format!("fresh-{i}.us-east-1.example.cloud"))))
+            .chain((0..50u64).map(|i| new_order(&format!("env-{i}.us-east-1.example.cloud"))))
+            .collect();
+        let before: Vec<Decision> = probes.iter().map(|r| ledger.decide(r, now)).collect();
+        ledger.compact(now);
+        let small = serde_json::to_string(&ledger).expect("json").len();
+        let after: Vec<Decision> = probes.iter().map(|r| ledger.decide(r, now)).collect();
+        assert!(
+            big > 1024 * 1024,
+            "the test starts above a ConfigMap's limit: {big} bytes"
+        );
+        assert!(small < 512 * 1024, "compacted: {small} bytes");
+        assert_eq!(before, after, "compaction changed a decision");
+        assert!(ledger.tat.len() >= 40, "recent buckets are kept");
     }
 
     #[test]

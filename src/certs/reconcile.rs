@@ -252,7 +252,15 @@ impl Certs {
 
         // Read: each environment's Secret (and, when it has none, whether its namespace
         // exists), and the copies.
-        let reads: Vec<(usize, Result<Option<StoredCert>, StoreError>, bool)> = bounded(
+        // Each environment's Secret and, for a certificate with an ARI id, the CA's renewal
+        // window: read concurrently, `concurrency` at a time.
+        type Read = (
+            usize,
+            Result<Option<StoredCert>, StoreError>,
+            bool,
+            Option<i64>,
+        );
+        let reads: Vec<Read> = bounded(
             targets
                 .iter()
                 .enumerate()
@@ -262,7 +270,15 @@ impl Certs {
                         Ok(None) => self.store.namespace_ready(&t.namespace).await,
                         _ => true,
                     };
-                    (i, read, exists)
+                    let ari_id = match &read {
+                        Ok(Some(c)) => c.info.as_ref().and_then(|i| i.ari_id.clone()),
+                        _ => None,
+                    };
+                    let renew_from = match ari_id {
+                        Some(id) if self.acme.ari => self.acme.renewal_window_start(&id).await,
+                        _ => None,
+                    };
+                    (i, read, exists, renew_from)
                 })
                 .collect(),
             concurrency,
@@ -275,7 +291,7 @@ impl Certs {
         let mut reuse: Vec<(&Target, &StoredCert)> = Vec::new();
         let mut refresh_copy: Vec<(&Target, StoredCert)> = Vec::new();
         let mut expiries: Vec<i64> = Vec::new();
-        for (i, read, exists) in reads {
+        for (i, read, exists, renew_from) in reads {
             let t = &targets[i];
             let current = match read {
                 Ok(c) => c,
@@ -296,10 +312,6 @@ impl Certs {
             let current_info = current.as_ref().and_then(|c| c.info.clone());
             let copy = copies.get(&t.environment);
             let copy_info = copy.and_then(|c| c.info.as_ref());
-            let renew_from = match current_info.as_ref().and_then(|c| c.ari_id.as_deref()) {
-                Some(id) if self.acme.ari => self.acme.renewal_window_start(id).await,
-                _ => None,
-            };
             match need(
                 &t.names,
                 current_info.as_ref(),

@@ -199,7 +199,13 @@ impl LedgerStore {
             let (mut doc, rv) = self.load().await?;
             let before = doc.clone();
             let out = change(&mut doc);
-            if doc == before || self.save(&doc, rv).await? {
+            if doc == before {
+                return Ok(out);
+            }
+            // Buckets that are full again are dropped with every write, so the ConfigMap
+            // stays far below its 1 MiB limit.
+            doc.buckets.compact(super::unix_now());
+            if self.save(&doc, rv).await? {
                 return Ok(out);
             }
             tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt as u64 + 1))).await;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use kube::Client;
 
 use crate::apply::{self, Report};
+use crate::cluster::FailureReason;
 use crate::manifest::Loaded;
 use crate::observe::{self, ObserveError};
 use crate::plan::{self, Live, Plan, PrunePolicy, SourceHealth};
@@ -37,6 +38,8 @@ pub struct PassPlan {
     /// Annotations of the live namespaces, by namespace name (for status bookkeeping).
     pub live_namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub timings: BTreeMap<&'static str, std::time::Duration>,
+    /// Why each environment in `plan.failed` failed (a metric label).
+    pub failure_reasons: BTreeMap<String, FailureReason>,
 }
 
 /// Renders the valid environments and plans them against the cluster (or against an empty
@@ -57,7 +60,7 @@ pub async fn plan_pass(
 
     let t = Instant::now();
     let live = match (cache, client) {
-        (Some(cache), _) => cache.live(),
+        (Some(cache), _) => cache.live()?,
         (None, Some(c)) => observe::list_owned(c, &options.render.instance).await?,
         (None, None) => Live::default(),
     };
@@ -78,27 +81,60 @@ pub async fn plan_pass(
         })
         .map(|d| d.name.as_str())
         .collect();
-    let existing_namespaces = match client {
+    let lookup = match client {
         Some(c) if !missing.is_empty() => {
             observe::namespace_labels(c, &missing, options.concurrency).await?
         }
-        _ => BTreeMap::new(),
+        _ => observe::NamespaceLookup::default(),
     };
     timings.insert("ownership", t.elapsed());
-    let health = SourceHealth {
+    // Environments that could not be observed fail alone; the rest are planned as usual.
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut failure_reasons: BTreeMap<String, FailureReason> = BTreeMap::new();
+    for d in desired
+        .iter()
+        .filter(|d| d.kind == crate::render::ObjectKind::Namespace)
+    {
+        if let Some(e) = lookup.failed.get(&d.name) {
+            failed.insert(
+                d.environment.clone(),
+                format!(
+                    "reading namespace {}: {}",
+                    d.name,
+                    crate::apply::error_text(e)
+                ),
+            );
+            failure_reasons.insert(d.environment.clone(), FailureReason::of(e));
+        }
+    }
+    let mut health = SourceHealth {
         invalid_environments: loaded.invalid_names.clone(),
         unattributed_files: loaded.unattributed_files.clone(),
         scope: options.scope.clone(),
-        existing_namespaces,
+        existing_namespaces: lookup.labels,
         instance: options.render.instance.clone(),
         adopt: options.adopt,
+        failed,
     };
     let t = Instant::now();
     let to_check = plan::needs_dry_run(&desired, &live, &health);
     let dry_runs = to_check.len();
     let answers = match client {
         Some(c) if !to_check.is_empty() => {
-            observe::dry_run(c, &to_check, options.concurrency).await?
+            let (answers, failures) = observe::dry_run(c, &to_check, options.concurrency).await;
+            for f in failures {
+                failure_reasons
+                    .entry(f.environment.clone())
+                    .or_insert_with(|| FailureReason::of(&f.error));
+                health.failed.entry(f.environment).or_insert_with(|| {
+                    format!(
+                        "dry-run of {}: {}",
+                        f.key,
+                        crate::apply::error_text(&f.error)
+                    )
+                });
+            }
+            answers
         }
         _ => BTreeMap::new(),
     };
@@ -137,6 +173,7 @@ pub async fn plan_pass(
         dry_runs,
         live_namespaces,
         timings,
+        failure_reasons,
     })
 }
 

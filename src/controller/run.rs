@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,6 +25,7 @@ use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
 use crate::certs::challenges::Challenges;
 use crate::certs::reconcile::{CertSettings, Certs, Target};
+use crate::cluster::FailureReason;
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, LoadOptions, SourceFile};
 use crate::observe::OBSERVED_KINDS;
@@ -32,8 +33,8 @@ use crate::plan::Action;
 use crate::render;
 use crate::source::git::{GitBackend, GitError};
 use crate::status::{
-    self, ApiVerb, EnvState, EnvStatus, Events, Metrics, PollLabels, PollResult, Trigger,
-    TriggerLabels,
+    self, ApiVerb, EnvState, EnvStatus, Events, FailureLabels, Metrics, PollLabels, PollResult,
+    Trigger, TriggerLabels,
 };
 
 /// Where `run` reads manifests.
@@ -70,6 +71,8 @@ pub enum RunError {
         #[source]
         source: notify::Error,
     },
+    #[error("starting the watch cache")]
+    Cache(#[source] crate::observe::ObserveError),
     #[error("serving HTTP on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -89,6 +92,9 @@ struct Revision {
 }
 
 type SharedGit = Arc<Mutex<Box<dyn GitBackend>>>;
+
+/// Longest the first list of every owned kind may take before `run` gives up.
+const CACHE_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Longest a poll (ls-remote, fetch and read) may take before the loop goes on without it.
 const POLL_TIMEOUT: Duration = Duration::from_secs(90);
@@ -181,6 +187,19 @@ struct Loop {
     cert_targets: watch::Sender<Vec<Target>>,
     /// Refused environments already logged at error level (logged once, not every pass).
     refusals_reported: BTreeSet<String>,
+    /// Failing environments: failures in a row, and when the next try is due.
+    backoff: BTreeMap<String, (u32, tokio::time::Instant)>,
+}
+
+/// A failing environment is tried again after 2 s, 4 s, 8 s ... at most 5 minutes apart.
+const ENV_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const ENV_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+impl Loop {
+    /// When the earliest failing environment is due again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.backoff.values().map(|b| b.1).min()
+    }
 }
 
 impl Loop {
@@ -209,6 +228,11 @@ impl Loop {
         };
         let load_ms = started.elapsed().as_millis() as u64;
         let mut pass_options = self.opts.pass.clone();
+        // A failing environment waits out its own backoff (unless its file changed: a fix
+        // was pushed); the others go on.
+        let now = tokio::time::Instant::now();
+        let backing_off = |name: &str| self.backoff.get(name).is_some_and(|b| b.1 > now);
+        let file_changed = |file: &str| revision.changed.as_ref().is_some_and(|c| c.contains(file));
         if let (true, Some(changed)) = (scoped, &revision.changed) {
             let scope: BTreeSet<String> = loaded
                 .environments
@@ -220,6 +244,7 @@ impl Loop {
                             .written
                             .get(name)
                             .is_none_or(|w| w.1 != EnvState::Applied)
+                            && !backing_off(name)
                 })
                 .map(|e| e.environment.metadata.name.clone())
                 .collect();
@@ -228,6 +253,17 @@ impl Loop {
                 "planning only the environments that changed"
             );
             pass_options.scope = Some(scope);
+        } else if self.backoff.values().any(|b| b.1 > now) {
+            pass_options.scope = Some(
+                loaded
+                    .environments
+                    .iter()
+                    .filter(|e| {
+                        !backing_off(&e.environment.metadata.name) || file_changed(&e.origin.file)
+                    })
+                    .map(|e| e.environment.metadata.name.clone())
+                    .collect(),
+            );
         }
         let pass = match plan_pass(
             Some(&self.client),
@@ -257,18 +293,34 @@ impl Loop {
             .count_api(ApiVerb::Delete, (pass.plan.changes.len() - writes) as u64);
 
         // Per-environment outcome.
+        // Per-environment outcome: an environment whose read, dry-run or write failed fails
+        // alone, with the server's message.
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        let mut reasons: BTreeMap<String, FailureReason> = pass.failure_reasons.clone();
+        for f in &pass.plan.failed {
+            failed.insert(f.environment.clone(), f.reason.clone());
+        }
         for f in &report.failures {
-            let env = pass
-                .plan
-                .changes
-                .iter()
-                .find(|c| c.key.to_string() == f.object)
-                .map(|c| c.environment.clone())
-                .unwrap_or_default();
             failed
-                .entry(env)
+                .entry(f.environment.clone())
                 .or_insert_with(|| format!("{} {}: {}", f.action.as_str(), f.object, f.error));
+            if let Some(r) = f.reason {
+                reasons.entry(f.environment.clone()).or_insert(r);
+            }
+        }
+        for (env, reason) in &failed {
+            let r = reasons.get(env).copied().unwrap_or(FailureReason::Other);
+            self.metrics
+                .environment_failures
+                .get_or_create(&FailureLabels { reason: r })
+                .inc();
+            let entry = self.backoff.entry(env.clone()).or_insert((0, now));
+            entry.0 += 1;
+            let wait = ENV_BACKOFF_FIRST
+                .saturating_mul(1 << entry.0.min(16))
+                .min(ENV_BACKOFF_MAX);
+            entry.1 = tokio::time::Instant::now() + wait;
+            tracing::warn!(environment = %env, attempt = entry.0, retry_in = ?wait, reason = ?r, error = %reason, "environment failed; the others go on");
         }
         let refused: BTreeSet<&str> = pass
             .plan
@@ -307,7 +359,21 @@ impl Loop {
                 .is_none_or(|c| c.contains(&env.origin.file));
             let (state, error) = match failed.get(&name) {
                 Some(e) => (EnvState::Failed, Some(e.clone())),
-                None => (EnvState::Applied, None),
+                // Not planned this pass (out of scope or backing off): as last recorded.
+                None if pass_options
+                    .scope
+                    .as_ref()
+                    .is_some_and(|s| !s.contains(&name)) =>
+                {
+                    match self.written.get(&name) {
+                        Some((_, st, err)) => (*st, err.clone()),
+                        None => (EnvState::Applied, None),
+                    }
+                }
+                None => {
+                    self.backoff.remove(&name);
+                    (EnvState::Applied, None)
+                }
             };
             *counts.entry(state).or_default() += 1;
             let previous = self.written.get(&name).cloned();
@@ -557,8 +623,16 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         tokio::spawn(relay.watch(poke.clone()));
     }
     let drift = Arc::new(Notify::new());
-    let cache = crate::observe::Cache::start(&client, &opts.pass.render.instance, drift.clone());
-    cache.ready().await;
+    let cache = crate::observe::Cache::start(
+        &client,
+        &opts.pass.render.instance,
+        drift.clone(),
+        metrics.watch_errors.clone(),
+    );
+    cache
+        .ready(CACHE_READY_TIMEOUT)
+        .await
+        .map_err(RunError::Cache)?;
     metrics.count_api(ApiVerb::List, OBSERVED_KINDS.len() as u64);
 
     let mut opts = opts;
@@ -624,6 +698,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         loaded: None,
         cert_targets,
         refusals_reported: BTreeSet::new(),
+        backoff: BTreeMap::new(),
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();
@@ -639,7 +714,9 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             // A standby that becomes the leader reconciles at once, not an interval later.
             let standing_by = !*lead_rx.borrow();
             let mut became_leader = lead_rx.clone();
+            let retry_at = state.next_retry();
             tokio::select! {
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => trigger = Trigger::Retry,
                 _ = stop.changed() => break,
                 _ = became_leader.wait_for(|l| *l), if standing_by => trigger = Trigger::Poll,
                 _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
@@ -692,7 +769,8 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         };
         let resync_due = last_pass.elapsed() >= resync;
         let Some(rev) = current.clone() else { continue };
-        let why = if moved || trigger == Trigger::Drift || trigger == Trigger::Webhook {
+        let why = if moved || matches!(trigger, Trigger::Drift | Trigger::Webhook | Trigger::Retry)
+        {
             trigger
         } else if resync_due {
             Trigger::Resync
@@ -705,7 +783,13 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         // A pass in flight when the stop comes may finish within the grace period.
         let mut stopping = stop_rx.clone();
         tokio::select! {
-            _ = state.reconcile(&rev, why, moved) => {}
+            outcome = std::panic::AssertUnwindSafe(state.reconcile(&rev, why, moved)).catch_unwind() => {
+                if outcome.is_err() {
+                    // A bug: the pass ends as an error; the next trigger starts a new one.
+                    tracing::error!(revision = %rev.id, "the pass panicked (a bug; please report it); nothing more is written in it");
+                    state.metrics.environment_failures.get_or_create(&FailureLabels { reason: FailureReason::Other }).inc();
+                }
+            }
             _ = async {
                 let _ = stopping.wait_for(|s| *s).await;
                 tokio::time::sleep(grace).await;
@@ -829,7 +913,17 @@ async fn cert_worker(
             }
         }
         let Some(c) = &certs else { continue };
-        match c.reconcile(&want, Some(&events), Some(&metrics)).await {
+        let round = std::panic::AssertUnwindSafe(c.reconcile(&want, Some(&events), Some(&metrics)))
+            .catch_unwind()
+            .await;
+        let Ok(round) = round else {
+            tracing::error!(
+                "the certificate step panicked (a bug; please report it); retrying in 30 s"
+            );
+            next = tokio::time::Instant::now() + Duration::from_secs(30);
+            continue;
+        };
+        match round {
             Ok(report) => {
                 let t = report.tally();
                 tracing::info!(

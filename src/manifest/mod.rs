@@ -374,22 +374,30 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
         let handles: Vec<_> = files
             .chunks(chunk)
             .map(|part| {
-                scope.spawn(move || {
+                let handle = scope.spawn(move || {
                     part.iter()
                         .map(|f| load_file(f, options))
                         .collect::<Vec<_>>()
-                })
+                });
+                (part, handle)
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| {
+            .flat_map(|(part, h)| {
+                // A panic (a bug) fails each file of its chunk: they are reported, and nothing
+                // is pruned while any file is unattributed.
                 h.join().unwrap_or_else(|_| {
-                    vec![FileOutcome {
-                        diagnostics: vec![Diagnostic::file("", "internal error while validating")],
-                        unattributed: true,
-                        ..FileOutcome::default()
-                    }]
+                    part.iter()
+                        .map(|f| FileOutcome {
+                            diagnostics: vec![Diagnostic::file(
+                                &f.path,
+                                "internal error while validating this file (a bug; please report it)",
+                            )],
+                            unattributed: true,
+                            ..FileOutcome::default()
+                        })
+                        .collect()
                 })
             })
             .collect()

@@ -7,6 +7,7 @@ mod certs;
 mod chart;
 mod cluster;
 mod diff;
+mod faults;
 mod gitops;
 mod golden;
 mod safety;
