@@ -153,10 +153,11 @@ pub async fn namespace_labels(
             .collect();
         return Ok(lookup);
     }
-    let found: Vec<(
+    type Found = (
         String,
         Result<Option<BTreeMap<String, String>>, kube::Error>,
-    )> = stream::iter(names.iter().map(|n| {
+    );
+    let found: Vec<Found> = stream::iter(names.iter().map(|n| {
         let api = api.clone();
         async move {
             let got = with_retries(|| api.get_metadata_opt(n)).await;

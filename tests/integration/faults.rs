@@ -476,7 +476,7 @@ async fn cutting_proxy(
                 if roll < share_percent {
                     counter.fetch_add(1, Ordering::Relaxed);
                     // Half are refused at once, half cut mid-stream.
-                    if roll % 2 == 0 {
+                    if roll.is_multiple_of(2) {
                         return;
                     }
                     if let Ok(mut outbound) =

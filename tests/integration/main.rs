@@ -10,5 +10,6 @@ mod diff;
 mod faults;
 mod gitops;
 mod golden;
+mod properties;
 mod safety;
 mod support;
