@@ -139,6 +139,10 @@ pub struct AcmeCounters {
     pub rate_limited: AtomicU64,
 }
 
+/// Longest the ACME server may take to answer one request (connecting: `CONNECT_TIMEOUT`).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 type Hyper = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
 
 /// Cheap to clone: clones share the connection pool and the counters.
@@ -157,8 +161,13 @@ impl HttpClient for Http {
         let counters = self.counters.clone();
         Box::pin(async move {
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            let rsp = fut
+            let rsp = tokio::time::timeout(REQUEST_TIMEOUT, fut)
                 .await
+                .map_err(|_| {
+                    instant_acme::Error::Other(
+                        format!("the ACME server did not answer within {REQUEST_TIMEOUT:?}").into(),
+                    )
+                })?
                 .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
             if rsp.status() == http::StatusCode::TOO_MANY_REQUESTS {
                 counters.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -203,12 +212,15 @@ fn http_client(ca_bundle: Option<&Path>, counters: Arc<AcmeCounters>) -> Result<
     .map_err(|e| AcmeError::Tls(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut plain = HttpConnector::new();
+    plain.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    plain.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(plain);
     Ok(Http {
         inner: HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))

@@ -760,13 +760,16 @@ impl Certs {
         if let Err(e) = self.store.write_copy(&t.environment, &cert).await {
             tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "keeping a copy of the certificate");
         }
-        let _ = self
+        if let Err(e) = self
             .ledger
             .update(|doc| {
                 doc.pending.remove(&env);
                 doc.queued.remove(&env);
             })
-            .await;
+            .await
+        {
+            record_failed(&env, &e);
+        }
         if let Ok(mut a) = self.announced.lock() {
             a.remove(&env);
         }
@@ -832,7 +835,7 @@ impl Certs {
                     keys.retain(|k| limit.is_none_or(|l| k.limit == l));
                     keys
                 };
-                let _ = self
+                if let Err(e) = self
                     .ledger
                     .update(|doc| {
                         doc.pending.remove(&env);
@@ -840,7 +843,10 @@ impl Certs {
                             doc.buckets.exhausted_until(&k, until);
                         }
                     })
-                    .await;
+                    .await
+                {
+                    record_failed(&env, &e);
+                }
                 let limit = limit.unwrap_or(Limit::NewOrdersPerAccount);
                 let _ = self
                     .store
@@ -867,25 +873,30 @@ impl Certs {
                 }
             }
             AcmeError::AuthorizationFailed { .. } => {
-                let _ = self
+                if let Err(e) = self
                     .ledger
                     .update(|doc| {
                         doc.pending.remove(&env);
                         doc.buckets.charge(&Ledger::failure_buckets(&req), now);
                     })
-                    .await;
+                    .await
+                {
+                    record_failed(&env, &e);
+                }
                 Outcome::Failed {
                     error: crate::controller::error_chain(&e),
                 }
             }
             _ => {
-                if !resumable {
-                    let _ = self
+                if !resumable
+                    && let Err(e) = self
                         .ledger
                         .update(|doc| {
                             doc.pending.remove(&env);
                         })
-                        .await;
+                        .await
+                {
+                    record_failed(&env, &e);
                 }
                 Outcome::Failed {
                     error: crate::controller::error_chain(&e),
@@ -899,6 +910,13 @@ impl Certs {
         tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "certificate order");
         outcome
     }
+}
+
+/// A ledger write after an order's outcome could not be made: the order itself is over, so
+/// the pass goes on; the state written before the send (the charge) stays, which errs on the
+/// side of spending more quota, never less. Logged at error level.
+fn record_failed(environment: &str, e: &StoreError) {
+    tracing::error!(environment, error = %crate::controller::error_chain(e), "recording an order's outcome in the quota ledger failed; its charge stays spent");
 }
 
 /// Runs futures, at most `n` at once. (Collecting them first keeps the borrows they hold

@@ -189,6 +189,8 @@ struct Loop {
     refusals_reported: BTreeSet<String>,
     /// Failing environments: failures in a row, and when the next try is due.
     backoff: BTreeMap<String, (u32, tokio::time::Instant)>,
+    /// When the last pass started.
+    last_pass_at: tokio::time::Instant,
 }
 
 /// A failing environment is tried again after 2 s, 4 s, 8 s ... at most 5 minutes apart.
@@ -196,9 +198,11 @@ const ENV_BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const ENV_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 impl Loop {
-    /// When the earliest failing environment is due again.
+    /// When the earliest failing environment is due again; never sooner than a second after
+    /// the previous pass, so that no state can make retries spin.
     fn next_retry(&self) -> Option<tokio::time::Instant> {
-        self.backoff.values().map(|b| b.1).min()
+        let earliest = self.backoff.values().map(|b| b.1).min()?;
+        Some(earliest.max(self.last_pass_at + Duration::from_secs(1)))
     }
 }
 
@@ -227,6 +231,14 @@ impl Loop {
             }
         };
         let load_ms = started.elapsed().as_millis() as u64;
+        self.last_pass_at = tokio::time::Instant::now();
+        // An environment that left the source (or became invalid) has nothing to retry.
+        self.backoff.retain(|name, _| {
+            loaded
+                .environments
+                .iter()
+                .any(|e| e.environment.metadata.name == *name)
+        });
         let mut pass_options = self.opts.pass.clone();
         // A failing environment waits out its own backoff (unless its file changed: a fix
         // was pushed); the others go on.
@@ -699,6 +711,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         cert_targets,
         refusals_reported: BTreeSet::new(),
         backoff: BTreeMap::new(),
+        last_pass_at: tokio::time::Instant::now(),
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();

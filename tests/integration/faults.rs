@@ -117,7 +117,26 @@ fn envctl(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn spawn_run(kubeconfig: &Path, args: &[&str], log: &Path, extra_env: &[(&str, &str)]) -> Child {
+/// An `envctl run` process, killed when dropped (also when a test panics).
+struct Running(Child);
+
+impl Running {
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_run(kubeconfig: &Path, args: &[&str], log: &Path, extra_env: &[(&str, &str)]) -> Running {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -140,10 +159,12 @@ fn spawn_run(kubeconfig: &Path, args: &[&str], log: &Path, extra_env: &[(&str, &
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    cmd.stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("starting envctl run")
+    Running(
+        cmd.stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("starting envctl run"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
