@@ -916,3 +916,78 @@ fn a_hung_git_server_times_out() {
         );
     }
 }
+
+/// Item 6 in the controller: without an ACME directory, `run` applies the TLS examples,
+/// warns, annotates why there is no certificate, and counts them in
+/// `envctl_certificates_unconfigured`.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_without_a_directory_reports_unconfigured_certificates() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("nodir");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    let names = examples_renamed(&src, &instance[instance.len() - 4..]);
+    let port = free_port();
+    let log = dir.path().join("run.log");
+    let file = std::fs::File::create(&log).expect("a log");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args(["run", "--source"])
+        .arg(&src)
+        .args(["--instance", &instance, "--interval", "1h"])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .env_remove("ENVCTL_SKIP_CERTIFICATES")
+        .env_remove("ENVCTL_ACME_DIRECTORY")
+        .env("ENVCTL_LOG", "info")
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("envctl run");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let start = Instant::now();
+    let mut metrics = String::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        metrics = Command::new("curl")
+            .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        if metrics.contains("envctl_certificates_unconfigured 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(
+        metrics.contains("envctl_certificates_unconfigured 3"),
+        "three TLS examples without a directory:\n{metrics}\n{}",
+        read()
+    );
+    assert!(
+        read().contains("no ACME directory is configured"),
+        "{}",
+        read()
+    );
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let tls_example = names
+        .iter()
+        .find(|n| n.starts_with("acme-prod"))
+        .expect("acme-prod");
+    let ann = nsapi
+        .get(&format!("environment-{tls_example}"))
+        .await
+        .expect("a namespace")
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    assert_eq!(
+        ann.get("envctl.materialize.cloud/certificate")
+            .map(String::as_str),
+        Some(envctl::certs::UNCONFIGURED_NOTE)
+    );
+    cleanup_instance(&client, &instance).await;
+}
