@@ -915,6 +915,56 @@ fn a_hung_git_server_times_out() {
             "the error names the server: {text}"
         );
     }
+
+    // The controller: each poll gives up within the timeout and the next one proceeds.
+    let Some(cluster) = require() else { return };
+    let log = dir.path().join("run.log");
+    let file = std::fs::File::create(&log).expect("a log");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args([
+            "run",
+            "--source",
+            &format!("git://127.0.0.1:{port}/envs.git"),
+        ])
+        .args([
+            "--git-timeout",
+            "2s",
+            "--interval",
+            "1s",
+            "--skip-certificates",
+            "--instance",
+        ])
+        .arg(unique("hung"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--cache-dir")
+        .arg(dir.path().join("run-cache"))
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .env("ENVCTL_LOG", "info")
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("envctl run");
+    let started = Instant::now();
+    let failed_polls = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("polling the source failed")
+            .count()
+    };
+    while failed_polls() < 3 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = started.elapsed();
+    let _ = run.kill();
+    let _ = run.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!("hung Git server, controller: 3 polls failed and moved on within {took:?}");
+    assert!(
+        failed_polls() >= 3,
+        "the controller's polls must fail and go on:\n{text}"
+    );
 }
 
 /// Item 6 in the controller: without an ACME directory, `run` applies the TLS examples,
