@@ -728,12 +728,20 @@ async fn watch_applies_directory_edits() {
     std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 3, &["cluster-0"])).expect("write");
     wait_for(
         "the edit applied",
-        Duration::from_secs(10),
+        // Seconds when idle; the deadline allows for a loaded CI machine (the property
+        // tests keep both cores busy for minutes).
+        Duration::from_secs(30),
         &log,
         || async { replicas(&client, &a, "compute-cluster-0").await == Some(3) },
     )
     .await;
-    assert!(ctl.log().contains("trigger=Watch"), "{}", ctl.log());
+    // The edit's pass is labelled Watch, or Drift when the watch events of the objects the
+    // first pass created woke the loop first (the poll of that pass then finds the edit).
+    let text = ctl.log();
+    assert!(
+        text.contains("trigger=Watch") || text.matches("trigger=Drift").count() > 0,
+        "{text}"
+    );
     drop(ctl);
     cleanup_instance(&client, &instance).await;
 }
