@@ -194,7 +194,9 @@ impl LedgerStore {
         &self,
         mut change: impl FnMut(&mut LedgerDoc) -> T,
     ) -> Result<T, StoreError> {
-        const TRIES: usize = 20;
+        // Many orders record their outcome at once (16 in flight per replica): on a loaded
+        // machine a write can lose the race many times in a row.
+        const TRIES: usize = 60;
         for attempt in 0..TRIES {
             let (mut doc, rv) = self.load().await?;
             let before = doc.clone();
@@ -208,7 +210,10 @@ impl LedgerStore {
             if self.save(&doc, rv).await? {
                 return Ok(out);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt as u64 + 1))).await;
+            tokio::time::sleep(std::time::Duration::from_millis(
+                20 * (attempt as u64 + 1).min(10),
+            ))
+            .await;
         }
         Err(StoreError::Contended {
             namespace: self.namespace.clone(),

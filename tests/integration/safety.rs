@@ -43,6 +43,9 @@ impl Replica {
             .args(["--leader-elect", "--leader-elect-identity", identity])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // Each replica has its own Git cache, as each pod has.
+            .arg("--cache-dir")
+            .arg(dir.join(format!("cache-{identity}")))
             .arg("--kubeconfig")
             .arg(&cluster.kubeconfig)
             .env("ENVCTL_LOG", "info")
@@ -367,8 +370,6 @@ async fn standby_relays_webhooks_and_sigterm_hands_over() {
         "--webhook-secret-file",
         secret.to_str().expect("utf-8"),
         "--skip-certificates",
-        "--cache-dir",
-        dir.path().join("cache").to_str().expect("utf-8"),
     ]
     .iter()
     .map(|s| s.to_string())
