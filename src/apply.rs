@@ -88,37 +88,43 @@ async fn execute_one(client: &Client, change: &Change) -> Result<(), kube::Error
             let Some(object) = &change.object else {
                 return Ok(());
             };
-            let params = DeleteParams {
-                preconditions: change.uid.clone().map(|uid| Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match with_retries(|| api.delete(&key.name, &params)).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e),
-            }
+            delete_guarded(&api, &key.name, change.uid.as_deref(), None).await?;
             server_side_apply(&api, &key.name, object).await?;
         }
         Action::Delete => {
-            let params = DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                preconditions: change.uid.clone().map(|uid| Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match with_retries(|| api.delete(&key.name, &params)).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e),
-            }
+            delete_guarded(
+                &api,
+                &key.name,
+                change.uid.as_deref(),
+                Some(PropagationPolicy::Background),
+            )
+            .await?;
         }
     }
     Ok(())
+}
+
+/// Deletes the object the plan saw (its uid, when known, is a precondition); already gone
+/// counts as done.
+async fn delete_guarded(
+    api: &kube::Api<kube::api::DynamicObject>,
+    name: &str,
+    uid: Option<&str>,
+    propagation_policy: Option<PropagationPolicy>,
+) -> Result<(), kube::Error> {
+    let params = DeleteParams {
+        propagation_policy,
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match with_retries(|| api.delete(name, &params)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// One environment's changes: each kind's objects concurrently, kinds in order; a failure
