@@ -12,10 +12,10 @@ use crate::certs::acme::AcmeConfig;
 use crate::certs::ledger::BucketSpec;
 use crate::certs::reconcile::CertSettings;
 use crate::cluster::{self, ConnectError};
-use crate::controller::{self, PassOptions, PassPlan};
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, Limits, LoadOptions, Loaded};
 use crate::observe::ObserveError;
+use crate::pass::{self, PassOptions, PassPlan};
 use crate::plan::{MaxPrune, PrunePolicy};
 use crate::render::{self, RenderOptions};
 use crate::source;
@@ -941,7 +941,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                             .map_err(CliError::Connect)?,
                     ),
                 };
-                controller::plan_pass(client.as_ref(), None, &loaded, &options)
+                pass::plan_pass(client.as_ref(), None, &loaded, &options)
                     .await
                     .map_err(CliError::Observe)
             })?;
@@ -965,10 +965,10 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
                 let client = cluster::connect(cluster.kubeconfig.as_deref())
                     .await
                     .map_err(CliError::Connect)?;
-                let pass = controller::plan_pass(Some(&client), None, &loaded, &options)
+                let pass = pass::plan_pass(Some(&client), None, &loaded, &options)
                     .await
                     .map_err(CliError::Observe)?;
-                let report = controller::apply_pass(&client, &pass, &options).await;
+                let report = pass::apply_pass(&client, &pass, &options).await;
                 print_plan(&mut out, &pass, &loaded, output, Some(&report))?;
                 if report.unreachable() && pass.plan.failed.is_empty() {
                     return Err(CliError::Apply {

@@ -9,7 +9,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use crate::render::ObjectKind;
+use crate::vocab::ObjectKind;
 
 /// The one server-side apply field manager envctl uses.
 pub const FIELD_MANAGER: &str = "envctl";

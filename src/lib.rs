@@ -1,7 +1,15 @@
 //! envctl: a GitOps controller for Materialize-style cloud environments.
 //!
-//! The modules follow the pipeline: `source` -> `manifest` -> `render` -> `observe` -> `plan`
-//! -> `apply` -> `certs` -> `status`; `cli` and the controller call the same stages.
+//! Layers, bottom to top; a module uses only the ones below it (checked by the integration
+//! test `layers::no_import_runs_back_up`):
+//!
+//! - `vocab`: names and small shared types (labels, annotations, object keys, limit names);
+//!   `duration`, `diagnostic`, `yaml`: formats; `cluster`: the API client and its retries;
+//!   `metrics`: every exported metric.
+//! - The pipeline: `source` -> `manifest` -> `render` -> `observe` -> `plan` -> `apply`, then
+//!   `status` (what is recorded about each environment) and `certs` (certificates).
+//! - `pass`: one reconcile pass over those stages, shared by the CLI and the controller;
+//!   `controller`: the long-running loop (`envctl run`); `cli`: the commands.
 
 pub mod apply;
 pub mod certs;
@@ -11,11 +19,14 @@ pub mod controller;
 pub mod diagnostic;
 pub mod duration;
 pub mod manifest;
+pub mod metrics;
 pub mod observe;
+pub mod pass;
 pub mod plan;
 pub mod render;
 pub mod source;
 pub mod status;
+pub mod vocab;
 pub mod yaml;
 
 pub use cli::run;

@@ -2,7 +2,7 @@
 //! `app.kubernetes.io/managed-by=envctl` and its instance) and asks the server what a server-side apply would
 //! make of a desired object (`dryRun=All`), which persists nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use std::sync::Arc;
 
@@ -14,8 +14,77 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused, with_retries};
-use crate::plan::{Live, ObjectKey};
-use crate::render::{DesiredObject, ObjectKind, owned_selector};
+use crate::render::DesiredObject;
+use crate::vocab::ObjectKey;
+use crate::vocab::{ENVIRONMENT_LABEL, ObjectKind, owned_selector};
+
+/// One object envctl owns, as the server has it.
+#[derive(Debug, Clone)]
+pub struct LiveObject {
+    pub key: ObjectKey,
+    /// The `envctl.materialize.cloud/environment` label.
+    pub environment: Option<String>,
+    pub object: Value,
+}
+
+/// Every live object envctl owns.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub objects: BTreeMap<ObjectKey, LiveObject>,
+}
+
+impl Live {
+    /// Adds a listed object (list items come without `apiVersion` and `kind`; they are set
+    /// from `kind`). `managedFields` and `status`, which no plan reads, are dropped to save
+    /// memory.
+    pub fn insert(&mut self, kind: ObjectKind, mut object: Value) {
+        if let Value::Object(map) = &mut object {
+            map.insert("apiVersion".into(), Value::from(kind.api_version()));
+            map.insert("kind".into(), Value::from(kind.as_str()));
+            map.remove("status");
+            if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+                meta.remove("managedFields");
+            }
+        }
+        let meta = object.get("metadata");
+        let s = |k: &str| {
+            meta.and_then(|m| m.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let Some(name) = s("name") else { return };
+        let environment = meta
+            .and_then(|m| m.pointer(&format!("/labels/{}", ENVIRONMENT_LABEL.replace('/', "~1"))))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let key = ObjectKey {
+            kind,
+            namespace: if kind.namespaced() {
+                s("namespace")
+            } else {
+                None
+            },
+            name,
+        };
+        self.objects.insert(
+            key.clone(),
+            LiveObject {
+                key,
+                environment,
+                object,
+            },
+        );
+    }
+
+    /// Environments that have a live namespace.
+    pub fn environments(&self) -> BTreeSet<String> {
+        self.objects
+            .values()
+            .filter(|o| o.key.kind == ObjectKind::Namespace)
+            .filter_map(|o| o.environment.clone())
+            .collect()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -249,7 +318,7 @@ fn drift_fingerprint(obj: &DynamicObject) -> String {
     }
     if let Some(annotations) = &meta.annotations {
         for (k, v) in annotations {
-            if !crate::status::STATUS_ANNOTATIONS.contains(&k.as_str()) {
+            if !crate::vocab::STATUS_ANNOTATIONS.contains(&k.as_str()) {
                 h.write(k.as_bytes());
                 h.write(v.as_bytes());
             }
@@ -405,7 +474,7 @@ impl Cache {
         instance: &str,
         drift: Arc<Notify>,
         watch_errors: prometheus_client::metrics::family::Family<
-            crate::status::KindLabels,
+            crate::metrics::KindLabels,
             prometheus_client::metrics::counter::Counter,
         >,
     ) -> Cache {
@@ -470,7 +539,7 @@ impl Cache {
                         }
                         Err(e) => {
                             watch_errors
-                                .get_or_create(&crate::status::KindLabels { kind })
+                                .get_or_create(&crate::metrics::KindLabels { kind })
                                 .inc();
                             tracing::warn!(kind = kind.as_str(), error = %e, "the watch of owned objects broke; it resumes with backoff")
                         }

@@ -5,23 +5,14 @@
 //! `apply` executes the result exactly. Secret data never reaches a diff.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::render::{
-    DesiredObject, ENVIRONMENT_LABEL, HASH_ANNOTATION, ObjectKind, PROTECT_ANNOTATION,
-};
-
-/// Identity of one object.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ObjectKey {
-    pub kind: ObjectKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    pub name: String,
-}
+pub use crate::observe::{Live, LiveObject};
+use crate::render::{DesiredObject, HASH_ANNOTATION, PROTECT_ANNOTATION};
+pub use crate::vocab::ObjectKey;
+use crate::vocab::ObjectKind;
 
 impl ObjectKey {
     pub fn of(d: &DesiredObject) -> ObjectKey {
@@ -30,83 +21,6 @@ impl ObjectKey {
             namespace: d.namespace.clone(),
             name: d.name.clone(),
         }
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind.as_str(), self.name),
-            None => write!(f, "{} {}", self.kind.as_str(), self.name),
-        }
-    }
-}
-
-/// One object envctl owns, as the server has it.
-#[derive(Debug, Clone)]
-pub struct LiveObject {
-    pub key: ObjectKey,
-    /// The `envctl.materialize.cloud/environment` label.
-    pub environment: Option<String>,
-    pub object: Value,
-}
-
-/// Every live object envctl owns.
-#[derive(Debug, Clone, Default)]
-pub struct Live {
-    pub objects: BTreeMap<ObjectKey, LiveObject>,
-}
-
-impl Live {
-    /// Adds a listed object (list items come without `apiVersion` and `kind`; they are set
-    /// from `kind`). `managedFields` and `status`, which no plan reads, are dropped to save
-    /// memory.
-    pub fn insert(&mut self, kind: ObjectKind, mut object: Value) {
-        if let Value::Object(map) = &mut object {
-            map.insert("apiVersion".into(), Value::from(kind.api_version()));
-            map.insert("kind".into(), Value::from(kind.as_str()));
-            map.remove("status");
-            if let Some(Value::Object(meta)) = map.get_mut("metadata") {
-                meta.remove("managedFields");
-            }
-        }
-        let meta = object.get("metadata");
-        let s = |k: &str| {
-            meta.and_then(|m| m.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        let Some(name) = s("name") else { return };
-        let environment = meta
-            .and_then(|m| m.pointer(&format!("/labels/{}", ENVIRONMENT_LABEL.replace('/', "~1"))))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let key = ObjectKey {
-            kind,
-            namespace: if kind.namespaced() {
-                s("namespace")
-            } else {
-                None
-            },
-            name,
-        };
-        self.objects.insert(
-            key.clone(),
-            LiveObject {
-                key,
-                environment,
-                object,
-            },
-        );
-    }
-
-    /// Environments that have a live namespace.
-    pub fn environments(&self) -> BTreeSet<String> {
-        self.objects
-            .values()
-            .filter(|o| o.key.kind == ObjectKind::Namespace)
-            .filter_map(|o| o.environment.clone())
-            .collect()
     }
 }
 

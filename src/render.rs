@@ -19,95 +19,15 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::manifest::{ENVIRONMENTD_PORTS, Environment};
+pub use crate::vocab::{
+    CLOUD_PROVIDER_LABEL, CLOUD_REGION_LABEL, DEFAULT_INSTANCE, ENVIRONMENT_LABEL, Fnv64,
+    HASH_ANNOTATION, HOSTNAME_ANNOTATION, INSTANCE_LABEL, MANAGED_BY_KEY, MANAGED_BY_VALUE,
+    ORGANIZATION_ANNOTATION, ObjectKind, PROTECT_ANNOTATION, REGION_ANNOTATION, owned_selector,
+};
 
-pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY_VALUE: &str = "envctl";
-pub const ENVIRONMENT_LABEL: &str = "envctl.materialize.cloud/environment";
-/// Which envctl instance owns the object: instances sharing a cluster never touch each
-/// other's objects.
-pub const INSTANCE_LABEL: &str = "envctl.materialize.cloud/instance";
-pub const DEFAULT_INSTANCE: &str = "default";
-pub const PROTECT_ANNOTATION: &str = "envctl.materialize.cloud/protect";
-pub const REGION_ANNOTATION: &str = "envctl.materialize.cloud/region";
-pub const ORGANIZATION_ANNOTATION: &str = "envctl.materialize.cloud/organization";
-pub const HOSTNAME_ANNOTATION: &str = "envctl.materialize.cloud/hostname";
-/// Hash of the object envctl last applied; lets `plan` prove "unchanged" without a request.
-pub const HASH_ANNOTATION: &str = "envctl.materialize.cloud/desired-hash";
-pub const CLOUD_PROVIDER_LABEL: &str = "envctl.materialize.cloud/cloud-provider";
-pub const CLOUD_REGION_LABEL: &str = "envctl.materialize.cloud/cloud-region";
 const ORCH_NAMESPACE_LABEL: &str = "environmentd.materialize.cloud/namespace";
 const ORCH_SERVICE_ID_LABEL: &str = "environmentd.materialize.cloud/service-id";
 const ENVIRONMENTD: &str = "environmentd";
-
-/// The kinds envctl manages, in apply order (deletion goes in reverse).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    prometheus_client::encoding::EncodeLabelValue,
-)]
-pub enum ObjectKind {
-    Namespace,
-    ServiceAccount,
-    RoleBinding,
-    Service,
-    StatefulSet,
-    Secret,
-}
-
-impl ObjectKind {
-    pub const ALL: [ObjectKind; 6] = [
-        ObjectKind::Namespace,
-        ObjectKind::ServiceAccount,
-        ObjectKind::RoleBinding,
-        ObjectKind::Service,
-        ObjectKind::StatefulSet,
-        ObjectKind::Secret,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::Namespace => "Namespace",
-            ObjectKind::ServiceAccount => "ServiceAccount",
-            ObjectKind::RoleBinding => "RoleBinding",
-            ObjectKind::Service => "Service",
-            ObjectKind::StatefulSet => "StatefulSet",
-            ObjectKind::Secret => "Secret",
-        }
-    }
-
-    pub fn api_version(self) -> &'static str {
-        match self {
-            ObjectKind::Namespace
-            | ObjectKind::ServiceAccount
-            | ObjectKind::Service
-            | ObjectKind::Secret => "v1",
-            ObjectKind::RoleBinding => "rbac.authorization.k8s.io/v1",
-            ObjectKind::StatefulSet => "apps/v1",
-        }
-    }
-
-    pub fn plural(self) -> &'static str {
-        match self {
-            ObjectKind::Namespace => "namespaces",
-            ObjectKind::ServiceAccount => "serviceaccounts",
-            ObjectKind::RoleBinding => "rolebindings",
-            ObjectKind::Service => "services",
-            ObjectKind::StatefulSet => "statefulsets",
-            ObjectKind::Secret => "secrets",
-        }
-    }
-
-    pub fn namespaced(self) -> bool {
-        self != ObjectKind::Namespace
-    }
-}
 
 /// One desired object.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,11 +82,6 @@ fn ownership(env: &Environment, options: &RenderOptions) -> BTreeMap<String, Str
         (ENVIRONMENT_LABEL.to_string(), env.metadata.name.clone()),
         (INSTANCE_LABEL.to_string(), options.instance.clone()),
     ])
-}
-
-/// The label selector of everything one instance owns.
-pub fn owned_selector(instance: &str) -> String {
-    format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE},{INSTANCE_LABEL}={instance}")
 }
 
 fn meta(env: &Environment, name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
@@ -501,51 +416,6 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
             }
         })
         .collect()
-}
-
-/// FNV-1a (64-bit) over 8-byte little-endian words, then the remaining bytes, with the
-/// total length mixed in last. Stable across runs and platforms; not cryptographic.
-#[derive(Debug, Clone)]
-pub struct Fnv64 {
-    h: u64,
-    len: u64,
-}
-
-impl Default for Fnv64 {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Fnv64 {
-    const PRIME: u64 = 0x0100_0000_01b3;
-
-    pub fn new() -> Fnv64 {
-        Fnv64 {
-            h: 0xcbf2_9ce4_8422_2325,
-            len: 0,
-        }
-    }
-
-    pub fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for w in &mut words {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(w);
-            self.h ^= u64::from_le_bytes(word);
-            self.h = self.h.wrapping_mul(Self::PRIME);
-        }
-        for &b in words.remainder() {
-            self.h ^= u64::from(b);
-            self.h = self.h.wrapping_mul(Self::PRIME);
-        }
-        self.len = self.len.wrapping_add(bytes.len() as u64);
-    }
-
-    pub fn hex(&self) -> String {
-        let h = (self.h ^ self.len).wrapping_mul(Self::PRIME);
-        format!("{h:016x}")
-    }
 }
 
 /// The value of `HASH_ANNOTATION`: `Fnv64` of the object's compact JSON.

@@ -422,7 +422,7 @@ impl Acme {
         };
         for token in served {
             if let Err(e) = challenges.remove(&token).await {
-                tracing::warn!(error = %crate::controller::error_chain(&e), "withdrawing an HTTP-01 answer; it is swept once stale");
+                tracing::warn!(error = %crate::vocab::error_chain(&e), "withdrawing an HTTP-01 answer; it is swept once stale");
             }
         }
         result
@@ -476,7 +476,7 @@ impl Acme {
                     .await
                     .map_err(|e| AcmeError::Challenge {
                         name: name.clone(),
-                        message: crate::controller::error_chain(&e),
+                        message: crate::vocab::error_chain(&e),
                     })?;
                 served.push(token);
                 challenge

@@ -196,7 +196,7 @@ pub fn challenge_router(challenges: Arc<Challenges>) -> axum::Router {
             Ok(Some(k)) => (StatusCode::OK, k),
             Ok(None) => (StatusCode::NOT_FOUND, "no such challenge\n".into()),
             Err(e) => {
-                tracing::warn!(error = %crate::controller::error_chain(&e), "answering an HTTP-01 challenge");
+                tracing::warn!(error = %crate::vocab::error_chain(&e), "answering an HTTP-01 challenge");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the challenge store cannot be read\n".into(),

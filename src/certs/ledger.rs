@@ -10,52 +10,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The limits envctl models.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    prometheus_client::encoding::EncodeLabelValue,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Limit {
-    NewOrdersPerAccount,
-    NewCertificatesPerRegisteredDomain,
-    NewCertificatesPerExactSet,
-    AuthorizationFailuresPerIdentifier,
-}
+pub use crate::vocab::Limit;
 
-impl std::fmt::Display for Limit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The limits envctl models.
 
 impl Limit {
-    pub const ALL: [Limit; 4] = [
-        Limit::NewOrdersPerAccount,
-        Limit::NewCertificatesPerRegisteredDomain,
-        Limit::NewCertificatesPerExactSet,
-        Limit::AuthorizationFailuresPerIdentifier,
-    ];
-
-    /// The stored and printed name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Limit::NewOrdersPerAccount => "new-orders-per-account",
-            Limit::NewCertificatesPerRegisteredDomain => "new-certificates-per-registered-domain",
-            Limit::NewCertificatesPerExactSet => "new-certificates-per-exact-set",
-            Limit::AuthorizationFailuresPerIdentifier => "authorization-failures-per-identifier",
-        }
-    }
-
     /// Let's Encrypt's default capacity and window (seconds).
     pub fn default_spec(self) -> BucketSpec {
         match self {

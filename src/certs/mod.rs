@@ -28,9 +28,8 @@ pub enum CertMode {
     Acme(acme::AcmeConfig),
 }
 
-/// On a TLS environment's namespace: why it has no certificate (set while no ACME directory
-/// is configured; removed once a certificate is stored).
-pub const CERTIFICATE_ANNOTATION: &str = "envctl.materialize.cloud/certificate";
+pub use crate::vocab::{CERTIFICATE_ANNOTATION, WAIT_REASON_ANNOTATION, WAIT_UNTIL_ANNOTATION};
+
 /// The value of `CERTIFICATE_ANNOTATION` while no ACME directory is configured.
 pub const UNCONFIGURED_NOTE: &str =
     "none: no ACME directory is configured (--acme-directory letsencrypt|letsencrypt-staging|URL)";
@@ -40,10 +39,6 @@ pub const TLS_SECRET: &str = "environment-tls";
 pub const NAMES_ANNOTATION: &str = "envctl.materialize.cloud/certificate-names";
 pub const SERIAL_ANNOTATION: &str = "envctl.materialize.cloud/certificate-serial";
 pub const NOT_AFTER_ANNOTATION: &str = "envctl.materialize.cloud/certificate-not-after";
-/// On a namespace whose certificate waits for quota: when it will be ordered.
-pub const WAIT_UNTIL_ANNOTATION: &str = "envctl.materialize.cloud/certificate-wait-until";
-/// On a namespace whose certificate waits for quota: the limit it waits for.
-pub const WAIT_REASON_ANNOTATION: &str = "envctl.materialize.cloud/certificate-wait-reason";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {

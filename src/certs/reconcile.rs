@@ -299,7 +299,7 @@ impl Certs {
                     outcomes.insert(
                         t.environment.clone(),
                         Outcome::Failed {
-                            error: crate::controller::error_chain(&e),
+                            error: crate::vocab::error_chain(&e),
                         },
                     );
                     continue;
@@ -388,7 +388,7 @@ impl Certs {
                         }
                     }
                     Err(e) => Outcome::Failed {
-                        error: crate::controller::error_chain(&e),
+                        error: crate::vocab::error_chain(&e),
                     },
                 };
                 (t.environment.clone(), outcome)
@@ -407,7 +407,7 @@ impl Certs {
         }
         bounded(refresh_copy.into_iter().map(|(t, c)| async move {
             if let Err(e) = self.store.write_copy(&t.environment, &c).await {
-                tracing::warn!(environment = %t.environment, error = %crate::controller::error_chain(&e), "keeping a copy of the certificate");
+                tracing::warn!(environment = %t.environment, error = %crate::vocab::error_chain(&e), "keeping a copy of the certificate");
             }
         }).collect(), concurrency)
         .await;
@@ -497,7 +497,7 @@ impl Certs {
                 .annotate_wait(&t.namespace, Some((at, limit.as_str())))
                 .await
             {
-                tracing::warn!(error = %crate::controller::error_chain(&e), "annotating a waiting certificate");
+                tracing::warn!(error = %crate::vocab::error_chain(&e), "annotating a waiting certificate");
             }
             if let Some(ev) = events {
                 ev.publish(
@@ -592,7 +592,7 @@ impl Certs {
             match self.ledger.load().await {
                 Ok((doc, _)) => set_quota_metrics(m, &doc.buckets, &account, now),
                 Err(e) => {
-                    tracing::warn!(error = %crate::controller::error_chain(&e), "reading the ledger for metrics")
+                    tracing::warn!(error = %crate::vocab::error_chain(&e), "reading the ledger for metrics")
                 }
             }
             let mut ranges: BTreeMap<u8, i64> = BTreeMap::new();
@@ -633,7 +633,7 @@ impl Certs {
     ) -> Sent {
         let env = r.environment.clone();
         let failed = |e: &dyn std::error::Error| Outcome::Failed {
-            error: crate::controller::error_chain(e),
+            error: crate::vocab::error_chain(e),
         };
         if resume.is_none() {
             // Write-ahead: charge this order in the ledger, durably, before it is sent;
@@ -712,7 +712,7 @@ impl Certs {
                 })
                 .await;
             if let Err(e) = recorded {
-                tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "recording the order URL");
+                tracing::warn!(environment = %env, error = %crate::vocab::error_chain(&e), "recording the order URL");
             }
         }
         let issued = match tokio::time::timeout(
@@ -758,7 +758,7 @@ impl Certs {
             };
         }
         if let Err(e) = self.store.write_copy(&t.environment, &cert).await {
-            tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "keeping a copy of the certificate");
+            tracing::warn!(environment = %env, error = %crate::vocab::error_chain(&e), "keeping a copy of the certificate");
         }
         if let Err(e) = self
             .ledger
@@ -776,7 +776,7 @@ impl Certs {
         // Always: the wait may have been announced by another process (an earlier apply, a
         // previous leader).
         if let Err(e) = self.store.annotate_wait(&t.namespace, None).await {
-            tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "clearing the certificate wait annotations");
+            tracing::warn!(environment = %env, error = %crate::vocab::error_chain(&e), "clearing the certificate wait annotations");
         }
         let info = cert.info.clone().unwrap_or_else(empty_info);
         if let Some(ev) = events {
@@ -884,7 +884,7 @@ impl Certs {
                     record_failed(&env, &e);
                 }
                 Outcome::Failed {
-                    error: crate::controller::error_chain(&e),
+                    error: crate::vocab::error_chain(&e),
                 }
             }
             _ => {
@@ -899,7 +899,7 @@ impl Certs {
                     record_failed(&env, &e);
                 }
                 Outcome::Failed {
-                    error: crate::controller::error_chain(&e),
+                    error: crate::vocab::error_chain(&e),
                 }
             }
         };
@@ -907,7 +907,7 @@ impl Certs {
             ev.publish(&t.namespace, true, "CertificateFailed", error.clone())
                 .await;
         }
-        tracing::warn!(environment = %env, error = %crate::controller::error_chain(&e), "certificate order");
+        tracing::warn!(environment = %env, error = %crate::vocab::error_chain(&e), "certificate order");
         outcome
     }
 }
@@ -916,7 +916,7 @@ impl Certs {
 /// the pass goes on; the state written before the send (the charge) stays, which errs on the
 /// side of spending more quota, never less. Logged at error level.
 fn record_failed(environment: &str, e: &StoreError) {
-    tracing::error!(environment, error = %crate::controller::error_chain(e), "recording an order's outcome in the quota ledger failed; its charge stays spent");
+    tracing::error!(environment, error = %crate::vocab::error_chain(e), "recording an order's outcome in the quota ledger failed; its charge stays spent");
 }
 
 /// Runs futures, at most `n` at once. (Collecting them first keeps the borrows they hold

@@ -103,7 +103,7 @@ async fn hook(
         Some(relay) if !*shared.leading.borrow() => match relay.forward().await {
             Ok(()) => (StatusCode::ACCEPTED, "poll relayed to the leader\n"),
             Err(e) => {
-                tracing::warn!(error = %super::error_chain(&e), "relaying a webhook call");
+                tracing::warn!(error = %crate::vocab::error_chain(&e), "relaying a webhook call");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "this replica stands by and could not relay the call to the leader\n",

@@ -20,7 +20,6 @@ use tokio::sync::{Notify, watch};
 use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
 use super::relay::Relay;
-use super::{PassOptions, apply_pass, error_chain, plan_pass};
 use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
 use crate::certs::challenges::Challenges;
@@ -29,6 +28,7 @@ use crate::cluster::FailureReason;
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, LoadOptions, SourceFile};
 use crate::observe::OBSERVED_KINDS;
+use crate::pass::{PassOptions, apply_pass, plan_pass};
 use crate::plan::Action;
 use crate::render;
 use crate::source::git::{GitBackend, GitError};
@@ -36,6 +36,7 @@ use crate::status::{
     self, ApiVerb, EnvState, EnvStatus, Events, FailureLabels, Metrics, PollLabels, PollResult,
     Trigger, TriggerLabels,
 };
+use crate::vocab::error_chain;
 
 /// Where `run` reads manifests.
 pub enum RunSource {

@@ -20,13 +20,7 @@ pub use types::*;
 use crate::diagnostic::{Diagnostic, Pos};
 use positions::PositionIndex;
 
-/// One input file, as read by `source`.
-#[derive(Debug, Clone)]
-pub struct SourceFile {
-    /// The path as shown to the user.
-    pub path: String,
-    pub bytes: Vec<u8>,
-}
+pub use crate::source::SourceFile;
 
 /// Where an environment was defined.
 #[derive(Debug, Clone, PartialEq, Eq)]

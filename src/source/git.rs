@@ -11,8 +11,8 @@ use git2::{
     TreeWalkMode, TreeWalkResult,
 };
 
+use super::SourceFile;
 use crate::diagnostic::Diagnostic;
-use crate::manifest::SourceFile;
 
 /// A libgit2 error whose message has had any credential in it replaced (libgit2 may quote
 /// the URL it was given, userinfo and all).

@@ -12,7 +12,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::diagnostic::Diagnostic;
-use crate::manifest::SourceFile;
+
+/// One input file, as read from a directory or a Git tree.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// The path as shown to the user.
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
 
 /// Largest manifest file read (1 MiB); larger files are refused, unread.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;

@@ -1,0 +1,327 @@
+//! Metrics: every Prometheus metric envctl exports, with label sets built from closed enums
+//! only (no free-form label values but the applied revision). Defines and registers; the
+//! stages update them. No I/O: `/metrics` is served by `controller::http`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::vocab::{Limit, ObjectKind};
+
+/// The state of one environment after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelValue)]
+pub enum EnvState {
+    /// Everything applied at the revision.
+    Applied,
+    /// Some object could not be written.
+    Failed,
+    /// The manifest is invalid; the last applied state is kept.
+    Invalid,
+}
+
+impl EnvState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvState::Applied => "applied",
+            EnvState::Failed => "failed",
+            EnvState::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: EnvState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum PollResult {
+    /// The remote's ref did not move: no fetch.
+    Unchanged,
+    /// A new commit was fetched.
+    Fetched,
+    /// The remote could not be asked or fetched.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PollLabels {
+    pub result: PollResult,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum ApiVerb {
+    List,
+    DryRun,
+    Apply,
+    Delete,
+    StatusPatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub verb: ApiVerb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum Trigger {
+    Poll,
+    Webhook,
+    Drift,
+    Resync,
+    Watch,
+    /// A failing environment's backoff ran out.
+    Retry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub reason: crate::cluster::FailureReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TriggerLabels {
+    pub trigger: Trigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: ObjectKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RevisionLabels {
+    pub revision: String,
+}
+
+/// What became of an environment's certificate in a pass (for `certificate_orders`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum OrderOutcome {
+    Issued,
+    Reused,
+    Failed,
+    RateLimited,
+    Deferred,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OrderLabels {
+    pub outcome: OrderOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: Limit,
+}
+
+/// Days until a certificate expires, in closed ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum ExpiryRange {
+    Expired,
+    Under7,
+    Under30,
+    Under60,
+    Over60,
+}
+
+impl ExpiryRange {
+    pub const ALL: [ExpiryRange; 5] = [
+        ExpiryRange::Expired,
+        ExpiryRange::Under7,
+        ExpiryRange::Under30,
+        ExpiryRange::Under60,
+        ExpiryRange::Over60,
+    ];
+
+    pub fn of(seconds_left: i64) -> ExpiryRange {
+        match seconds_left / 86_400 {
+            _ if seconds_left <= 0 => ExpiryRange::Expired,
+            d if d < 7 => ExpiryRange::Under7,
+            d if d < 30 => ExpiryRange::Under30,
+            d if d < 60 => ExpiryRange::Under60,
+            _ => ExpiryRange::Over60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ExpiryLabels {
+    pub days: ExpiryRange,
+}
+
+/// Certificate metrics (registered into `Metrics`).
+#[derive(Default)]
+pub struct CertMetrics {
+    pub orders: Family<OrderLabels, Counter>,
+    /// The smallest remaining count among the buckets of each limit.
+    pub quota_remaining: Family<LimitLabels, Gauge>,
+    pub waiting: Family<LimitLabels, Gauge>,
+    /// When the last waiting certificate will be ordered (unix seconds; 0 when none waits).
+    pub queue_served_at: Gauge,
+    pub by_expiry: Family<ExpiryLabels, Gauge>,
+    /// TLS environments without a certificate because no ACME directory is configured.
+    pub unconfigured: Gauge,
+}
+
+/// Every metric envctl exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconcile_seconds: Histogram,
+    pub reconciles: Family<TriggerLabels, Counter>,
+    pub environments: Family<StateLabels, Gauge>,
+    pub polls: Family<PollLabels, Counter>,
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub applied_revision: Family<RevisionLabels, Gauge>,
+    /// Environments that failed in a pass, by reason.
+    pub environment_failures: Family<FailureLabels, Counter>,
+    /// Watch streams that broke and were re-established, by kind.
+    pub watch_errors: Family<KindLabels, Counter>,
+    pub certs: CertMetrics,
+    last_revision: Mutex<Option<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("envctl");
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let reconciles = Family::<TriggerLabels, Counter>::default();
+        let environments = Family::<StateLabels, Gauge>::default();
+        let polls = Family::<PollLabels, Counter>::default();
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        let applied_revision = Family::<RevisionLabels, Gauge>::default();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconcile passes by what triggered them",
+            reconciles.clone(),
+        );
+        registry.register(
+            "environments",
+            "Environments by state after the last pass",
+            environments.clone(),
+        );
+        registry.register("polls", "Source polls by result", polls.clone());
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API by kind of request",
+            api_requests.clone(),
+        );
+        registry.register(
+            "applied_revision",
+            "The source revision last applied (value 1)",
+            applied_revision.clone(),
+        );
+        let environment_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "environment_failures",
+            "Environments that failed in a pass (each alone; the others went on), by reason",
+            environment_failures.clone(),
+        );
+        registry.register(
+            "api_retries",
+            "Requests to the Kubernetes API sent again after a transient error, by reason",
+            crate::cluster::RETRIES.clone(),
+        );
+        let watch_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Watch streams of owned objects that broke and were re-established, by kind",
+            watch_errors.clone(),
+        );
+        let certs = CertMetrics::default();
+        registry.register(
+            "certificate_orders",
+            "Certificate outcomes by kind: issued, reused (no order), failed, rate limited by the server, deferred by the quota ledger",
+            certs.orders.clone(),
+        );
+        registry.register(
+            "certificate_quota_remaining",
+            "Smallest remaining count among the quota ledger's buckets of each limit",
+            certs.quota_remaining.clone(),
+        );
+        registry.register(
+            "certificates_waiting",
+            "Certificates waiting for quota, by the limit they wait for",
+            certs.waiting.clone(),
+        );
+        registry.register(
+            "certificate_queue_served_at_seconds",
+            "When the last waiting certificate will be ordered (unix seconds, 0 when none waits)",
+            certs.queue_served_at.clone(),
+        );
+        registry.register(
+            "certificates_unconfigured",
+            "TLS environments applied without a certificate because no ACME directory is configured",
+            certs.unconfigured.clone(),
+        );
+        registry.register(
+            "certificates_by_days_to_expiry",
+            "Environments' certificates by days to expiry",
+            certs.by_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            certs,
+            reconcile_seconds,
+            reconciles,
+            environments,
+            polls,
+            api_requests,
+            applied_revision,
+            environment_failures,
+            watch_errors,
+            last_revision: Mutex::new(None),
+        }
+    }
+
+    pub fn set_revision(&self, revision: &str) {
+        let mut last = self.last_revision.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = last.take() {
+            self.applied_revision
+                .remove(&RevisionLabels { revision: old });
+        }
+        self.applied_revision
+            .get_or_create(&RevisionLabels {
+                revision: revision.to_string(),
+            })
+            .set(1);
+        *last = Some(revision.to_string());
+    }
+
+    pub fn set_states(&self, counts: &BTreeMap<EnvState, i64>) {
+        for s in [EnvState::Applied, EnvState::Failed, EnvState::Invalid] {
+            self.environments
+                .get_or_create(&StateLabels { state: s })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+    }
+
+    pub fn count_api(&self, verb: ApiVerb, n: u64) {
+        self.api_requests
+            .get_or_create(&ApiLabels { verb })
+            .inc_by(n);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,243 @@
+//! Vocabulary: the names and small types every layer shares: label and annotation keys, the
+//! kinds of object envctl owns and their keys, Let's Encrypt's limit names, a stable hash and
+//! error-chain formatting.
+//!
+//! The bottom of the crate: it imports nothing from it, holds no logic beyond naming and
+//! formatting, and never does I/O.
+
+use serde::{Deserialize, Serialize};
+
+pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "envctl";
+pub const ENVIRONMENT_LABEL: &str = "envctl.materialize.cloud/environment";
+/// Which envctl instance owns the object: instances sharing a cluster never touch each
+/// other's objects.
+pub const INSTANCE_LABEL: &str = "envctl.materialize.cloud/instance";
+pub const DEFAULT_INSTANCE: &str = "default";
+pub const PROTECT_ANNOTATION: &str = "envctl.materialize.cloud/protect";
+pub const REGION_ANNOTATION: &str = "envctl.materialize.cloud/region";
+pub const ORGANIZATION_ANNOTATION: &str = "envctl.materialize.cloud/organization";
+pub const HOSTNAME_ANNOTATION: &str = "envctl.materialize.cloud/hostname";
+/// Hash of the object envctl last applied; lets `plan` prove "unchanged" without a request.
+pub const HASH_ANNOTATION: &str = "envctl.materialize.cloud/desired-hash";
+pub const CLOUD_PROVIDER_LABEL: &str = "envctl.materialize.cloud/cloud-provider";
+pub const CLOUD_REGION_LABEL: &str = "envctl.materialize.cloud/cloud-region";
+
+pub const REVISION_ANNOTATION: &str = "envctl.materialize.cloud/revision";
+pub const STATE_ANNOTATION: &str = "envctl.materialize.cloud/state";
+pub const ERROR_ANNOTATION: &str = "envctl.materialize.cloud/last-error";
+pub const APPLIED_AT_ANNOTATION: &str = "envctl.materialize.cloud/applied-at";
+/// Every bookkeeping annotation envctl writes on namespaces (none of them is drift).
+pub const STATUS_ANNOTATIONS: [&str; 7] = [
+    REVISION_ANNOTATION,
+    CERTIFICATE_ANNOTATION,
+    STATE_ANNOTATION,
+    ERROR_ANNOTATION,
+    APPLIED_AT_ANNOTATION,
+    WAIT_UNTIL_ANNOTATION,
+    WAIT_REASON_ANNOTATION,
+];
+
+/// On a TLS environment's namespace: why it has no certificate (set while no ACME directory
+/// is configured; removed once a certificate is stored).
+pub const CERTIFICATE_ANNOTATION: &str = "envctl.materialize.cloud/certificate";
+/// On a namespace whose certificate waits for quota: when it will be ordered.
+pub const WAIT_UNTIL_ANNOTATION: &str = "envctl.materialize.cloud/certificate-wait-until";
+/// On a namespace whose certificate waits for quota: the limit it waits for.
+pub const WAIT_REASON_ANNOTATION: &str = "envctl.materialize.cloud/certificate-wait-reason";
+
+/// The label selector of everything one instance owns.
+pub fn owned_selector(instance: &str) -> String {
+    format!("{MANAGED_BY_KEY}={MANAGED_BY_VALUE},{INSTANCE_LABEL}={instance}")
+}
+
+/// The kinds envctl manages, in apply order (deletion goes in reverse).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    prometheus_client::encoding::EncodeLabelValue,
+)]
+pub enum ObjectKind {
+    Namespace,
+    ServiceAccount,
+    RoleBinding,
+    Service,
+    StatefulSet,
+    Secret,
+}
+
+impl ObjectKind {
+    pub const ALL: [ObjectKind; 6] = [
+        ObjectKind::Namespace,
+        ObjectKind::ServiceAccount,
+        ObjectKind::RoleBinding,
+        ObjectKind::Service,
+        ObjectKind::StatefulSet,
+        ObjectKind::Secret,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace => "Namespace",
+            ObjectKind::ServiceAccount => "ServiceAccount",
+            ObjectKind::RoleBinding => "RoleBinding",
+            ObjectKind::Service => "Service",
+            ObjectKind::StatefulSet => "StatefulSet",
+            ObjectKind::Secret => "Secret",
+        }
+    }
+
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace
+            | ObjectKind::ServiceAccount
+            | ObjectKind::Service
+            | ObjectKind::Secret => "v1",
+            ObjectKind::RoleBinding => "rbac.authorization.k8s.io/v1",
+            ObjectKind::StatefulSet => "apps/v1",
+        }
+    }
+
+    pub fn plural(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace => "namespaces",
+            ObjectKind::ServiceAccount => "serviceaccounts",
+            ObjectKind::RoleBinding => "rolebindings",
+            ObjectKind::Service => "services",
+            ObjectKind::StatefulSet => "statefulsets",
+            ObjectKind::Secret => "secrets",
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        self != ObjectKind::Namespace
+    }
+}
+
+/// Identity of one object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub kind: ObjectKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind.as_str(), self.name),
+            None => write!(f, "{} {}", self.kind.as_str(), self.name),
+        }
+    }
+}
+
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    prometheus_client::encoding::EncodeLabelValue,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Limit {
+    NewOrdersPerAccount,
+    NewCertificatesPerRegisteredDomain,
+    NewCertificatesPerExactSet,
+    AuthorizationFailuresPerIdentifier,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::NewOrdersPerAccount,
+        Limit::NewCertificatesPerRegisteredDomain,
+        Limit::NewCertificatesPerExactSet,
+        Limit::AuthorizationFailuresPerIdentifier,
+    ];
+
+    /// The stored and printed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::NewOrdersPerAccount => "new-orders-per-account",
+            Limit::NewCertificatesPerRegisteredDomain => "new-certificates-per-registered-domain",
+            Limit::NewCertificatesPerExactSet => "new-certificates-per-exact-set",
+            Limit::AuthorizationFailuresPerIdentifier => "authorization-failures-per-identifier",
+        }
+    }
+}
+
+/// FNV-1a (64-bit) over 8-byte little-endian words, then the remaining bytes, with the
+/// total length mixed in last. Stable across runs and platforms; not cryptographic.
+#[derive(Debug, Clone)]
+pub struct Fnv64 {
+    h: u64,
+    len: u64,
+}
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fnv64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+
+    pub fn new() -> Fnv64 {
+        Fnv64 {
+            h: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+        }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            self.h ^= u64::from_le_bytes(word);
+            self.h = self.h.wrapping_mul(Self::PRIME);
+        }
+        for &b in words.remainder() {
+            self.h ^= u64::from(b);
+            self.h = self.h.wrapping_mul(Self::PRIME);
+        }
+        self.len = self.len.wrapping_add(bytes.len() as u64);
+    }
+
+    pub fn hex(&self) -> String {
+        let h = (self.h ^ self.len).wrapping_mul(Self::PRIME);
+        format!("{h:016x}")
+    }
+}
+
+/// An error with its chain of causes, as one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
