@@ -664,6 +664,7 @@ pub fn render_text(plan: &Plan, color: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::ENVIRONMENT_LABEL;
     use serde_json::json;
 
     #[test]

@@ -1,0 +1,301 @@
+//! Argument groups that several commands share (the manifests, the source, the cluster,
+//! prune policy), each defined once with the validated settings it turns into.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::CliError;
+use super::output::PlanFormat;
+use crate::manifest::{self, Limits, LoadOptions, Loaded};
+use crate::pass::PassOptions;
+use crate::plan::{MaxPrune, PrunePolicy};
+use crate::render::RenderOptions;
+use crate::source;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LiveMode {
+    Cluster,
+    None,
+}
+
+/// Platform settings that judge and shape manifests.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Highest `scale` a service may ask for.
+    #[arg(long, env = "ENVCTL_MAX_SCALE", default_value_t = 64)]
+    pub max_scale: u32,
+    /// Largest manifest file read, in bytes.
+    #[arg(long, env = "ENVCTL_MAX_FILE_SIZE", default_value_t = source::DEFAULT_MAX_FILE_SIZE)]
+    pub max_file_size: u64,
+    /// A label KEY=VALUE for every pod and Service (repeatable), as environmentd's
+    /// --orchestrator-service-label.
+    #[arg(
+        long = "orchestrator-service-label",
+        value_name = "KEY=VALUE",
+        value_parser = parse_label,
+        env = "ENVCTL_ORCHESTRATOR_SERVICE_LABELS",
+        value_delimiter = ','
+    )]
+    pub orchestrator_service_labels: Vec<(String, String)>,
+    /// This envctl's instance name: it owns (and prunes) only objects labelled with it, so
+    /// several instances can share a cluster.
+    #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE, value_parser = parse_instance)]
+    pub instance: String,
+    /// The ClusterRole that each environment's RoleBinding `environmentd` grants environmentd
+    /// (the chart installs it as `<release>-environmentd`). envctl binds it; it never writes
+    /// Roles.
+    #[arg(long, env = "ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", default_value = crate::render::DEFAULT_ENVIRONMENTD_CLUSTER_ROLE)]
+    pub environmentd_cluster_role: String,
+}
+
+pub(super) fn parse_instance(s: &str) -> Result<String, String> {
+    match manifest::check::label_value_problem("instance", s) {
+        Some(m) => Err(m),
+        None if s.is_empty() => Err("the instance name must not be empty".into()),
+        None => Ok(s.to_string()),
+    }
+}
+
+impl PolicyArgs {
+    pub fn platform_labels(&self) -> BTreeMap<String, String> {
+        self.orchestrator_service_labels.iter().cloned().collect()
+    }
+
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            limits: Limits {
+                max_scale: self.max_scale,
+                platform_labels: self.platform_labels(),
+            },
+        }
+    }
+
+    pub fn render_options(&self) -> RenderOptions {
+        RenderOptions {
+            orchestrator_service_labels: self.platform_labels(),
+            instance: self.instance.clone(),
+            environmentd_cluster_role: self.environmentd_cluster_role.clone(),
+        }
+    }
+
+    /// Reads and validates every manifest under `paths`; reading problems become
+    /// diagnostics too.
+    pub fn load(&self, paths: &[PathBuf]) -> Loaded {
+        let (files, problems) = source::read_paths(paths, self.max_file_size);
+        manifest::load_with_unread(&files, &problems, &self.load_options())
+    }
+}
+
+pub(super) fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if let Some(m) =
+        manifest::check::label_key_problem(k).or_else(|| manifest::check::label_value_problem(k, v))
+    {
+        return Err(m);
+    }
+    if manifest::check::is_reserved_label_key(k) {
+        return Err(format!("label key {k:?} is reserved for envctl"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Manifests named as paths.
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Manifest files or directories (searched recursively for *.yaml and *.yml).
+    #[arg(default_value = ".")]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// Manifests from a source: a directory, or a Git repository (a URL, or a local repository
+/// with --ref).
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// A directory of manifests, or a Git repository: file://, git://, http(s)://, ssh:// URL,
+    /// or a local repository path together with --ref.
+    #[arg(long, env = "ENVCTL_SOURCE", default_value = ".")]
+    pub source: String,
+    /// Git branch, tag, full ref or commit id (default for Git URLs: main).
+    #[arg(long = "ref", env = "ENVCTL_REF")]
+    pub reference: Option<String>,
+    /// A folder of the source holding the manifests.
+    #[arg(long, env = "ENVCTL_PATH")]
+    pub path: Option<String>,
+    /// Git user name (default: from the URL, else "git").
+    #[arg(long, env = "ENVCTL_GIT_USERNAME")]
+    pub git_username: Option<String>,
+    /// File holding an HTTPS token for Git.
+    #[arg(long, env = "ENVCTL_GIT_TOKEN_FILE")]
+    pub git_token_file: Option<PathBuf>,
+    /// Name of an environment variable holding an HTTPS token for Git.
+    #[arg(long)]
+    pub git_token_env: Option<String>,
+    /// SSH private key file for ssh:// sources.
+    #[arg(long, env = "ENVCTL_GIT_SSH_KEY_FILE")]
+    pub git_ssh_key_file: Option<PathBuf>,
+    /// Where fetched Git objects are kept.
+    #[arg(long, env = "ENVCTL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Longest a Git server may take to accept a connection, or stay silent while answering.
+    #[arg(long, env = "ENVCTL_GIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub git_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+impl SourceArgs {
+    /// Whether the source is a Git repository rather than a plain directory.
+    pub fn is_git(&self) -> bool {
+        self.source.contains("://") || self.reference.is_some()
+    }
+
+    pub(super) fn root(&self) -> PathBuf {
+        let base = PathBuf::from(&self.source);
+        match &self.path {
+            Some(p) => base.join(p),
+            None => base,
+        }
+    }
+
+    /// The Git backend for this source.
+    pub fn git(&self) -> Result<crate::source::git::Git2Source, CliError> {
+        use crate::source::git::{Credentials, Git2Source, GitSpec};
+        crate::source::git::configure_timeouts(self.git_timeout);
+        let credentials = Credentials::load(
+            self.git_username.clone(),
+            self.git_token_file.as_deref(),
+            self.git_token_env.as_deref(),
+            self.git_ssh_key_file.clone(),
+        )
+        .map_err(CliError::Git)?;
+        let spec = GitSpec {
+            url: self.source.clone(),
+            reference: self.reference.clone().unwrap_or_else(|| "main".into()),
+            path: self.path.clone(),
+        };
+        let mut key = crate::render::Fnv64::new();
+        key.write(self.source.as_bytes());
+        let base = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
+        let dir = base.join("git").join(key.hex());
+        std::fs::create_dir_all(&dir).map_err(|source| CliError::CacheDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Git2Source::open(spec, credentials, &dir).map_err(CliError::Git)
+    }
+
+    /// Reads and validates the source once (fetching it when it is Git).
+    pub fn load(&self) -> Result<Loaded, CliError> {
+        if !self.is_git() {
+            return Ok(self.policy.load(&[self.root()]));
+        }
+        use crate::source::git::GitBackend;
+        let mut git = self.git()?;
+        let commit = git.fetch().map_err(CliError::Git)?;
+        let (files, problems) = git
+            .read(&commit, self.policy.max_file_size)
+            .map_err(CliError::Git)?;
+        Ok(manifest::load_with_unread(
+            &files,
+            &problems,
+            &self.policy.load_options(),
+        ))
+    }
+}
+
+pub(super) fn default_cache_dir() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME").or_else(|| std::env::var_os("HOME")) {
+        Some(base) if std::env::var_os("XDG_CACHE_HOME").is_some() => {
+            PathBuf::from(base).join("envctl")
+        }
+        Some(home) => PathBuf::from(home).join(".cache").join("envctl"),
+        None => std::env::temp_dir().join("envctl"),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "ENVCTL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Concurrent requests to the API server.
+    #[arg(long, env = "ENVCTL_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Delete owned objects and environments that are no longer in the source.
+    #[arg(long, env = "ENVCTL_PRUNE")]
+    pub prune: bool,
+    /// Most environments one pass may delete: a count or a share of the live ones (`25%`).
+    #[arg(long, env = "ENVCTL_MAX_PRUNE", default_value = "25%")]
+    pub max_prune: MaxPrune,
+    /// Delete even when more environments would go than --max-prune allows.
+    #[arg(long)]
+    pub allow_mass_prune: bool,
+    /// Take over an environment's namespace that exists but that no envctl instance owns
+    /// (a namespace of another instance is never taken over).
+    #[arg(long, env = "ENVCTL_ADOPT")]
+    pub adopt: bool,
+}
+
+impl PruneArgs {
+    pub(super) fn policy(&self) -> PrunePolicy {
+        PrunePolicy {
+            enabled: self.prune,
+            allow_mass_prune: self.allow_mass_prune,
+            max_prune: self.max_prune,
+        }
+    }
+}
+
+/// What `diff` and `apply` share: the source, the cluster, prune policy and output format.
+#[derive(Debug, Args)]
+pub struct PassArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// Output format of the plan.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
+    pub output: PlanFormat,
+}
+
+impl PassArgs {
+    /// What `diff` and `apply` start from: the loaded source and the pass options.
+    pub(super) fn prepare(&self) -> Result<(Loaded, PassOptions), CliError> {
+        Ok((self.source.load()?, self.options()))
+    }
+
+    pub(super) fn options(&self) -> PassOptions {
+        PassOptions {
+            render: self.source.policy.render_options(),
+            prune: self.prune.policy(),
+            concurrency: self.cluster.concurrency,
+            diffs: true,
+            scope: None,
+            adopt: self.prune.adopt,
+        }
+    }
+}
+
+/// `--instance`, for the commands that read one instance's state (`status`, `quota`).
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// This envctl's instance name.
+    #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE, value_parser = parse_instance)]
+    pub instance: String,
+}
+
+pub(super) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse(s)
+}

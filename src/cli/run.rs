@@ -1,0 +1,161 @@
+//! `envctl run`: the controller's arguments, turned into `RunOptions`, and its start.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::args::{ClusterArgs, PruneArgs, SourceArgs, parse_duration};
+use super::cert_args::CertArgs;
+use super::{CliError, Exit, runtime};
+use crate::cluster;
+use crate::controller::leader::LeaseConfig;
+use crate::controller::run::{RunOptions, RunSource};
+use crate::pass::PassOptions;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// How often to ask the source whether it moved.
+    #[arg(long, env = "ENVCTL_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+    /// How often to reconcile everything even when nothing moved.
+    #[arg(long, env = "ENVCTL_RESYNC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub resync_interval: std::time::Duration,
+    /// Address of the HTTP listener (/healthz, /readyz, /metrics, /hooks/git).
+    #[arg(long, env = "ENVCTL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the shared secret of the Git webhook (HMAC-SHA256); without it the
+    /// webhook is off.
+    #[arg(long, env = "ENVCTL_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Elect a leader on a Lease so that only one replica writes.
+    #[arg(long, env = "ENVCTL_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_elect_namespace: String,
+    /// This replica's identity in the Lease (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_elect_identity: Option<String>,
+    /// How long a lease lasts without renewal.
+    #[arg(long, env = "ENVCTL_LEADER_ELECT_LEASE", default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease: std::time::Duration,
+    /// After SIGTERM or SIGINT: how long the pass in flight may take to finish before the
+    /// Lease is released and the process exits (keep it below the pod's
+    /// terminationGracePeriodSeconds).
+    #[arg(long, env = "ENVCTL_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: std::time::Duration,
+    /// Log format.
+    #[arg(long, env = "ENVCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// With a directory source: reconcile as soon as files change (a fast edit loop).
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub certs: CertArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENVCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
+    init_logging(args.log_format);
+    let options = args.options()?;
+    runtime()?.block_on(async {
+        let client = cluster::connect(args.cluster.kubeconfig.as_deref())
+            .await
+            .map_err(CliError::Connect)?;
+        crate::controller::run::run(client, options)
+            .await
+            .map_err(CliError::Run)
+    })?;
+    Ok(Exit::Ok)
+}
+
+impl RunArgs {
+    /// The controller's settings, validated (files read, the Git source opened).
+    fn options(&self) -> Result<RunOptions, CliError> {
+        let source = if self.source.is_git() {
+            RunSource::Git(Box::new(self.source.git()?))
+        } else {
+            RunSource::Directory(self.source.root())
+        };
+        let policy = &self.source.policy;
+        Ok(RunOptions {
+            source,
+            watch: self.watch,
+            load: policy.load_options(),
+            max_file_size: policy.max_file_size,
+            pass: PassOptions {
+                render: policy.render_options(),
+                prune: self.prune.policy(),
+                concurrency: self.cluster.concurrency,
+                diffs: false,
+                scope: None,
+                adopt: self.prune.adopt,
+            },
+            interval: self.interval,
+            resync: self.resync_interval,
+            listen: self.listen,
+            webhook_secret: self.webhook_secret()?,
+            leader: self.leader_elect.then(|| self.lease()),
+            shutdown_grace: self.shutdown_grace,
+            certs: self.certs.mode()?,
+            cert_settings: self
+                .certs
+                .ledger
+                .settings(&policy.instance, self.cluster.concurrency),
+        })
+    }
+
+    fn webhook_secret(&self) -> Result<Option<Vec<u8>>, CliError> {
+        let Some(p) = &self.webhook_secret_file else {
+            return Ok(None);
+        };
+        std::fs::read(p)
+            .map(|b| Some(String::from_utf8_lossy(&b).trim().as_bytes().to_vec()))
+            .map_err(|source| CliError::WebhookSecret {
+                path: p.display().to_string(),
+                source,
+            })
+    }
+
+    fn lease(&self) -> LeaseConfig {
+        let identity = self.leader_elect_identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "envctl".into());
+            format!("{host}-{}", std::process::id())
+        });
+        LeaseConfig {
+            namespace: self.leader_elect_namespace.clone(),
+            name: format!("envctl-{}", self.source.policy.instance),
+            identity,
+            duration: self.leader_elect_lease,
+            // client-go's retry period: a standby notices a released lease within 2 s.
+            renew_every: (self.leader_elect_lease / 3).min(std::time::Duration::from_secs(2)),
+        }
+    }
+}
