@@ -139,6 +139,8 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
+/// The Let's Encrypt rate limits envctl models (its quota ledger keeps one bucket of each per
+/// key).
 #[derive(
     Debug,
     Clone,

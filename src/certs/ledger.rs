@@ -12,8 +12,6 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::vocab::Limit;
 
-/// The limits envctl models.
-
 impl Limit {
     /// Let's Encrypt's default capacity and window (seconds).
     pub fn default_spec(self) -> BucketSpec {
