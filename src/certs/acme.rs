@@ -434,6 +434,24 @@ impl Acme {
         challenges: &Challenges,
         served: &mut Vec<String>,
     ) -> Result<Issued, AcmeError> {
+        let retries = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(100))
+            .backoff(1.5)
+            .timeout(self.config.order_timeout);
+        self.authorize(order, challenges, served, &retries).await?;
+        finalize(order, &retries).await
+    }
+
+    /// Authorize: publish every pending HTTP-01 answer (where every replica reads it), tell
+    /// the CA to validate, and wait until the order is ready. A validation's verdict is an
+    /// `AuthorizationFailed` (Let's Encrypt counts those).
+    async fn authorize(
+        &self,
+        order: &mut Order,
+        challenges: &Challenges,
+        served: &mut Vec<String>,
+        retries: &RetryPolicy,
+    ) -> Result<(), AcmeError> {
         let fail = |what| move |e| AcmeError::from_acme(what, e);
         // Finalized already (by a process that stopped before storing the result): the
         // certificate's key went with it, so this order cannot give us a usable certificate.
@@ -485,13 +503,9 @@ impl Acme {
                     .map_err(fail("answering a challenge"))?;
             }
         }
-        let retries = RetryPolicy::new()
-            .initial_delay(Duration::from_millis(100))
-            .backoff(1.5)
-            .timeout(self.config.order_timeout);
         // A problem document here is the validation's verdict (connection, DNS, wrong
         // answer...): an authorization failure, which Let's Encrypt counts.
-        let status = match order.poll_ready(&retries).await {
+        let status = match order.poll_ready(retries).await {
             Ok(s) => s,
             Err(instant_acme::Error::Api(p))
                 if !matches!(
@@ -533,16 +547,22 @@ impl Acme {
                 });
             }
         }
-        let key_pem = order
-            .finalize()
-            .await
-            .map_err(fail("finalizing the order"))?;
-        let chain_pem = order
-            .poll_certificate(&retries)
-            .await
-            .map_err(fail("downloading the certificate"))?;
-        Ok(Issued { chain_pem, key_pem })
+        Ok(())
     }
+}
+
+/// Finalize: send the CSR (instant-acme makes the key) and download the certificate chain.
+async fn finalize(order: &mut Order, retries: &RetryPolicy) -> Result<Issued, AcmeError> {
+    let fail = |what| move |e| AcmeError::from_acme(what, e);
+    let key_pem = order
+        .finalize()
+        .await
+        .map_err(fail("finalizing the order"))?;
+    let chain_pem = order
+        .poll_certificate(retries)
+        .await
+        .map_err(fail("downloading the certificate"))?;
+    Ok(Issued { chain_pem, key_pem })
 }
 
 async fn directory_has_ari(http: &Http, directory: &str) -> bool {

@@ -97,9 +97,7 @@ impl CliError {
             CliError::Git(_) => Exit::Invalid,
             CliError::Setting { .. } => Exit::Invalid,
             CliError::Quota(e) if e.is_unreachable() => Exit::Cluster,
-            CliError::Certificates(e) if matches!(&**e, crate::certs::reconcile::CertError::Store(s) if s.is_unreachable()) => {
-                Exit::Cluster
-            }
+            CliError::Certificates(e) if e.is_unreachable() => Exit::Cluster,
             _ => Exit::Failure,
         }
     }

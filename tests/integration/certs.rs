@@ -4,7 +4,7 @@
 //!
 //! Pebble enforces no rate limits, so the tests count the orders that reach it in its log
 //! ("Added order"). Certificate tests hold one lock so that the counts are theirs alone.
-//! Without pebble a test is skipped, unless `ENVCTL_REQUIRE_CLUSTER=1` (CI): then it FAILS.
+//! Without pebble a test FAILS, unless `ENVCTL_SKIP_CLUSTER_TESTS=1` explicitly skips it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

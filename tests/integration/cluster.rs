@@ -2,7 +2,7 @@
 //!
 //! `ENVCTL_TEST_KUBECONFIG` names any cluster to use; otherwise `scripts/control-plane up`
 //! starts (or reuses) the local control plane once per test run. Without a cluster a test
-//! is skipped, unless `ENVCTL_REQUIRE_CLUSTER=1` (set by `.ci/run`): then it FAILS.
+//! FAILS, unless `ENVCTL_SKIP_CLUSTER_TESTS=1` explicitly skips it on a developer machine.
 //! Every test works under its own envctl instance and environment names, and cleans up.
 
 use std::path::PathBuf;

@@ -442,16 +442,26 @@ async fn admission_denial_fails_one_environment_alone() {
         },
     )
     .await;
-    // Backoff: the frozen environment is not retried on every 1 s poll.
-    let denied_before = hook.denied.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let denied_after = hook.denied.load(Ordering::Relaxed);
-    assert!(
-        denied_after - denied_before <= 3,
-        "the failing environment hot-loops: {} denials in 3 s\n{}",
-        denied_after - denied_before,
-        read()
-    );
+    // Backoff: the frozen environment is not retried on every 1 s poll. Its third failure
+    // is awaited; each came only after the previous one's backoff ran out.
+    wait_until(
+        "the frozen environment's third failure",
+        Duration::from_secs(60),
+        &read,
+        || async { failures(&read(), &frozen).len() >= 3 },
+    )
+    .await;
+    let seen = failures(&read(), &frozen);
+    for pair in seen.windows(2) {
+        let ((t0, attempt0, backoff0), (t1, attempt1, _)) = (pair[0], pair[1]);
+        assert_eq!(attempt1, attempt0 + 1, "{seen:?}\n{}", read());
+        assert!(
+            t1 - t0 >= backoff0 - 0.25,
+            "retried {:.2} s after a failure whose backoff is {backoff0} s: {seen:?}\n{}",
+            t1 - t0,
+            read()
+        );
+    }
     hook.remove(&client).await;
     wait_until(
         "the frozen environment applied once allowed",
@@ -963,4 +973,29 @@ async fn a_ledger_that_cannot_be_written_sends_no_order() {
     );
     hook.remove(&client).await;
     case.cleanup(&client).await;
+}
+
+/// Each "environment failed" line of `env` in a controller's text log: (seconds of the day
+/// it was logged, its attempt, its backoff in seconds).
+fn failures(log: &str, env: &str) -> Vec<(f64, u32, f64)> {
+    let field = |line: &str, key: &str| -> Option<String> {
+        let rest = &line[line.find(&format!(" {key}="))? + key.len() + 2..];
+        Some(rest.split(' ').next()?.to_string())
+    };
+    log.lines()
+        .filter(|l| l.contains("environment failed; the others go on"))
+        .filter(|l| field(l, "environment").as_deref() == Some(env))
+        .filter_map(|l| {
+            // 2026-12-02T02:31:00.123456Z
+            let clock = l.split('T').nth(1)?.split('Z').next()?;
+            let mut parts = clock.split(':');
+            let (h, m, sec) = (parts.next()?, parts.next()?, parts.next()?);
+            let at = h.parse::<f64>().ok()? * 3600.0
+                + m.parse::<f64>().ok()? * 60.0
+                + sec.parse::<f64>().ok()?;
+            let attempt = field(l, "attempt")?.parse().ok()?;
+            let backoff = field(l, "retry_in")?.trim_end_matches('s').parse().ok()?;
+            Some((at, attempt, backoff))
+        })
+        .collect()
 }

@@ -130,13 +130,20 @@ impl GitServer {
         let _ = std::fs::remove_file(self.work.join("environments").join(name));
     }
 
-    fn push(&self, message: &str) {
+    /// Commits everything and pushes it; returns the commit id.
+    fn push(&self, message: &str) -> String {
         git(&self.work, &["add", "-A"]);
         git(
             &self.work,
             &["commit", "-q", "--allow-empty", "-m", message],
         );
         git(&self.work, &["push", "-q", "origin", "main"]);
+        let out = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(&self.work)
+            .output()
+            .expect("running git rev-parse");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
 
@@ -305,6 +312,12 @@ where
     }
 }
 
+/// Whether the controller's log shows a finished pass of `commit`.
+fn reconciled(log: &str, commit: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("reconciled") && l.contains(commit))
+}
+
 async fn replicas(client: &Client, env: &str, name: &str) -> Option<i32> {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{env}"));
     api.get_opt(name)
@@ -454,7 +467,13 @@ async fn gitops_lifecycle() {
     // An empty tree prunes nothing.
     git.remove("a.yaml");
     git.push("empty");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_for(
+        "the controller to see the empty tree",
+        Duration::from_secs(30),
+        &log,
+        || async { ctl.log().contains("the source has no valid environment") },
+    )
+    .await;
     assert!(
         ns_annotations(&client, &a).await.is_some(),
         "an empty source pruned an environment\n{}",
@@ -487,8 +506,14 @@ async fn gitops_without_prune_keeps_removed_environments() {
     })
     .await;
     git.remove("b.yaml");
-    git.push("remove b");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let removed = git.push("remove b");
+    wait_for(
+        "the pass of the commit that removed b",
+        Duration::from_secs(30),
+        &log,
+        || async { reconciled(&ctl.log(), &removed) },
+    )
+    .await;
     assert!(
         ns_annotations(&client, &b).await.is_some(),
         "removed without --prune\n{}",
@@ -547,12 +572,6 @@ async fn webhook_needs_a_valid_signature() {
     assert_eq!(code, 401);
     let (code, _) = ctl.http("POST", "/hooks/git", &[], body);
     assert_eq!(code, 401);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        replicas(&client, &a, "compute-cluster-0").await,
-        Some(1),
-        "a bad signature triggered a poll"
-    );
 
     let (code, _) = ctl.http(
         "POST",
@@ -573,6 +592,17 @@ async fn webhook_needs_a_valid_signature() {
     assert!(
         metrics.contains("envctl_reconciles_total{trigger=\"Webhook\"} 1"),
         "{metrics}"
+    );
+    // Two polls in all, the first and the signed webhook's: the refused calls started none
+    // (a poll they started would have come before the signed one's).
+    let polls: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("envctl_polls_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        polls, 2.0,
+        "a refused webhook call started a poll\n{metrics}"
     );
     let (code, _) = ctl.http("GET", "/readyz", &[], b"");
     assert_eq!(code, 200);
@@ -681,12 +711,13 @@ async fn unreachable_remote_prunes_nothing_and_resumes() {
     })
     .await;
     git.stop();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(
-        ctl.log().contains("polling the source failed"),
-        "{}",
-        ctl.log()
-    );
+    wait_for(
+        "a poll of the stopped server to fail",
+        Duration::from_secs(30),
+        &log,
+        || async { ctl.log().contains("polling the source failed") },
+    )
+    .await;
     assert!(
         ns_annotations(&client, &a).await.is_some(),
         "pruned while the remote was down"
