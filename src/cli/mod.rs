@@ -10,6 +10,7 @@ mod diff;
 mod error;
 mod output;
 mod quota;
+mod reference;
 mod render;
 mod run;
 mod schema;
@@ -53,6 +54,9 @@ pub enum Command {
     Quota(quota::QuotaArgs),
     /// Print the manifest's JSON Schema (the committed schemas/environment.schema.json).
     Schema,
+    /// Print this command-line reference as Markdown (the committed docs/cli.md).
+    #[command(hide = true)]
+    CliReference,
 }
 
 /// Runs one command.
@@ -66,6 +70,7 @@ pub fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Status(args) => status::handle(&args),
         Command::Quota(args) => quota::handle(&args),
         Command::Schema => schema::handle(),
+        Command::CliReference => reference::handle(),
     }
 }
 

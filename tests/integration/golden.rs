@@ -106,3 +106,21 @@ fn diff_without_a_cluster() {
         "{out}"
     );
 }
+
+/// The committed CLI reference is what the argument definitions generate (refresh with
+/// `ENVCTL_BLESS=1 cargo test --test integration golden::cli_reference_is_current`).
+#[test]
+fn cli_reference_is_current() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .arg("cli-reference")
+        .output()
+        .expect("running envctl cli-reference");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("UTF-8 Markdown");
+    assert!(text.contains("## `envctl run`") && text.contains("`--leader-elect`"));
+    if let Err(diff) = check_golden(&repo_root().join("docs/cli.md"), &text) {
+        panic!(
+            "docs/cli.md is stale; regenerate it with `envctl cli-reference > docs/cli.md`\n{diff}"
+        );
+    }
+}
