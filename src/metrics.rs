@@ -172,6 +172,9 @@ pub struct CertMetrics {
 /// Every metric envctl exports.
 pub struct Metrics {
     pub registry: Registry,
+    /// Every metric registered, as `/metrics` names it (the README's table is checked
+    /// against this list and a real scrape).
+    pub described: Vec<Description>,
     pub reconcile_seconds: Histogram,
     pub reconciles: Family<TriggerLabels, Counter>,
     pub environments: Family<StateLabels, Gauge>,
@@ -194,7 +197,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("envctl");
+        let mut owned_registry = Registry::with_prefix("envctl");
+        let mut described = Vec::new();
+        let mut registry = Described {
+            registry: &mut owned_registry,
+            described: &mut described,
+        };
         let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let reconciles = Family::<TriggerLabels, Counter>::default();
         let environments = Family::<StateLabels, Gauge>::default();
@@ -276,7 +284,8 @@ impl Metrics {
             certs.by_expiry.clone(),
         );
         Metrics {
-            registry,
+            registry: owned_registry,
+            described,
             certs,
             reconcile_seconds,
             reconciles,
@@ -323,5 +332,37 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One exported metric, as a scrape names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// The sample name (`envctl_` prefix; `_total` for counters).
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: String,
+    pub help: String,
+}
+
+/// The registry while metrics are registered, noting each one's description.
+struct Described<'a> {
+    registry: &'a mut Registry,
+    described: &'a mut Vec<Description>,
+}
+
+impl Described<'_> {
+    fn register<M>(&mut self, name: &str, help: &str, metric: M)
+    where
+        M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedMetric,
+    {
+        let kind = format!("{:?}", M::TYPE).to_lowercase();
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        self.described.push(Description {
+            name: format!("envctl_{name}{suffix}"),
+            kind,
+            help: help.to_string(),
+        });
+        self.registry.register(name, help, metric);
     }
 }

@@ -604,6 +604,8 @@ async fn webhook_needs_a_valid_signature() {
         polls, 2.0,
         "a refused webhook call started a poll\n{metrics}"
     );
+    // The README's metrics table is what this controller exports.
+    crate::support::check_metrics_table(&metrics);
     let (code, _) = ctl.http("GET", "/readyz", &[], b"");
     assert_eq!(code, 200);
     drop(ctl);

@@ -112,3 +112,60 @@ pub fn required<T>(what: &str, started: &'static Result<T, String>) -> Option<&'
         ),
     }
 }
+
+/// Checks the README's metrics table (the rows `| \`envctl_...\` | kind | ...` between
+/// `<!-- metrics:start -->` and `<!-- metrics:end -->`) against every metric envctl registers,
+/// and against `scrape`, a real `/metrics` answer: each metric it shows must be in the table
+/// with the same kind. Panics with the table as it should read.
+pub fn check_metrics_table(scrape: &str) {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("<!-- metrics:start -->")
+        .nth(1)
+        .and_then(|s| s.split("<!-- metrics:end -->").next())
+        .expect("the README has a metrics table between <!-- metrics:start/end --> markers");
+    let cell = |row: &str, i: usize| -> String {
+        row.split('|')
+            .nth(i)
+            .unwrap_or_default()
+            .trim()
+            .trim_matches('`')
+            .to_string()
+    };
+    let table: std::collections::BTreeSet<(String, String)> = section
+        .lines()
+        .filter(|l| l.starts_with("| `envctl_"))
+        .map(|l| (cell(l, 1), cell(l, 2)))
+        .collect();
+    let registered = envctl::metrics::Metrics::new().described;
+    let expected: std::collections::BTreeSet<(String, String)> = registered
+        .iter()
+        .map(|d| (d.name.clone(), d.kind.clone()))
+        .collect();
+    let rows: Vec<String> = registered
+        .iter()
+        .map(|d| format!("| `{}` | {} | ... | {} |", d.name, d.kind, d.help))
+        .collect();
+    assert_eq!(
+        table,
+        expected,
+        "the README's metrics table differs from the registered metrics; it should list:\n{}",
+        rows.join("\n")
+    );
+    let scraped: Vec<(String, String)> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            Some((format!("{name}{suffix}"), kind.to_string()))
+        })
+        .collect();
+    assert!(scraped.len() >= 3, "the scrape shows no metrics:\n{scrape}");
+    for m in &scraped {
+        assert!(
+            table.contains(m),
+            "/metrics shows {m:?}, which the README's table does not list"
+        );
+    }
+}
