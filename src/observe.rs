@@ -1,6 +1,7 @@
 //! Observe: reads what is live, never changes it. Lists the objects envctl owns (labels
-//! `app.kubernetes.io/managed-by=envctl` and its instance) and asks the server what a server-side apply would
-//! make of a desired object (`dryRun=All`), which persists nothing.
+//! `app.kubernetes.io/managed-by=envctl` and its instance) into `Live`, keeps the controller's
+//! watch cache of them, and asks the server what a server-side apply would make of a desired
+//! object (`dryRun=All`), which persists nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 

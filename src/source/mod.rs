@@ -1,8 +1,8 @@
-//! Sources of manifests: reads `*.yaml`/`*.yml` files from directories (and, later, Git trees)
-//! into `SourceFile`s, bounded in size and confined to the given roots.
+//! Sources of manifests: reads `*.yaml`/`*.yml` files from directories, and from Git trees
+//! (`git`), into `SourceFile`s, bounded in size and confined to the given roots.
 //!
-//! Owns file-system traversal only; it never parses YAML (`manifest` does) and never talks to
-//! the cluster.
+//! Owns file-system traversal and Git fetching only; it never parses YAML (`manifest` does)
+//! and never talks to the cluster.
 
 pub mod git;
 
