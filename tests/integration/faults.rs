@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 
 use crate::cluster::{cleanup_instance, require, unique};
-use crate::support::{repo_root, script_last_line};
+use crate::support::{repo_root, script_last_line, wait_until};
 
 fn env_yaml(name: &str, scale: i64, tls: bool) -> String {
     format!(
@@ -74,30 +74,6 @@ async fn converged(client: &kube::Client, instance: &str, names: &[String], scal
         })
         .collect();
     names.iter().filter(|n| at.get(*n) == Some(&scale)).count()
-}
-
-async fn wait_until<F, Fut>(
-    what: &str,
-    timeout: Duration,
-    log: &dyn Fn() -> String,
-    mut check: F,
-) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn envctl(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {

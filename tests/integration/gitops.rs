@@ -3,7 +3,6 @@
 //! remote.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,29 +13,13 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 use crate::cluster::{TestCluster, cleanup_instance, require, unique, wait_namespace_gone};
+use crate::support::{git, wait_until};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
-        .env("GIT_COMMITTER_NAME", "test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
-        .output()
-        .expect("running git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A bare repository served by `git daemon` on loopback, and a work clone to push from.
@@ -237,26 +220,7 @@ impl Controller {
         headers: &[(&str, String)],
         body: &[u8],
     ) -> (u16, String) {
-        let mut s =
-            std::net::TcpStream::connect(("127.0.0.1", self.listen)).expect("connecting to envctl");
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).expect("writing a request");
-        s.write_all(body).expect("writing a body");
-        let mut resp = String::new();
-        let _ = s.read_to_string(&mut resp);
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (code, resp)
+        crate::support::http_request(self.listen, method, path, headers, body)
     }
 }
 
@@ -290,26 +254,6 @@ spec:
 {compute}  serviceLabels: {{tier: gold}}
 "
     )
-}
-
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, log: &dyn Fn() -> String, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n--- controller log ---\n{}",
-                log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Whether the controller's log shows a finished pass of `commit`.
@@ -351,7 +295,7 @@ async fn gitops_lifecycle() {
     let log = || ctl.log();
     let t = Duration::from_secs(30);
 
-    wait_for("both environments applied", t, &log, || async {
+    wait_until("both environments applied", t, &log, || async {
         replicas(&client, &a, "compute-cluster-1").await == Some(2)
             && replicas(&client, &b, "compute-cluster-0").await == Some(1)
     })
@@ -377,7 +321,7 @@ async fn gitops_lifecycle() {
     )
     .await
     .expect("removing a label by hand");
-    wait_for("drift reverted", Duration::from_secs(15), &log, || async {
+    wait_until("drift reverted", Duration::from_secs(15), &log, || async {
         let label = sts
             .get_opt("compute-cluster-1")
             .await
@@ -399,13 +343,13 @@ async fn gitops_lifecycle() {
     // A pushed scale change, then a removed service.
     git.write("a.yaml", &env_yaml(&a, 3, &["cluster-0", "cluster-1"]));
     git.push("scale a");
-    wait_for("scale 3 applied", t, &log, || async {
+    wait_until("scale 3 applied", t, &log, || async {
         replicas(&client, &a, "compute-cluster-0").await == Some(3)
     })
     .await;
     git.write("a.yaml", &env_yaml(&a, 3, &["cluster-0"]));
     git.push("remove cluster-1");
-    wait_for("cluster-1 pruned", t, &log, || async {
+    wait_until("cluster-1 pruned", t, &log, || async {
         replicas(&client, &a, "compute-cluster-1").await.is_none()
             && svc
                 .get_opt("compute-cluster-1")
@@ -423,7 +367,7 @@ async fn gitops_lifecycle() {
     );
     git.write("b.yaml", &env_yaml(&b, 2, &["cluster-0"]));
     git.push("a broken, b scaled");
-    wait_for("b applied while a is invalid", t, &log, || async {
+    wait_until("b applied while a is invalid", t, &log, || async {
         let ann = ns_annotations(&client, &a).await.unwrap_or_default();
         replicas(&client, &b, "compute-cluster-0").await == Some(2)
             && ann
@@ -467,7 +411,7 @@ async fn gitops_lifecycle() {
     // An empty tree prunes nothing.
     git.remove("a.yaml");
     git.push("empty");
-    wait_for(
+    wait_until(
         "the controller to see the empty tree",
         Duration::from_secs(30),
         &log,
@@ -501,13 +445,13 @@ async fn gitops_without_prune_keeps_removed_environments() {
     git.push("two");
     let ctl = Controller::start(cluster, &git, &instance, &[]);
     let log = || ctl.log();
-    wait_for("applied", Duration::from_secs(30), &log, || async {
+    wait_until("applied", Duration::from_secs(30), &log, || async {
         replicas(&client, &b, "compute-cluster-0").await == Some(1)
     })
     .await;
     git.remove("b.yaml");
     let removed = git.push("remove b");
-    wait_for(
+    wait_until(
         "the pass of the commit that removed b",
         Duration::from_secs(30),
         &log,
@@ -552,7 +496,7 @@ async fn webhook_needs_a_valid_signature() {
         &["--webhook-secret-file", secret, "--resync-interval", "1h"],
     );
     let log = || ctl.log();
-    wait_for(
+    wait_until(
         "first revision applied",
         Duration::from_secs(30),
         &log,
@@ -580,7 +524,7 @@ async fn webhook_needs_a_valid_signature() {
         body,
     );
     assert_eq!(code, 202);
-    wait_for(
+    wait_until(
         "webhook-triggered apply",
         Duration::from_secs(10),
         &log,
@@ -649,7 +593,7 @@ async fn leader_failover() {
             read(&log_two)
         )
     };
-    wait_for(
+    wait_until(
         "applied by the leader",
         Duration::from_secs(30),
         &log,
@@ -680,7 +624,7 @@ async fn leader_failover() {
     }
     git.write("a.yaml", &env_yaml(&a, 5, &["cluster-0"]));
     git.push("scale to 5 after failover");
-    wait_for(
+    wait_until(
         "applied by the new leader",
         Duration::from_secs(30),
         &log,
@@ -708,12 +652,12 @@ async fn unreachable_remote_prunes_nothing_and_resumes() {
     git.push("one");
     let ctl = Controller::start(cluster, &git, &instance, &["--prune"]);
     let log = || ctl.log();
-    wait_for("applied", Duration::from_secs(30), &log, || async {
+    wait_until("applied", Duration::from_secs(30), &log, || async {
         replicas(&client, &a, "compute-cluster-0").await == Some(1)
     })
     .await;
     git.stop();
-    wait_for(
+    wait_until(
         "a poll of the stopped server to fail",
         Duration::from_secs(30),
         &log,
@@ -727,7 +671,7 @@ async fn unreachable_remote_prunes_nothing_and_resumes() {
     git.write("a.yaml", &env_yaml(&a, 2, &["cluster-0"]));
     git.push("while the daemon is down");
     git.serve();
-    wait_for("resumed", Duration::from_secs(30), &log, || async {
+    wait_until("resumed", Duration::from_secs(30), &log, || async {
         replicas(&client, &a, "compute-cluster-0").await == Some(2)
     })
     .await;
@@ -754,12 +698,12 @@ async fn watch_applies_directory_edits() {
         &["--watch"],
     );
     let log = || ctl.log();
-    wait_for("first apply", Duration::from_secs(30), &log, || async {
+    wait_until("first apply", Duration::from_secs(30), &log, || async {
         replicas(&client, &a, "compute-cluster-0").await == Some(1)
     })
     .await;
     std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 3, &["cluster-0"])).expect("write");
-    wait_for(
+    wait_until(
         "the edit applied",
         // Seconds when idle; the deadline allows for a loaded CI machine (the property
         // tests keep both cores busy for minutes).

@@ -2,7 +2,6 @@
 //! SIGTERM hands the Lease over at once, credentials never reach any output, instances never
 //! take over each other's environments, and the README's quickstart runs as written.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
 use crate::certs::{Case, Setup, setup, tls_secret};
 use crate::cluster::{TestCluster, cleanup_instance, require, unique, wait_namespace_gone};
-use crate::support::{examples_renamed, repo_root};
+use crate::support::{examples_renamed, git, repo_root, wait_until};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -73,28 +72,7 @@ impl Replica {
         headers: &[(&str, String)],
         body: &[u8],
     ) -> (u16, String) {
-        // Not listening yet: no answer.
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return (0, String::new());
-        };
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).expect("a request");
-        s.write_all(body).expect("a body");
-        let mut resp = String::new();
-        let _ = s.read_to_string(&mut resp);
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (code, resp)
+        crate::support::http_request(self.port, method, path, headers, body)
     }
 }
 
@@ -102,30 +80,6 @@ impl Drop for Replica {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-async fn wait_until<F, Fut>(
-    what: &str,
-    timeout: Duration,
-    log: &dyn Fn() -> String,
-    mut check: F,
-) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -267,23 +221,6 @@ fn env_yaml(name: &str, scale: i64) -> String {
     format!(
         "apiVersion: envctl.materialize.cloud/v1alpha1\nkind: Environment\nmetadata:\n  name: {name}\nspec:\n  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11\n  region: aws/us-east-1\n  hostname: {name}.us-east-1.aws.example.cloud\n  tls: {{enabled: false}}\n  environmentd:\n    image: materialize/environmentd:v0.130.0\n  services:\n    compute:\n      - {{id: cluster-0, image: \"materialize/clusterd:v0.130.0\", scale: {scale}}}\n"
     )
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-        .output()
-        .expect("running git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A local repository with `environments/<name>.yaml`, read through a `file://` URL.
