@@ -64,6 +64,8 @@ pub enum AcmeError {
     Challenge { name: String, message: String },
     #[error("the order ended as {status}")]
     OrderFailed { status: String },
+    #[error("making the order's key or certificate request: {message}")]
+    Key { message: String },
     #[error("{what}")]
     Acme {
         what: &'static str,
@@ -395,10 +397,16 @@ impl Acme {
     }
 
     /// Answers the order's HTTP-01 challenges, finalizes it and downloads the chain.
+    /// Sees a placed order through to its certificate, with `key` (PEM) as the certificate's
+    /// key. `key_kept_before` says the key was kept for this very order before an earlier
+    /// process may have finalized it: then a finalized order's certificate is downloaded, not
+    /// lost.
     pub async fn complete(
         &self,
         order: &mut Order,
         challenges: &Challenges,
+        key: &str,
+        key_kept_before: bool,
     ) -> Result<Issued, AcmeError> {
         let mut served = Vec::new();
         let mut attempt = 0;
@@ -406,7 +414,7 @@ impl Acme {
             let result = RETRY_AFTER
                 .scope(
                     RefCell::new(None),
-                    self.complete_inner(order, challenges, &mut served),
+                    self.complete_inner(order, challenges, &mut served, key, key_kept_before),
                 )
                 .await;
             attempt += 1;
@@ -433,13 +441,32 @@ impl Acme {
         order: &mut Order,
         challenges: &Challenges,
         served: &mut Vec<String>,
+        key: &str,
+        key_kept_before: bool,
     ) -> Result<Issued, AcmeError> {
         let retries = RetryPolicy::new()
             .initial_delay(Duration::from_millis(100))
             .backoff(1.5)
             .timeout(self.config.order_timeout);
+        // Finalized already, by a process that stopped before storing the result: its key was
+        // kept first, so the certificate is only downloaded (no new order, no quota).
+        if key_kept_before
+            && matches!(
+                order.state().status,
+                OrderStatus::Processing | OrderStatus::Valid
+            )
+        {
+            let chain_pem = order
+                .poll_certificate(&retries)
+                .await
+                .map_err(|e| AcmeError::from_acme("downloading the certificate", e))?;
+            return Ok(Issued {
+                chain_pem,
+                key_pem: key.to_string(),
+            });
+        }
         self.authorize(order, challenges, served, &retries).await?;
-        finalize(order, &retries).await
+        finalize(order, &retries, key).await
     }
 
     /// Authorize: publish every pending HTTP-01 answer (where every replica reads it), tell
@@ -551,18 +578,50 @@ impl Acme {
     }
 }
 
-/// Finalize: send the CSR (instant-acme makes the key) and download the certificate chain.
-async fn finalize(order: &mut Order, retries: &RetryPolicy) -> Result<Issued, AcmeError> {
+/// A new private key for an order (PEM). It is kept before the order is finalized.
+pub fn new_order_key() -> Result<String, AcmeError> {
+    rcgen::KeyPair::generate()
+        .map(|k| k.serialize_pem())
+        .map_err(|e| AcmeError::Key {
+            message: e.to_string(),
+        })
+}
+
+/// Finalize: send a certificate request for the order's names, signed with `key`, and
+/// download the certificate chain.
+async fn finalize(
+    order: &mut Order,
+    retries: &RetryPolicy,
+    key: &str,
+) -> Result<Issued, AcmeError> {
     let fail = |what| move |e| AcmeError::from_acme(what, e);
-    let key_pem = order
-        .finalize()
+    let key_err = |e: rcgen::Error| AcmeError::Key {
+        message: e.to_string(),
+    };
+    let mut names = Vec::new();
+    let mut identifiers = order.identifiers();
+    while let Some(i) = identifiers.next().await {
+        names.push(
+            i.map_err(fail("reading the order's identifiers"))?
+                .to_string(),
+        );
+    }
+    let pair = rcgen::KeyPair::from_pem(key).map_err(key_err)?;
+    let mut params = rcgen::CertificateParams::new(names).map_err(key_err)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&pair).map_err(key_err)?;
+    order
+        .finalize_csr(csr.der())
         .await
         .map_err(fail("finalizing the order"))?;
     let chain_pem = order
         .poll_certificate(retries)
         .await
         .map_err(fail("downloading the certificate"))?;
-    Ok(Issued { chain_pem, key_pem })
+    Ok(Issued {
+        chain_pem,
+        key_pem: key.to_string(),
+    })
 }
 
 async fn directory_has_ari(http: &Http, directory: &str) -> bool {

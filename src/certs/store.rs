@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,8 @@ use crate::render::{ENVIRONMENT_LABEL, INSTANCE_LABEL, MANAGED_BY_KEY as MANAGED
 
 const LEDGER_KEY: &str = "ledger.json";
 const COPY_LABEL: &str = "envctl.materialize.cloud/certificate-copy";
+/// On an order key's Secret: the order the key belongs to.
+const ORDER_URL_ANNOTATION: &str = "envctl.materialize.cloud/order-url";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -401,6 +403,101 @@ impl CertStore {
 
     fn copy_name(&self, environment: &str) -> String {
         format!("envctl-{}-cert-{environment}", self.instance)
+    }
+
+    fn key_name(&self, environment: &str) -> String {
+        format!("envctl-{}-order-key-{environment}", self.instance)
+    }
+
+    /// The private key kept for `environment`'s order `order_url`, if this order has one.
+    /// Keys are kept (`keep_order_key`) BEFORE an order is finalized, so a process stopped
+    /// between finalizing and storing the certificate loses nothing: the next one downloads
+    /// the certificate instead of ordering again.
+    pub async fn order_key(
+        &self,
+        environment: &str,
+        order_url: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let name = self.key_name(environment);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secret = api
+            .get_opt(&name)
+            .await
+            .map_err(|source| StoreError::Kube {
+                what: "reading an order's key",
+                namespace: self.namespace.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        Ok(secret.and_then(|s| {
+            let same_order = s
+                .annotations()
+                .get(ORDER_URL_ANNOTATION)
+                .map(String::as_str)
+                == Some(order_url);
+            same_order
+                .then(|| s.data.and_then(|mut d| d.remove("tls.key")))
+                .flatten()
+                .map(|k| k.0)
+        }))
+    }
+
+    /// Keeps the private key of `environment`'s order `order_url` (replacing the key of an
+    /// earlier order).
+    pub async fn keep_order_key(
+        &self,
+        environment: &str,
+        order_url: &str,
+        key_pem: &[u8],
+    ) -> Result<(), StoreError> {
+        let name = self.key_name(environment);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
+                    (ENVIRONMENT_LABEL.to_string(), environment.to_string()),
+                    (INSTANCE_LABEL.to_string(), self.instance.clone()),
+                ])),
+                annotations: Some(BTreeMap::from([(
+                    ORDER_URL_ANNOTATION.to_string(),
+                    order_url.to_string(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(
+                "tls.key".to_string(),
+                ByteString(key_pem.to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        crate::apply::server_side_apply(&api, &name, &secret)
+            .await
+            .map_err(|source| StoreError::Kube {
+                what: "keeping an order's key",
+                namespace: self.namespace.clone(),
+                name,
+                source,
+            })
+    }
+
+    /// Forgets `environment`'s order key once its certificate is stored.
+    pub async fn drop_order_key(&self, environment: &str) -> Result<(), StoreError> {
+        let name = self.key_name(environment);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(source) => Err(StoreError::Kube {
+                what: "deleting an order's key",
+                namespace: self.namespace.clone(),
+                name,
+                source,
+            }),
+        }
     }
 
     /// An environment's `environment-tls` Secret, if any.

@@ -975,3 +975,154 @@ fn failures(log: &str, env: &str) -> Vec<(f64, u32, f64)> {
         })
         .collect()
 }
+
+/// Case 7: a certificate whose order was finalized but could not be stored (a webhook denies
+/// the environments' Secrets, as a stop between finalizing and storing would leave it) is
+/// downloaded on the next pass with the key kept before finalizing: no second order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finalized_order_is_downloaded_not_ordered_again() {
+    let Some(crate::certs::Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = crate::certs::setup(true).await
+    else {
+        return;
+    };
+    let case = crate::certs::Case::new(&client, dir.path(), "keepkey", 2).await;
+    let label = "envctl.materialize.cloud/instance";
+    // A probe namespace carrying the environments' label, to see the webhook take effect.
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let probe_ns = format!("{}-probe", case.instance);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": probe_ns, "labels": {label: case.instance}}
+    }))
+    .expect("a namespace");
+    nsapi
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("creating the probe namespace");
+    let hook = Webhook::deny(
+        &client,
+        label,
+        &case.instance,
+        "policy: no Secrets in environments",
+        &["secrets"],
+    )
+    .await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &probe_ns);
+    let probe = |i: usize| -> k8s_openapi::api::core::v1::Secret {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": format!("probe-{i}")}}))
+            .expect("a Secret")
+    };
+    let mut in_force = false;
+    for i in 0..120 {
+        if let Err(kube::Error::Api(e)) = secrets.create(&PostParams::default(), &probe(i)).await
+            && e.message.contains("no Secrets in environments")
+        {
+            in_force = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(in_force, "the webhook never took effect");
+
+    let before = pebble.orders();
+    let (code, out, err) = crate::certs::envctl(cluster, &case.apply(&pebble.flags()));
+    assert_ne!(
+        code, 0,
+        "storing was denied, yet apply succeeded:\n{out}{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains("no Secrets in environments"),
+        "the reason is reported:\n{out}{err}"
+    );
+    let first = pebble.orders() - before;
+    assert_eq!(first, case.names.len(), "one order each:\n{out}{err}");
+    // The keys were kept, in the controller's namespace, before the orders were finalized.
+    let kept: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &case.ctl_ns);
+    for name in &case.names {
+        let key = kept
+            .get_opt(&format!("envctl-{}-order-key-{name}", case.instance))
+            .await
+            .expect("reading an order key");
+        assert!(key.is_some(), "no key kept for {name}");
+    }
+
+    hook.remove(&client).await;
+    let mut stored = false;
+    let mut transcript = String::new();
+    // The webhook's removal reaches the API server's admission within seconds.
+    for _ in 0..60 {
+        let (code, out, err) = crate::certs::envctl(cluster, &case.apply(&pebble.flags()));
+        transcript = format!("{out}{err}");
+        if code == 0 {
+            stored = true;
+            break;
+        }
+        assert!(
+            transcript.contains("no Secrets in environments"),
+            "apply failed for another reason:\n{transcript}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(stored, "the certificates were never stored:\n{transcript}");
+    assert_eq!(
+        pebble.orders() - before,
+        first,
+        "a finalized order was ordered again instead of downloaded:\n{transcript}"
+    );
+    for name in &case.names {
+        let ns = format!("environment-{name}");
+        let secret = crate::certs::tls_secret(&client, &ns)
+            .await
+            .unwrap_or_else(|| panic!("no certificate in {ns}"));
+        let data = secret.data.unwrap_or_default();
+        let (crt, key) = (
+            data.get("tls.crt").map(|b| b.0.clone()).unwrap_or_default(),
+            data.get("tls.key").map(|b| b.0.clone()).unwrap_or_default(),
+        );
+        assert_eq!(
+            public_key(&crt, "x509"),
+            public_key(&key, "pkey"),
+            "{ns}: the stored key is not the certificate's"
+        );
+        let gone = kept
+            .get_opt(&format!("envctl-{}-order-key-{name}", case.instance))
+            .await
+            .expect("reading an order key");
+        assert!(
+            gone.is_none(),
+            "the order key of {name} outlived its certificate"
+        );
+    }
+    let _ = nsapi.delete(&probe_ns, &DeleteParams::default()).await;
+    case.cleanup(&client).await;
+}
+
+/// The public key of a PEM certificate (`x509`) or private key (`pkey`), by openssl.
+fn public_key(pem: &[u8], kind: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(if kind == "x509" {
+            &["x509", "-pubkey", "-noout"][..]
+        } else {
+            &["pkey", "-pubout"][..]
+        })
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running openssl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(pem)
+        .expect("writing to openssl");
+    let out = child.wait_with_output().expect("openssl's output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -28,7 +28,7 @@ use futures::StreamExt;
 use kube::Client;
 
 pub use charge::ChargeError;
-pub use order::{CompleteError, PlaceError, StoreStepError};
+pub use order::{CompleteError, KeyError, PlaceError, StoreStepError};
 pub use quota::{quota, quota_report};
 pub use report::{CertReport, EnvOutcome, Outcome, Tally};
 pub use select::SelectError;

@@ -23,6 +23,15 @@ use super::charge::Queue;
 #[error("placing the order")]
 pub struct PlaceError(#[source] pub AcmeError);
 
+/// The order's key could not be made or kept (the order is resumed next time).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("keeping the order's key before it is finalized")]
+    Store(#[from] StoreError),
+    #[error("making the order's key")]
+    Make(#[from] AcmeError),
+}
+
 /// Authorizing or finalizing a placed order failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CompleteError {
@@ -148,7 +157,14 @@ impl Certs {
                 return failed(self.refused(t, r, account, e, false, events).await);
             }
         };
-        let issued = match self.complete(&mut order).await {
+        // The certificate's key is kept before the order can be finalized, so a stop between
+        // finalizing and storing costs no second order. Without it the order waits (it stays
+        // pending in the ledger and is resumed next time).
+        let (key, kept_before) = match self.order_key(r, order.url()).await {
+            Ok(k) => k,
+            Err(e) => return failed(Outcome::failed(&e)),
+        };
+        let issued = match self.complete(&mut order, &key, kept_before).await {
             Ok(i) => i,
             // A protocol or network failure leaves the placed order to be resumed next time
             // (no new order, no new charge).
@@ -210,10 +226,28 @@ impl Certs {
         Ok(order)
     }
 
+    /// The key of `r`'s order `url`: the one kept for it (`true`), or a new one, kept now.
+    async fn order_key(&self, r: &Request, url: &str) -> Result<(String, bool), KeyError> {
+        let env = &r.environment;
+        if let Some(pem) = self.store.order_key(env, url).await? {
+            return Ok((String::from_utf8_lossy(&pem).into_owned(), true));
+        }
+        let pem = crate::certs::acme::new_order_key()?;
+        self.store.keep_order_key(env, url, pem.as_bytes()).await?;
+        Ok((pem, false))
+    }
+
     /// Authorizes (HTTP-01) and finalizes a placed order, within the order timeout.
-    async fn complete(&self, order: &mut Order) -> Result<Issued, CompleteError> {
+    async fn complete(
+        &self,
+        order: &mut Order,
+        key: &str,
+        kept_before: bool,
+    ) -> Result<Issued, CompleteError> {
         let timeout = self.acme.config.order_timeout;
-        let completing = self.acme.complete(order, &self.challenges);
+        let completing = self
+            .acme
+            .complete(order, &self.challenges, key, kept_before);
         match tokio::time::timeout(timeout + Duration::from_secs(30), completing).await {
             Ok(result) => result.map_err(CompleteError::Acme),
             Err(_) => Err(CompleteError::TimedOut(timeout)),

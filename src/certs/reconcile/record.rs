@@ -40,6 +40,9 @@ impl Certs {
         if let Ok(mut a) = self.announced.lock() {
             a.remove(env);
         }
+        if let Err(e) = self.store.drop_order_key(env).await {
+            tracing::warn!(environment = %env, error = %error_chain(&e), "deleting the order's key (it is replaced by the next order's)");
+        }
         // Always: the wait may have been announced by another process (an earlier apply, a
         // previous leader).
         if let Err(e) = self.store.annotate_wait(&t.namespace, None).await {
