@@ -713,7 +713,15 @@ async fn watch_applies_directory_edits() {
     )
     .await;
     // The edit's pass is labelled Watch, or Drift when the watch events of the objects the
-    // first pass created woke the loop first (the poll of that pass then finds the edit).
+    // first pass created woke the loop first (the poll of that pass then finds the edit). Its
+    // line is logged when the pass ends, after the objects were written.
+    wait_until(
+        "the edit's pass to end",
+        Duration::from_secs(30),
+        &log,
+        || async { ctl.log().matches(" reconciled ").count() >= 2 },
+    )
+    .await;
     let text = ctl.log();
     assert!(
         text.contains("trigger=Watch") || text.matches("trigger=Drift").count() > 0,
