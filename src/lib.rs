@@ -5,7 +5,8 @@
 //!
 //! - `vocab`: names and small shared types (labels, annotations, object keys, limit names);
 //!   `duration`, `diagnostic`, `yaml`: formats; `cluster`: the API client and its retries;
-//!   `metrics`: every exported metric.
+//!   `health`: how an environment's StatefulSets and pods are judged (pure); `metrics`:
+//!   every exported metric.
 //! - The pipeline: `source` -> `manifest` -> `render` -> `observe` -> `plan` -> `apply`, then
 //!   `status` (what is recorded about each environment) and `certs` (certificates).
 //! - `pass`: one reconcile pass over those stages, shared by the CLI and the controller;
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod controller;
 pub mod diagnostic;
 pub mod duration;
+pub mod health;
 pub mod manifest;
 pub mod metrics;
 pub mod observe;

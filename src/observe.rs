@@ -8,9 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::{StreamExt, stream};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::Value;
 use tokio::sync::Notify;
 
@@ -622,6 +624,190 @@ impl Cache {
             live.insert(kind, v);
         }
         Ok(live)
+    }
+}
+
+/// Groups StatefulSets, pods and namespaces by environment into health inputs. Every
+/// environment with a namespace gets an entry (an environment without StatefulSets is
+/// `Unknown`).
+pub fn group_for_health(
+    stateful_sets: impl IntoIterator<Item = StatefulSet>,
+    pods: impl IntoIterator<Item = Pod>,
+    namespaces: impl IntoIterator<Item = Namespace>,
+) -> BTreeMap<String, crate::health::Observed> {
+    fn env_of(meta: &kube::api::ObjectMeta) -> Option<String> {
+        meta.labels.as_ref()?.get(ENVIRONMENT_LABEL).cloned()
+    }
+    let mut out: BTreeMap<String, crate::health::Observed> = BTreeMap::new();
+    for ns in namespaces {
+        let Some(env) = env_of(&ns.metadata) else {
+            continue;
+        };
+        let applied_at = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::vocab::APPLIED_AT_ANNOTATION))
+            .and_then(|t| t.parse().ok());
+        out.entry(env).or_default().applied_at = applied_at;
+    }
+    for sts in stateful_sets {
+        if let Some(env) = env_of(&sts.metadata) {
+            out.entry(env).or_default().stateful_sets.push(sts);
+        }
+    }
+    for pod in pods {
+        if let Some(env) = env_of(&pod.metadata) {
+            out.entry(env).or_default().pods.push(pod);
+        }
+    }
+    out
+}
+
+async fn list_typed<K>(
+    client: &Client,
+    selector: &str,
+    kind: &'static str,
+) -> Result<Vec<K>, ObserveError>
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: kube::Api<K> = kube::Api::all(client.clone());
+    list_pages(&api, selector, kind).await
+}
+
+async fn list_pages<K>(
+    api: &kube::Api<K>,
+    selector: &str,
+    kind: &'static str,
+) -> Result<Vec<K>, ObserveError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = ListParams::default().labels(selector).limit(500);
+    let mut out = Vec::new();
+    loop {
+        let page = with_retries(|| api.list(&params))
+            .await
+            .map_err(|source| ObserveError::List { kind, source })?;
+        out.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Reads what health is judged from, once: the instance's StatefulSets, pods and namespaces.
+pub async fn read_health_inputs(
+    client: &Client,
+    instance: &str,
+) -> Result<BTreeMap<String, crate::health::Observed>, ObserveError> {
+    let selector = owned_selector(instance);
+    let sts_api: kube::Api<StatefulSet> = kube::Api::all(client.clone());
+    let pod_api: kube::Api<Pod> = kube::Api::all(client.clone());
+    let (stateful_sets, pods, namespaces) = futures::try_join!(
+        list_pages(&sts_api, &selector, "StatefulSet"),
+        list_pages(&pod_api, &selector, "Pod"),
+        list_typed::<Namespace>(client, &selector, "Namespace"),
+    )?;
+    Ok(group_for_health(stateful_sets, pods, namespaces))
+}
+
+/// Watches of what health is judged from (StatefulSets with their status, pods, namespaces),
+/// for the controller: it reads them on every change, with no polling per environment.
+pub struct HealthWatch {
+    stateful_sets: reflector::Store<StatefulSet>,
+    pods: reflector::Store<Pod>,
+    namespaces: reflector::Store<Namespace>,
+}
+
+fn reflect<K>(
+    api: kube::Api<K>,
+    selector: &str,
+    changed: Arc<Notify>,
+    kind: &'static str,
+) -> reflector::Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let config = watcher::Config::default().labels(selector);
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "the health watch broke; it resumes with backoff")
+                }
+            }
+        }
+    });
+    reader
+}
+
+impl HealthWatch {
+    /// Starts the watches; `changed` is notified on every event.
+    pub fn start(client: &Client, instance: &str, changed: Arc<Notify>) -> HealthWatch {
+        let selector = owned_selector(instance);
+        HealthWatch {
+            stateful_sets: reflect(
+                kube::Api::all(client.clone()),
+                &selector,
+                changed.clone(),
+                "StatefulSet",
+            ),
+            pods: reflect(
+                kube::Api::all(client.clone()),
+                &selector,
+                changed.clone(),
+                "Pod",
+            ),
+            namespaces: reflect(
+                kube::Api::all(client.clone()),
+                &selector,
+                changed,
+                "Namespace",
+            ),
+        }
+    }
+
+    /// Waits until every watch has listed once, at most `timeout`.
+    pub async fn ready(&self, timeout: std::time::Duration) -> Result<(), ObserveError> {
+        let all = async {
+            let _ = self.stateful_sets.wait_until_ready().await;
+            let _ = self.pods.wait_until_ready().await;
+            let _ = self.namespaces.wait_until_ready().await;
+        };
+        tokio::time::timeout(timeout, all)
+            .await
+            .map_err(|_| ObserveError::NotReady {
+                timeout,
+                kinds: "StatefulSet, Pod, Namespace (health)".into(),
+            })
+    }
+
+    /// The health inputs as the watches have them now.
+    pub fn observed(&self) -> BTreeMap<String, crate::health::Observed> {
+        group_for_health(
+            self.stateful_sets.state().iter().map(|o| (**o).clone()),
+            self.pods.state().iter().map(|o| (**o).clone()),
+            self.namespaces.state().iter().map(|o| (**o).clone()),
+        )
     }
 }
 

@@ -9,7 +9,7 @@ use crate::support::repo_root;
 /// Bottom to top. Modules on one line share a rank and may not import each other.
 const LAYERS: &[&[&str]] = &[
     &["vocab"],
-    &["duration", "diagnostic", "yaml"],
+    &["duration", "diagnostic", "yaml", "health"],
     &["cluster"],
     &["metrics"],
     &["source"],

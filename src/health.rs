@@ -1,0 +1,459 @@
+//! Health: whether each environment works, computed the way kstatus computes a StatefulSet's
+//! status, then refined by its pods (unschedulable, image failures, crash loops, readiness).
+//!
+//! Pure: takes the observed StatefulSets and pods and the time, returns one `Health` per
+//! environment. No I/O and no clock (the caller passes `now`); reading the objects is
+//! `observe`'s, publishing the result is `status`'s and the controller's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use serde::Serialize;
+
+/// An environment's health, the four kstatus-like states.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    prometheus_client::encoding::EncodeLabelValue,
+)]
+pub enum HealthState {
+    /// Every StatefulSet is at its newest revision with all replicas ready.
+    Ready,
+    /// A rollout is under way (or waits for a node) and its deadline has not passed.
+    Progressing,
+    /// Failed: an image that cannot be had, a crash loop, or no progress past the deadline.
+    Degraded,
+    /// Not observed: the environment has no StatefulSet yet, or nothing was read.
+    Unknown,
+}
+
+impl HealthState {
+    pub const ALL: [HealthState; 4] = [
+        HealthState::Ready,
+        HealthState::Progressing,
+        HealthState::Degraded,
+        HealthState::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Ready => "Ready",
+            HealthState::Progressing => "Progressing",
+            HealthState::Degraded => "Degraded",
+            HealthState::Unknown => "Unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for HealthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One environment's health with a one-word reason and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub state: HealthState,
+    /// CamelCase, as Kubernetes reasons are: `AllReady`, `Unschedulable`, `ImagePull`...
+    pub reason: String,
+    pub message: String,
+}
+
+impl Health {
+    fn new(state: HealthState, reason: &str, message: impl Into<String>) -> Health {
+        Health {
+            state,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn unknown(message: impl Into<String>) -> Health {
+        Health::new(HealthState::Unknown, "NotObserved", message)
+    }
+}
+
+/// What one environment runs, as observed.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub stateful_sets: Vec<StatefulSet>,
+    pub pods: Vec<Pod>,
+    /// When envctl last applied a change to it (its namespace's `applied-at`), if known.
+    pub applied_at: Option<Timestamp>,
+}
+
+/// Container waiting reasons that do not fix themselves: the environment is `Degraded` at once.
+const IMAGE_REASONS: [&str; 5] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "ImageInspectError",
+];
+const CRASH_REASONS: [&str; 3] = [
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "RunContainerError",
+];
+
+/// The health of one environment at `now`. A rollout that has not become Ready within
+/// `deadline` of its last progress (the apply, a pod created or a pod turning ready) is
+/// `Degraded`, keeping the reason it was waiting for.
+pub fn assess(observed: &Observed, now: Timestamp, deadline: Duration) -> Health {
+    if observed.stateful_sets.is_empty() {
+        return Health::unknown("no StatefulSet observed yet");
+    }
+    // Failures that need no deadline come first: they name the pod.
+    for pod in sorted_pods(&observed.pods) {
+        if let Some(h) = pod_failure(pod) {
+            return h;
+        }
+    }
+    let mut waiting: Vec<Health> = observed
+        .stateful_sets
+        .iter()
+        .filter_map(stateful_set_progress)
+        .collect();
+    if waiting.is_empty() {
+        let n = observed.stateful_sets.len();
+        return Health::new(
+            HealthState::Ready,
+            "AllReady",
+            format!("{n} StatefulSet(s) at their newest revision with every replica ready"),
+        );
+    }
+    // A pod-level cause explains a StatefulSet that waits better than its counters do.
+    let mut health = sorted_pods(&observed.pods)
+        .into_iter()
+        .find_map(pod_waiting)
+        .unwrap_or_else(|| waiting.remove(0));
+    let since = last_progress(observed);
+    if let Some(since) = since {
+        let waited = now.duration_since(since);
+        let limit = k8s_openapi::jiff::SignedDuration::try_from(deadline)
+            .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
+        if waited > limit {
+            health.state = HealthState::Degraded;
+            health.message = format!(
+                "{} (no progress for {}s, past the {}s deadline)",
+                health.message,
+                waited.as_secs(),
+                deadline.as_secs()
+            );
+            if health.reason != "Unschedulable" {
+                health.reason = "ProgressDeadlineExceeded".into();
+            }
+        }
+    }
+    health
+}
+
+fn sorted_pods(pods: &[Pod]) -> Vec<&Pod> {
+    let mut v: Vec<&Pod> = pods.iter().collect();
+    v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    v
+}
+
+fn pod_name(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or("?")
+}
+
+/// An image that cannot be had or a container that keeps crashing.
+fn pod_failure(pod: &Pod) -> Option<Health> {
+    let status = pod.status.as_ref()?;
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        let reason = waiting.reason.as_deref().unwrap_or("");
+        let detail = waiting.message.as_deref().unwrap_or(reason);
+        let kind = if IMAGE_REASONS.contains(&reason) {
+            "ImagePull"
+        } else if CRASH_REASONS.contains(&reason) {
+            "CrashLoop"
+        } else {
+            continue;
+        };
+        return Some(Health::new(
+            HealthState::Degraded,
+            kind,
+            format!(
+                "pod {} container {}: {reason}: {detail}",
+                pod_name(pod),
+                c.name
+            ),
+        ));
+    }
+    None
+}
+
+/// Why a pod is not ready yet: unschedulable (with the scheduler's message) or not ready.
+fn pod_waiting(pod: &Pod) -> Option<Health> {
+    let status = pod.status.as_ref()?;
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    let condition = |t: &str| conditions.iter().find(|c| c.type_ == t);
+    if let Some(c) = condition("PodScheduled").filter(|c| c.status == "False") {
+        return Some(Health::new(
+            HealthState::Progressing,
+            "Unschedulable",
+            format!(
+                "pod {}: {}",
+                pod_name(pod),
+                c.message.as_deref().unwrap_or("not scheduled")
+            ),
+        ));
+    }
+    if condition("Ready").is_some_and(|c| c.status == "True") {
+        return None;
+    }
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    Some(Health::new(
+        HealthState::Progressing,
+        "PodNotReady",
+        format!("pod {} is {phase} and not ready", pod_name(pod)),
+    ))
+}
+
+/// kstatus's rules for a StatefulSet: `None` when it is current.
+fn stateful_set_progress(sts: &StatefulSet) -> Option<Health> {
+    let name = sts.metadata.name.as_deref().unwrap_or("?");
+    let progressing = |msg: String| Some(Health::new(HealthState::Progressing, "Rollout", msg));
+    let Some(status) = sts.status.as_ref() else {
+        return progressing(format!("StatefulSet {name} has no status yet"));
+    };
+    let generation = sts.metadata.generation.unwrap_or(0);
+    let observed = status.observed_generation.unwrap_or(0);
+    if observed < generation {
+        return progressing(format!(
+            "StatefulSet {name}: generation {generation} is not observed yet (observed {observed})"
+        ));
+    }
+    let spec = sts.spec.as_ref();
+    let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+    let partition = spec
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.partition)
+        .unwrap_or(0);
+    let ready = status.ready_replicas.unwrap_or(0);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let current = status.current_replicas.unwrap_or(0);
+    if status.replicas > replicas {
+        return progressing(format!(
+            "StatefulSet {name}: {} replicas exist, {replicas} wanted (scaling down)",
+            status.replicas
+        ));
+    }
+    if ready < replicas {
+        return progressing(format!(
+            "StatefulSet {name}: {ready}/{replicas} replicas ready"
+        ));
+    }
+    if partition == 0 && replicas > 0 {
+        if updated < replicas {
+            return progressing(format!(
+                "StatefulSet {name}: {updated}/{replicas} replicas at the newest revision"
+            ));
+        }
+        if status.current_revision != status.update_revision && current < replicas {
+            return progressing(format!(
+                "StatefulSet {name}: rolling out revision {}",
+                status.update_revision.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    None
+}
+
+/// The last sign of progress: the apply, a pod created, a pod becoming ready or scheduled.
+fn last_progress(observed: &Observed) -> Option<Timestamp> {
+    let pods = observed.pods.iter().flat_map(|p| {
+        let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let transitions = p
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .filter(|c| c.status == "True")
+            .filter_map(|c| c.last_transition_time.as_ref().map(|t| t.0));
+        created.into_iter().chain(transitions)
+    });
+    observed.applied_at.into_iter().chain(pods).max()
+}
+
+/// Health of many environments at once, by environment name.
+pub fn assess_all(
+    observed: &BTreeMap<String, Observed>,
+    now: Timestamp,
+    deadline: Duration,
+) -> BTreeMap<String, Health> {
+    observed
+        .iter()
+        .map(|(env, o)| (env.clone(), assess(o, now, deadline)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sts(json: serde_json::Value) -> StatefulSet {
+        serde_json::from_value(json).expect("a StatefulSet")
+    }
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("a Pod")
+    }
+    fn at(s: &str) -> Timestamp {
+        s.parse().expect("a timestamp")
+    }
+    const DEADLINE: Duration = Duration::from_secs(600);
+
+    fn ready_sts() -> StatefulSet {
+        sts(serde_json::json!({
+            "metadata": {"name": "environmentd", "generation": 2},
+            "spec": {"replicas": 2, "selector": {}, "serviceName": "x", "template": {}},
+            "status": {"observedGeneration": 2, "replicas": 2, "readyReplicas": 2,
+                       "currentReplicas": 2, "updatedReplicas": 2,
+                       "currentRevision": "r2", "updateRevision": "r2"}
+        }))
+    }
+
+    #[test]
+    fn ready_when_every_replica_is_ready_at_the_newest_revision() {
+        let o = Observed {
+            stateful_sets: vec![ready_sts()],
+            ..Observed::default()
+        };
+        let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
+        assert_eq!(h.state, HealthState::Ready, "{h:?}");
+    }
+
+    #[test]
+    fn nothing_observed_is_unknown() {
+        let h = assess(&Observed::default(), at("2026-01-01T00:00:00Z"), DEADLINE);
+        assert_eq!(h.state, HealthState::Unknown);
+    }
+
+    #[test]
+    fn an_unobserved_generation_or_a_revision_in_flight_is_progressing() {
+        let mut s = ready_sts();
+        s.metadata.generation = Some(3);
+        let o = Observed {
+            stateful_sets: vec![s],
+            ..Observed::default()
+        };
+        let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
+        assert_eq!(
+            (h.state, h.reason.as_str()),
+            (HealthState::Progressing, "Rollout")
+        );
+        let mut s = ready_sts();
+        if let Some(st) = s.status.as_mut() {
+            st.update_revision = Some("r3".into());
+            st.updated_replicas = Some(1);
+        }
+        let o = Observed {
+            stateful_sets: vec![s],
+            ..Observed::default()
+        };
+        let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
+        assert_eq!(h.state, HealthState::Progressing, "{h:?}");
+        assert!(h.message.contains("1/2"), "{h:?}");
+    }
+
+    #[test]
+    fn unschedulable_names_the_scheduler_message_and_degrades_past_the_deadline() {
+        let mut s = ready_sts();
+        if let Some(st) = s.status.as_mut() {
+            st.ready_replicas = Some(1);
+        }
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "environmentd-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/2 nodes are available: 2 Insufficient cpu.",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }));
+        let o = Observed {
+            stateful_sets: vec![s],
+            pods: vec![p],
+            applied_at: Some(at("2026-01-01T00:00:00Z")),
+        };
+        let h = assess(&o, at("2026-01-01T00:05:00Z"), DEADLINE);
+        assert_eq!(
+            (h.state, h.reason.as_str()),
+            (HealthState::Progressing, "Unschedulable")
+        );
+        assert!(h.message.contains("Insufficient cpu"), "{h:?}");
+        let h = assess(&o, at("2026-01-01T00:10:01Z"), DEADLINE);
+        assert_eq!(
+            (h.state, h.reason.as_str()),
+            (HealthState::Degraded, "Unschedulable")
+        );
+        assert!(h.message.contains("past the 600s deadline"), "{h:?}");
+    }
+
+    #[test]
+    fn image_failures_and_crash_loops_degrade_at_once() {
+        for (reason, kind) in [
+            ("ErrImageNeverPull", "ImagePull"),
+            ("ImagePullBackOff", "ImagePull"),
+            ("CrashLoopBackOff", "CrashLoop"),
+        ] {
+            let p = pod(serde_json::json!({
+                "metadata": {"name": "environmentd-0"},
+                "status": {"phase": "Pending", "containerStatuses": [{
+                    "name": "environmentd", "image": "x", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": reason, "message": "no image"}}}]}
+            }));
+            let o = Observed {
+                stateful_sets: vec![ready_sts()],
+                pods: vec![p],
+                applied_at: None,
+            };
+            let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
+            assert_eq!((h.state, h.reason.as_str()), (HealthState::Degraded, kind));
+            assert!(h.message.contains(reason), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn progress_resets_the_deadline() {
+        let mut s = ready_sts();
+        if let Some(st) = s.status.as_mut() {
+            st.ready_replicas = Some(1);
+        }
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "environmentd-1", "creationTimestamp": "2026-01-01T00:20:00Z"},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:20:00Z"},
+                {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:20:00Z"}]}
+        }));
+        let o = Observed {
+            stateful_sets: vec![s],
+            pods: vec![p],
+            applied_at: Some(at("2026-01-01T00:00:00Z")),
+        };
+        let h = assess(&o, at("2026-01-01T00:25:00Z"), DEADLINE);
+        assert_eq!(
+            (h.state, h.reason.as_str()),
+            (HealthState::Progressing, "PodNotReady")
+        );
+    }
+}
