@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::cluster::FIELD_MANAGER;
+use crate::health::{Health, HealthState};
 pub use crate::metrics::{
     ApiLabels, ApiVerb, CertMetrics, EnvState, ExpiryLabels, ExpiryRange, FailureLabels,
     KindLabels, LimitLabels, Metrics, OrderLabels, OrderOutcome, PollLabels, PollResult,
@@ -23,8 +24,8 @@ pub use crate::vocab::{
     STATUS_ANNOTATIONS,
 };
 use crate::vocab::{
-    CERTIFICATE_ANNOTATION, ENVIRONMENT_LABEL, WAIT_REASON_ANNOTATION, WAIT_UNTIL_ANNOTATION,
-    owned_selector,
+    CERTIFICATE_ANNOTATION, ENVIRONMENT_LABEL, NOT_AFTER_ANNOTATION, TLS_SECRET,
+    WAIT_REASON_ANNOTATION, WAIT_UNTIL_ANNOTATION, owned_selector,
 };
 
 /// One environment's status as written to its namespace.
@@ -49,6 +50,8 @@ pub enum StatusError {
     },
     #[error("listing environments")]
     List(#[source] kube::Error),
+    #[error("reading what the environments run")]
+    Health(#[source] crate::observe::ObserveError),
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -185,21 +188,66 @@ impl Events {
 pub struct StatusRow {
     pub environment: String,
     pub namespace: String,
+    /// What was last applied: a Git commit, or `dir-<digest>` of a directory's files.
     pub revision: String,
     pub state: String,
     pub applied_at: String,
-    /// The certificate's state: why there is none, or when it waits for quota.
+    /// `Ready`, `Progressing`, `Degraded` or `Unknown`, judged now from the cluster.
+    pub health: HealthState,
+    /// Why, in one word (`AllReady`, `Unschedulable`, `ImagePull`...).
+    pub reason: String,
+    /// Why, for people (the scheduler's message, the failing pod and container...).
+    pub message: String,
+    /// The certificate's state: valid until, waiting for quota until, failed with its
+    /// reason, or why there is none.
     pub certificate: String,
     pub last_error: String,
 }
 
-/// Every environment of `instance` with its recorded status.
-pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>, StatusError> {
+/// Every environment of `instance` with its recorded status, its health judged now (a
+/// rollout without progress for `deadline` is `Degraded`) and its certificate's state.
+pub async fn read_all(
+    client: &Client,
+    instance: &str,
+    deadline: std::time::Duration,
+) -> Result<Vec<StatusRow>, StatusError> {
     let api: Api<Namespace> = Api::all(client.clone());
-    let list = api
-        .list(&ListParams::default().labels(&owned_selector(instance)))
-        .await
-        .map_err(StatusError::List)?;
+    let selector = owned_selector(instance);
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let (list, inputs, tls) = futures::try_join!(
+        async {
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(StatusError::List)
+        },
+        async {
+            crate::observe::read_health_inputs(client, instance)
+                .await
+                .map_err(StatusError::Health)
+        },
+        async {
+            // Metadata only: the certificate's expiry is an annotation; no key is read.
+            secrets
+                .list_metadata(
+                    &ListParams::default()
+                        .labels(&selector)
+                        .fields(&format!("metadata.name={TLS_SECRET}")),
+                )
+                .await
+                .map_err(StatusError::List)
+        },
+    )?;
+    let not_after: BTreeMap<String, String> = tls
+        .items
+        .into_iter()
+        .filter_map(|s| {
+            let ns = s.metadata.namespace?;
+            let at = s.metadata.annotations?.get(NOT_AFTER_ANNOTATION)?.clone();
+            Some((ns, at))
+        })
+        .collect();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let health = crate::health::assess_all(&inputs, now, deadline);
     let mut rows: Vec<StatusRow> = list
         .items
         .into_iter()
@@ -208,9 +256,13 @@ pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>,
             let ann = ns.metadata.annotations.unwrap_or_default();
             let get = |k: &str| ann.get(k).cloned().unwrap_or_default();
             let terminating = ns.metadata.deletion_timestamp.is_some();
+            let environment = labels.get(ENVIRONMENT_LABEL).cloned().unwrap_or_default();
+            let namespace = ns.metadata.name.unwrap_or_default();
+            let h = health
+                .get(&environment)
+                .cloned()
+                .unwrap_or_else(|| Health::unknown("no StatefulSet observed yet"));
             StatusRow {
-                environment: labels.get(ENVIRONMENT_LABEL).cloned().unwrap_or_default(),
-                namespace: ns.metadata.name.unwrap_or_default(),
                 revision: get(REVISION_ANNOTATION),
                 state: if terminating {
                     "deleting".to_string()
@@ -218,8 +270,13 @@ pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>,
                     get(STATE_ANNOTATION)
                 },
                 applied_at: get(APPLIED_AT_ANNOTATION),
-                certificate: certificate_state(&ann),
+                health: h.state,
+                reason: h.reason,
+                message: h.message,
+                certificate: certificate_state(&ann, not_after.get(&namespace)),
                 last_error: get(ERROR_ANNOTATION),
+                environment,
+                namespace,
             }
         })
         .collect();
@@ -227,53 +284,66 @@ pub async fn read_all(client: &Client, instance: &str) -> Result<Vec<StatusRow>,
     Ok(rows)
 }
 
-/// What the namespace's annotations say of its certificate.
-fn certificate_state(annotations: &BTreeMap<String, String>) -> String {
+/// What the namespace's annotations and its TLS Secret say of its certificate.
+fn certificate_state(annotations: &BTreeMap<String, String>, not_after: Option<&String>) -> String {
     if let Some(note) = annotations.get(CERTIFICATE_ANNOTATION) {
         return note.clone();
     }
     match (
         annotations.get(WAIT_UNTIL_ANNOTATION),
         annotations.get(WAIT_REASON_ANNOTATION),
+        not_after,
     ) {
-        (Some(until), Some(reason)) => format!("waiting for quota ({reason}) until {until}"),
-        (Some(until), None) => format!("waiting for quota until {until}"),
+        (Some(until), Some(reason), Some(valid)) => {
+            format!("valid until {valid}; renewal waits for quota ({reason}) until {until}")
+        }
+        (Some(until), Some(reason), None) => format!("waiting for quota ({reason}) until {until}"),
+        (Some(until), None, _) => format!("waiting for quota until {until}"),
+        (None, _, Some(valid)) => format!("valid until {valid}"),
         _ => String::new(),
     }
 }
 
-/// The rows as an aligned text table.
+/// The rows as an aligned text table (the health's message and the last error go last,
+/// unpadded).
 pub fn table(rows: &[StatusRow]) -> String {
-    let header = [
+    const N: usize = 8;
+    let header: [&str; N] = [
         "ENVIRONMENT",
         "REVISION",
         "STATE",
         "APPLIED",
+        "HEALTH",
         "CERTIFICATE",
-        "LAST ERROR",
+        "REASON",
+        "MESSAGE",
     ];
-    let cells: Vec<[String; 6]> = rows
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.replace('\n', " ")
+        }
+    };
+    let cells: Vec<[String; N]> = rows
         .iter()
         .map(|r| {
+            let message = match (r.health, r.last_error.is_empty()) {
+                (HealthState::Ready, false) | (HealthState::Unknown, false) => {
+                    format!("last error: {}", r.last_error)
+                }
+                (_, false) => format!("{}; last error: {}", r.message, r.last_error),
+                (_, true) => r.message.clone(),
+            };
             [
                 r.environment.clone(),
-                r.revision.chars().take(12).collect(),
-                if r.state.is_empty() {
-                    "-".into()
-                } else {
-                    r.state.clone()
-                },
-                if r.applied_at.is_empty() {
-                    "-".into()
-                } else {
-                    r.applied_at.clone()
-                },
-                if r.certificate.is_empty() {
-                    "-".into()
-                } else {
-                    r.certificate.clone()
-                },
-                r.last_error.replace('\n', " "),
+                dash(&r.revision.chars().take(12).collect::<String>()),
+                dash(&r.state),
+                dash(&r.applied_at),
+                r.health.as_str().to_string(),
+                dash(&r.certificate),
+                dash(&r.reason),
+                message.replace('\n', " "),
             ]
         })
         .collect();
@@ -284,9 +354,9 @@ pub fn table(rows: &[StatusRow]) -> String {
         }
     }
     let mut out = String::new();
-    let mut line = |vals: [&str; 6]| {
+    let mut line = |vals: [&str; N]| {
         for (i, v) in vals.iter().enumerate() {
-            if i == 5 {
+            if i == N - 1 {
                 out.push_str(v);
             } else {
                 out.push_str(&format!("{v:<w$}  ", w = widths[i]));
@@ -299,7 +369,7 @@ pub fn table(rows: &[StatusRow]) -> String {
     };
     line(header);
     for c in &cells {
-        line([&c[0], &c[1], &c[2], &c[3], &c[4], &c[5]]);
+        line(std::array::from_fn(|i| c[i].as_str()));
     }
     out
 }

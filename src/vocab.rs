@@ -41,6 +41,10 @@ pub const STATUS_ANNOTATIONS: [&str; 7] = [
 /// On a TLS environment's namespace: why it has no certificate (set while no ACME directory
 /// is configured; removed once a certificate is stored).
 pub const CERTIFICATE_ANNOTATION: &str = "envctl.materialize.cloud/certificate";
+/// The Secret holding an environment's certificate, in its namespace.
+pub const TLS_SECRET: &str = "environment-tls";
+/// On the TLS Secret: when its certificate expires (RFC 3339).
+pub const NOT_AFTER_ANNOTATION: &str = "envctl.materialize.cloud/certificate-not-after";
 /// On a namespace whose certificate waits for quota: when it will be ordered.
 pub const WAIT_UNTIL_ANNOTATION: &str = "envctl.materialize.cloud/certificate-wait-until";
 /// On a namespace whose certificate waits for quota: the limit it waits for.

@@ -35,10 +35,9 @@ pub const UNCONFIGURED_NOTE: &str =
     "none: no ACME directory is configured (--acme-directory letsencrypt|letsencrypt-staging|URL)";
 
 /// The Secret holding an environment's certificate, in the environment's namespace.
-pub const TLS_SECRET: &str = "environment-tls";
+pub use crate::vocab::{NOT_AFTER_ANNOTATION, TLS_SECRET};
 pub const NAMES_ANNOTATION: &str = "envctl.materialize.cloud/certificate-names";
 pub const SERIAL_ANNOTATION: &str = "envctl.materialize.cloud/certificate-serial";
-pub const NOT_AFTER_ANNOTATION: &str = "envctl.materialize.cloud/certificate-not-after";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {

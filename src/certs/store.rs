@@ -593,6 +593,30 @@ impl CertStore {
         })
     }
 
+    /// Notes on the namespace why its certificate failed (`envctl status` shows it; the
+    /// next stored certificate or wait replaces the note).
+    pub async fn note_failure(&self, namespace: &str, error: &str) -> Result<(), StoreError> {
+        let note: String = format!("failed: {error}").chars().take(512).collect();
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            super::CERTIFICATE_ANNOTATION: note,
+        }}});
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        match api.patch(namespace, &pp, &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(source) => Err(StoreError::Kube {
+                what: "noting the certificate's failure on the namespace",
+                namespace: String::new(),
+                name: namespace.to_string(),
+                source,
+            }),
+        }
+    }
+
     /// Sets (or, with `None`, removes) a namespace's certificate wait annotations.
     pub async fn annotate_wait(
         &self,

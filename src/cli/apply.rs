@@ -1,11 +1,13 @@
-//! `envctl apply`: one pass that writes, then the certificate step.
+//! `envctl apply`: one pass that writes, records each environment's status on its namespace
+//! (revision, state, time), then the certificate step; with `--wait`, waits until every
+//! environment it changed is Ready.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use clap::Args;
 
-use super::args::PassArgs;
+use super::args::{HealthArgs, PassArgs, parse_duration};
 use super::cert_args::CertArgs;
 use super::output::{PlanFormat, failed_environments, print_plan};
 use super::{CliError, Exit, runtime};
@@ -22,13 +24,22 @@ pub struct ApplyArgs {
     pub pass: PassArgs,
     #[command(flatten)]
     pub certs: CertArgs,
+    /// Wait until every environment this apply changed is Ready; exit non-zero, naming each
+    /// one that is not with its reason, when one is Degraded or `--timeout` passes.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `--wait` waits.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, requires = "wait")]
+    pub timeout: std::time::Duration,
+    #[command(flatten)]
+    pub health: HealthArgs,
 }
 
 pub fn handle(args: &ApplyArgs) -> Result<Exit, CliError> {
-    let (loaded, options) = args.pass.prepare()?;
+    let (loaded, revision, options) = args.pass.prepare_revision()?;
     // Settings are checked before anything is written.
     let mode = args.certs.mode()?;
-    runtime()?.block_on(apply_then_certify(args, &loaded, &options, mode))?;
+    runtime()?.block_on(apply_then_certify(args, &loaded, &revision, &options, mode))?;
     Ok(if loaded.is_valid() {
         Exit::Ok
     } else {
@@ -40,6 +51,7 @@ pub fn handle(args: &ApplyArgs) -> Result<Exit, CliError> {
 async fn apply_then_certify(
     args: &ApplyArgs,
     loaded: &Loaded,
+    revision: &str,
     options: &PassOptions,
     mode: CertMode,
 ) -> Result<(), CliError> {
@@ -60,8 +72,12 @@ async fn apply_then_certify(
     }
     // Every environment that failed, with its reason; the others were applied.
     let failed = failed_environments(&planned.plan, &report);
+    let changed = record_status(&client, loaded, revision, &planned, &failed, options).await;
     let targets = certificate_targets(loaded, &planned, &failed);
     certificate_step(&client, args, mode, &targets, &mut out).await?;
+    if args.wait && failed.is_empty() {
+        wait_until_ready(&client, args, &changed).await?;
+    }
     if !failed.is_empty() {
         return Err(CliError::EnvironmentsFailed {
             count: failed.len(),
@@ -74,6 +90,170 @@ async fn apply_then_certify(
         });
     }
     Ok(())
+}
+
+/// Records on each planned environment's namespace what this apply did: the revision, the
+/// state, the error and (when it changed anything) the time. An environment with nothing
+/// to change keeps the revision it was last applied at. Returns the environments changed.
+async fn record_status(
+    client: &kube::Client,
+    loaded: &Loaded,
+    revision: &str,
+    planned: &PassPlan,
+    failed: &BTreeMap<String, String>,
+    options: &PassOptions,
+) -> Vec<String> {
+    use crate::status::{EnvState, EnvStatus};
+    let refused: BTreeSet<&str> = planned
+        .plan
+        .refused
+        .iter()
+        .map(|r| r.environment.as_str())
+        .collect();
+    let touched: BTreeSet<&str> = planned
+        .plan
+        .changes
+        .iter()
+        .filter(|c| c.action != crate::plan::Action::Delete)
+        .map(|c| c.environment.as_str())
+        .collect();
+    let mut statuses = Vec::new();
+    for env in loaded.environments.iter().map(|e| &e.environment) {
+        let name = env.metadata.name.as_str();
+        if refused.contains(name) {
+            continue;
+        }
+        let namespace = env.namespace();
+        let recorded = planned.live_namespaces.get(&namespace);
+        let state = if failed.contains_key(name) {
+            EnvState::Failed
+        } else {
+            EnvState::Applied
+        };
+        let at = |k: &str| recorded.and_then(|a| a.get(k)).cloned();
+        let unchanged = !touched.contains(name)
+            && at(crate::status::STATE_ANNOTATION).as_deref() == Some(state.as_str())
+            && at(crate::status::REVISION_ANNOTATION).is_some()
+            && state == EnvState::Applied;
+        if unchanged || (recorded.is_none() && !touched.contains(name)) {
+            continue;
+        }
+        statuses.push(EnvStatus {
+            environment: name.to_string(),
+            namespace,
+            revision: revision.to_string(),
+            state,
+            error: failed.get(name).cloned(),
+            certificate: None,
+        });
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let concurrency = options.concurrency.max(1);
+    let results: Vec<_> = futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+        futures::stream::iter(
+            statuses
+                .iter()
+                .map(|s| crate::status::annotate(client, s, &now)),
+        ),
+        concurrency,
+    ))
+    .await;
+    for e in results.into_iter().filter_map(Result::err) {
+        eprintln!(
+            "warning: {}",
+            crate::vocab::error_chain(&e).replace('\n', " ")
+        );
+    }
+    touched
+        .into_iter()
+        .filter(|n| !failed.contains_key(*n))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `--wait`: polls the environments' health once a second until every one is Ready, one is
+/// Degraded, or the timeout passes; prints each change of the waiting set to stderr.
+async fn wait_until_ready(
+    client: &kube::Client,
+    args: &ApplyArgs,
+    environments: &[String],
+) -> Result<(), CliError> {
+    use crate::health::HealthState;
+    if environments.is_empty() {
+        return Ok(());
+    }
+    let instance = &args.pass.source.policy.instance;
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let mut last_line = String::new();
+    loop {
+        let inputs = crate::observe::read_health_inputs(client, instance)
+            .await
+            .map_err(CliError::Observe)?;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let health: Vec<(&String, crate::health::Health)> = environments
+            .iter()
+            .map(|e| {
+                let h = inputs.get(e).map_or_else(
+                    || crate::health::Health::unknown("no StatefulSet observed yet"),
+                    |o| crate::health::assess(o, now, args.health.progress_deadline),
+                );
+                (e, h)
+            })
+            .collect();
+        let not_ready: Vec<&(&String, crate::health::Health)> = health
+            .iter()
+            .filter(|(_, h)| h.state != HealthState::Ready)
+            .collect();
+        if not_ready.is_empty() {
+            eprintln!(
+                "{} environment(s) Ready after {:.1}s",
+                environments.len(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        let details = || {
+            not_ready
+                .iter()
+                .map(|(e, h)| format!("  {e}: {} ({}): {}", h.state, h.reason, h.message))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let degraded = not_ready
+            .iter()
+            .any(|(_, h)| h.state == HealthState::Degraded);
+        let timed_out = tokio::time::Instant::now() >= deadline;
+        if degraded || timed_out {
+            return Err(CliError::NotReady {
+                count: not_ready.len(),
+                after: if degraded {
+                    String::new()
+                } else {
+                    format!(" within {}s", args.timeout.as_secs())
+                },
+                details: details(),
+            });
+        }
+        let line = format!(
+            "waiting for {} of {} environment(s): {}",
+            not_ready.len(),
+            environments.len(),
+            not_ready
+                .iter()
+                .map(|(e, h)| format!("{e} {} ({})", h.state, h.reason))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        tokio::time::sleep_until(
+            deadline.min(tokio::time::Instant::now() + std::time::Duration::from_secs(1)),
+        )
+        .await;
+    }
 }
 
 /// The TLS environments to certify: a refused or failed environment gets nothing more, its

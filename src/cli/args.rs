@@ -192,8 +192,17 @@ impl SourceArgs {
 
     /// Reads and validates the source once (fetching it when it is Git).
     pub fn load(&self) -> Result<Loaded, CliError> {
+        self.load_revision().map(|(loaded, _)| loaded)
+    }
+
+    /// Reads and validates the source once, with its revision: the Git commit, or
+    /// `dir-<digest>` of a directory's files.
+    pub fn load_revision(&self) -> Result<(Loaded, String), CliError> {
         if !self.is_git() {
-            return Ok(self.policy.load(&[self.root()]));
+            let (files, problems) = source::read_paths(&[self.root()], self.policy.max_file_size);
+            let revision = source::directory_revision(&files, &problems);
+            let loaded = manifest::load_with_unread(&files, &problems, &self.policy.load_options());
+            return Ok((loaded, revision));
         }
         use crate::source::git::GitBackend;
         let mut git = self.git()?;
@@ -201,11 +210,8 @@ impl SourceArgs {
         let (files, problems) = git
             .read(&commit, self.policy.max_file_size)
             .map_err(CliError::Git)?;
-        Ok(manifest::load_with_unread(
-            &files,
-            &problems,
-            &self.policy.load_options(),
-        ))
+        let loaded = manifest::load_with_unread(&files, &problems, &self.policy.load_options());
+        Ok((loaded, commit))
     }
 }
 
@@ -276,6 +282,12 @@ impl PassArgs {
         Ok((self.source.load()?, self.options()))
     }
 
+    /// `prepare` with the source's revision.
+    pub(super) fn prepare_revision(&self) -> Result<(Loaded, String, PassOptions), CliError> {
+        let (loaded, revision) = self.source.load_revision()?;
+        Ok((loaded, revision, self.options()))
+    }
+
     pub(super) fn options(&self) -> PassOptions {
         PassOptions {
             render: self.source.policy.render_options(),
@@ -294,6 +306,15 @@ pub struct InstanceArgs {
     /// This envctl's instance name.
     #[arg(long, env = "ENVCTL_INSTANCE", default_value = crate::render::DEFAULT_INSTANCE, value_parser = parse_instance)]
     pub instance: String,
+}
+
+/// How health is judged (`status`, `apply --wait`, `run`).
+#[derive(Debug, Args, Clone)]
+pub struct HealthArgs {
+    /// A rollout that has made no progress (no pod created, scheduled or turned ready) for
+    /// this long counts as Degraded.
+    #[arg(long, env = "ENVCTL_PROGRESS_DEADLINE", default_value = "10m", value_parser = parse_duration)]
+    pub progress_deadline: std::time::Duration,
 }
 
 pub(super) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -76,6 +76,14 @@ pub enum CliError {
     Quota(#[source] Box<crate::certs::store::StoreError>),
     #[error("{failed} certificate(s) could not be issued")]
     CertificatesFailed { failed: usize },
+    #[error("{count} environment(s) did not become Ready{after}:\n{details}")]
+    NotReady {
+        count: usize,
+        /// Empty when one was Degraded; " within TIMEOUT" when the wait timed out.
+        after: String,
+        /// One line per environment: `NAME: HEALTH (REASON): MESSAGE`.
+        details: String,
+    },
     #[error("answering HTTP-01 challenges on {addr}")]
     ChallengeListen {
         addr: std::net::SocketAddr,

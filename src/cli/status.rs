@@ -1,10 +1,11 @@
-//! `envctl status`: every environment with its applied revision, state and last error.
+//! `envctl status`: every environment with what was last applied (revision, state, time), its
+//! health judged now, its certificate's state and its last error.
 
 use std::io::Write;
 
 use clap::Args;
 
-use super::args::{ClusterArgs, InstanceArgs};
+use super::args::{ClusterArgs, HealthArgs, InstanceArgs};
 use super::output::{PlanFormat, encode_json};
 use super::{CliError, Exit, runtime};
 use crate::cluster;
@@ -15,6 +16,8 @@ pub struct StatusArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub instance: InstanceArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
     pub output: PlanFormat,
@@ -25,9 +28,13 @@ pub fn handle(args: &StatusArgs) -> Result<Exit, CliError> {
         let client = cluster::connect(args.cluster.kubeconfig.as_deref())
             .await
             .map_err(CliError::Connect)?;
-        crate::status::read_all(&client, &args.instance.instance)
-            .await
-            .map_err(CliError::Status)
+        crate::status::read_all(
+            &client,
+            &args.instance.instance,
+            args.health.progress_deadline,
+        )
+        .await
+        .map_err(CliError::Status)
     })?;
     let text = match args.output {
         PlanFormat::Json => encode_json("the status", &rows)?,

@@ -147,15 +147,7 @@ async fn poll(
                 tokio::task::spawn_blocking(move || crate::source::read_paths(&[root], max))
                     .await
                     .map_err(|e| format!("reading the directory failed: {e}"))?;
-            let mut h = render::Fnv64::new();
-            for f in &files {
-                h.write(f.path.as_bytes());
-                h.write(&f.bytes);
-            }
-            for p in &problems {
-                h.write(p.to_string().as_bytes());
-            }
-            let id = format!("dir-{}", h.hex());
+            let id = crate::source::directory_revision(&files, &problems);
             if current.is_some_and(|c| c.id == id) {
                 return Ok(None);
             }

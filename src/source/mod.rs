@@ -148,6 +148,21 @@ impl Walk<'_> {
     }
 }
 
+/// The revision of a directory's content: `dir-` and a digest of every file's path and
+/// bytes and of every problem reading it. `apply` and `run` name a directory's content the
+/// same way, so `envctl status` shows one revision for the same files.
+pub fn directory_revision(files: &[SourceFile], problems: &[Diagnostic]) -> String {
+    let mut h = crate::vocab::Fnv64::new();
+    for f in files {
+        h.write(f.path.as_bytes());
+        h.write(&f.bytes);
+    }
+    for p in problems {
+        h.write(p.to_string().as_bytes());
+    }
+    format!("dir-{}", h.hex())
+}
+
 /// Reads every manifest under `paths` (files as given, directories recursively). Problems
 /// (unreadable, too large, outside the root) come back as diagnostics; reading goes on.
 pub fn read_paths(paths: &[PathBuf], max_size: u64) -> (Vec<SourceFile>, Vec<Diagnostic>) {

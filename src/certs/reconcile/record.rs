@@ -106,9 +106,14 @@ impl Certs {
                 Outcome::failed(&e)
             }
         };
-        if let (Outcome::Failed { error }, Some(ev)) = (&outcome, events) {
-            ev.publish(&t.namespace, true, "CertificateFailed", error.clone())
-                .await;
+        if let Outcome::Failed { error } = &outcome {
+            if let Some(ev) = events {
+                ev.publish(&t.namespace, true, "CertificateFailed", error.clone())
+                    .await;
+            }
+            if let Err(e) = self.store.note_failure(&t.namespace, error).await {
+                tracing::warn!(namespace = %t.namespace, error = %error_chain(&e), "noting a certificate failure");
+            }
         }
         tracing::warn!(environment = %r.environment, error = %error_chain(&e), "certificate order");
         outcome
