@@ -296,6 +296,16 @@ fn last_progress(observed: &Observed) -> Option<Timestamp> {
     observed.applied_at.into_iter().chain(pods).max()
 }
 
+/// When a not-yet-Ready environment turns `Degraded` if nothing moves: its last progress
+/// plus the deadline (`None` when it is Ready, already Degraded or has no timestamps).
+pub fn degrades_at(observed: &Observed, health: &Health, deadline: Duration) -> Option<Timestamp> {
+    if health.state != HealthState::Progressing {
+        return None;
+    }
+    let span = k8s_openapi::jiff::SignedDuration::try_from(deadline).ok()?;
+    last_progress(observed)?.checked_add(span).ok()
+}
+
 /// Health of many environments at once, by environment name.
 pub fn assess_all(
     observed: &BTreeMap<String, Observed>,

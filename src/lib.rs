@@ -7,7 +7,8 @@
 //!   `duration`, `diagnostic`, `yaml`: formats; `cluster`: the API client and its retries;
 //!   `health`: how an environment's StatefulSets and pods are judged (pure); `metrics`:
 //!   every exported metric.
-//! - The pipeline: `source` -> `manifest` -> `render` -> `observe` -> `plan` -> `apply`, then
+//! - The pipeline: `source` -> `manifest` -> `render` (and `rollout`: which environments a
+//!   revision reaches now, pure) -> `observe` -> `plan` -> `apply`, then
 //!   `status` (what is recorded about each environment) and `certs` (certificates).
 //! - `pass`: one reconcile pass over those stages, shared by the CLI and the controller;
 //!   `controller`: the long-running loop (`envctl run`); `cli`: the commands.
@@ -26,6 +27,7 @@ pub mod observe;
 pub mod pass;
 pub mod plan;
 pub mod render;
+pub mod rollout;
 pub mod source;
 pub mod status;
 pub mod vocab;

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::health::HealthState;
 use crate::vocab::{Limit, ObjectKind};
 
 /// The state of one environment after a pass.
@@ -169,6 +170,28 @@ pub struct CertMetrics {
     pub unconfigured: Gauge,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HealthLabels {
+    /// The environment's name (from the source: bounded by the fleet, like `revision`).
+    pub environment: String,
+    pub health: HealthState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum RolloutPhase {
+    /// At the rollout's revision and Ready.
+    Done,
+    /// Given the rollout's revision, not Ready yet.
+    InFlight,
+    /// Still on its previous revision, waiting for its wave.
+    Waiting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RolloutLabels {
+    pub phase: RolloutPhase,
+}
+
 /// Every metric envctl exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -186,6 +209,13 @@ pub struct Metrics {
     /// Watch streams that broke and were re-established, by kind.
     pub watch_errors: Family<KindLabels, Counter>,
     pub certs: CertMetrics,
+    /// 1 for each environment's current health (the other states are absent).
+    pub environment_health: Family<HealthLabels, Gauge>,
+    /// The rollout in progress: environments by phase, the current wave (1-based, 0 when
+    /// no rollout runs) and whether it is halted (1) by a Degraded environment.
+    pub rollout_environments: Family<RolloutLabels, Gauge>,
+    pub rollout_wave: Gauge,
+    pub rollout_halted: Gauge,
     last_revision: Mutex<Option<String>>,
 }
 
@@ -283,8 +313,36 @@ impl Metrics {
             "Environments' certificates by days to expiry",
             certs.by_expiry.clone(),
         );
+        let environment_health = Family::<HealthLabels, Gauge>::default();
+        registry.register(
+            "environment_health",
+            "Each environment's health (value 1 on its current state: Ready, Progressing, Degraded or Unknown)",
+            environment_health.clone(),
+        );
+        let rollout_environments = Family::<RolloutLabels, Gauge>::default();
+        registry.register(
+            "rollout_environments",
+            "Environments of the rollout in progress by phase: done, in flight, waiting for their wave",
+            rollout_environments.clone(),
+        );
+        let rollout_wave = Gauge::default();
+        registry.register(
+            "rollout_wave",
+            "The rollout's current wave (1-based; 0 when no rollout is in progress)",
+            rollout_wave.clone(),
+        );
+        let rollout_halted = Gauge::default();
+        registry.register(
+            "rollout_halted",
+            "1 while the rollout is halted by a Degraded environment",
+            rollout_halted.clone(),
+        );
         Metrics {
             registry: owned_registry,
+            environment_health,
+            rollout_environments,
+            rollout_wave,
+            rollout_halted,
             described,
             certs,
             reconcile_seconds,

@@ -45,8 +45,23 @@ pub struct LoadedEnvironment {
     pub environment: Environment,
 }
 
+/// The source's `RolloutPolicy`, if it has one.
+#[derive(Debug, Clone, Default)]
+pub enum Rollout {
+    /// No policy: every change applies at once.
+    #[default]
+    None,
+    Policy {
+        origin: Origin,
+        policy: RolloutPolicy,
+    },
+    /// A policy document that is invalid (or more than one): changes to existing
+    /// environments are held, as the policy would not be followed otherwise.
+    Invalid(String),
+}
+
 /// Everything read from one source revision.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Loaded {
     /// Valid environments, sorted by name.
     pub environments: Vec<LoadedEnvironment>,
@@ -61,6 +76,8 @@ pub struct Loaded {
     /// any, nothing may be pruned: the lost environment could be any of the live ones.
     pub unattributed_files: BTreeSet<String>,
     pub files: usize,
+    /// How changes roll out across the fleet.
+    pub rollout: Rollout,
 }
 
 impl Loaded {
@@ -109,6 +126,14 @@ fn compiled_schema() -> &'static Result<jsonschema::Validator, String> {
     SCHEMA.get_or_init(|| {
         jsonschema::draft202012::new(&json_schema())
             .map_err(|e| format!("compiling the manifest schema: {e}"))
+    })
+}
+
+fn compiled_policy_schema() -> &'static Result<jsonschema::Validator, String> {
+    static SCHEMA: OnceLock<Result<jsonschema::Validator, String>> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        jsonschema::draft202012::new(&types::policy_json_schema())
+            .map_err(|e| format!("compiling the RolloutPolicy schema: {e}"))
     })
 }
 
@@ -222,6 +247,7 @@ struct FileOutcome {
     invalid_names: BTreeSet<String>,
     invalid_reasons: BTreeMap<String, String>,
     unattributed: bool,
+    policies: Vec<(Origin, Result<RolloutPolicy, String>)>,
 }
 
 fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
@@ -247,6 +273,41 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
             document: doc.index,
             pos: None,
         };
+        if doc.value.get("kind").and_then(Value::as_str) == Some(types::POLICY_KIND) {
+            let mut found = Vec::new();
+            schema_problems_with(compiled_policy_schema(), &doc.value, &mut found);
+            let first = found.first().map(|(pointer, message)| Diagnostic {
+                file: file.path.clone(),
+                pos: index.lookup(doc.index, pointer),
+                pointer: Some(pointer.clone()),
+                message: message.clone(),
+            });
+            for (pointer, message) in found {
+                out.diagnostics.push(Diagnostic {
+                    file: file.path.clone(),
+                    pos: index.lookup(doc.index, &pointer),
+                    pointer: Some(pointer),
+                    message,
+                });
+            }
+            let origin = Origin {
+                pos: index.lookup(doc.index, ""),
+                ..origin
+            };
+            let policy = match first {
+                Some(d) => Err(d.to_string()),
+                None => serde_json::from_value::<RolloutPolicy>(doc.value)
+                    .map_err(|e| format!("{origin}: decoding the RolloutPolicy: {e}")),
+            };
+            if let Err(e) = &policy
+                && out.diagnostics.len() == before
+            {
+                out.diagnostics
+                    .push(Diagnostic::at(&file.path, origin.pos, e.clone()));
+            }
+            out.policies.push((origin, policy));
+            continue;
+        }
         if !doc.value.is_object() {
             let pos = index.lookup(doc.index, "");
             out.diagnostics.push(Diagnostic::at(
@@ -300,7 +361,15 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
 
 /// Schema violations of one document as (JSON pointer, message).
 fn schema_problems(value: &Value, out: &mut Vec<(String, String)>) {
-    let validator = match compiled_schema() {
+    schema_problems_with(compiled_schema(), value, out)
+}
+
+fn schema_problems_with(
+    compiled: &Result<jsonschema::Validator, String>,
+    value: &Value,
+    out: &mut Vec<(String, String)>,
+) {
+    let validator = match compiled {
         Ok(v) => v,
         Err(e) => {
             out.push((String::new(), e.clone()));
@@ -334,6 +403,15 @@ fn schema_problems(value: &Value, out: &mut Vec<(String, String)>) {
                     Some(meaning) => out.push((at, format!("{value} {meaning}"))),
                     None => out.push((at, err.to_string())),
                 }
+            }
+            jsonschema::error::ValidationErrorKind::AnyOf { .. } if at.ends_with("/maxInFlight") => {
+                out.push((
+                    at,
+                    format!(
+                        "{} must be a count of at least 1 (such as 2) or a percentage from 1% to 100% (such as \"25%\")",
+                        err.instance()
+                    ),
+                ))
             }
             _ => out.push((at, err.to_string())),
         }
@@ -397,7 +475,9 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
             .collect()
     });
     let mut by_name: BTreeMap<String, Vec<LoadedEnvironment>> = BTreeMap::new();
+    let mut policies = Vec::new();
     for (file, outcome) in files.iter().zip(outcomes) {
+        policies.extend(outcome.policies);
         loaded.diagnostics.extend(outcome.diagnostics);
         loaded.invalid_names.extend(outcome.invalid_names);
         loaded.invalid_reasons.extend(outcome.invalid_reasons);
@@ -465,6 +545,32 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
         hostnames.insert(host, def.origin.clone());
         loaded.environments.push(def);
     }
+    loaded.rollout = match policies.len() {
+        0 => Rollout::None,
+        1 => match policies.remove(0) {
+            (origin, Ok(policy)) => Rollout::Policy { origin, policy },
+            (_, Err(e)) => Rollout::Invalid(e),
+        },
+        _ => {
+            let (first, _) = &policies[0];
+            for (origin, _) in policies.iter().skip(1) {
+                loaded.diagnostics.push(Diagnostic::at(
+                    &origin.file,
+                    origin.pos,
+                    format!("only one RolloutPolicy may exist in a source (another is at {first})"),
+                ));
+            }
+            Rollout::Invalid(format!(
+                "{} RolloutPolicy documents (at {}); only one may exist",
+                policies.len(),
+                policies
+                    .iter()
+                    .map(|(o, _)| o.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    };
     loaded.diagnostics.sort();
     loaded.diagnostics.dedup();
     loaded

@@ -296,3 +296,100 @@ pub fn json_schema() -> serde_json::Value {
     let schema = generator.into_root_schema_for::<Environment>();
     schema.to_value()
 }
+
+/// The `kind` of the rollout policy document.
+pub const POLICY_KIND: &str = "RolloutPolicy";
+
+/// How a revision that changes many environments rolls out: in waves, each wave only once
+/// every environment of the waves before it is Ready. At most one per source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(title = "RolloutPolicy")]
+pub struct RolloutPolicy {
+    /// Always `envctl.materialize.cloud/v1alpha1`.
+    pub api_version: ApiVersion,
+    /// Always `RolloutPolicy`.
+    pub kind: PolicyKind,
+    pub metadata: PolicyMetadata,
+    pub spec: RolloutSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PolicyKind {
+    RolloutPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyMetadata {
+    #[schemars(length(min = 1, max = 63), pattern(NAME_PATTERN))]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The waves in order. An environment belongs to the first wave whose selector matches
+    /// its labels; environments no wave selects form one last wave.
+    #[schemars(length(min = 1, max = 64))]
+    pub waves: Vec<Wave>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Wave {
+    /// Shown in status and logs; `wave-<n>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(NAME_PATTERN))]
+    pub name: Option<String>,
+    /// Which environments the wave holds, by their `metadata.labels`.
+    #[serde(default)]
+    pub selector: Selector,
+    /// How many environments of the wave may roll out at once: a count (`2`) or a share of
+    /// the wave (`"25%"`, rounded up, at least 1). Default: the whole wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<MaxInFlight>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Selector {
+    /// Labels an environment must all have; empty selects every environment.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl Selector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum MaxInFlight {
+    Count(#[schemars(range(min = 1))] u32),
+    Percent(#[schemars(pattern(r"^(100|[1-9][0-9]?)%$"))] String),
+}
+
+impl MaxInFlight {
+    /// How many of a wave of `size` may be in flight at once (at least 1).
+    pub fn resolve(&self, size: usize) -> usize {
+        match self {
+            MaxInFlight::Count(n) => usize::try_from(*n).unwrap_or(usize::MAX).max(1),
+            MaxInFlight::Percent(p) => {
+                let pct: usize = p.trim_end_matches('%').parse().unwrap_or(100);
+                (size * pct).div_ceil(100).max(1)
+            }
+        }
+    }
+}
+
+/// The JSON Schema (2020-12) of a `RolloutPolicy` document.
+pub fn policy_json_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    let schema = generator.into_root_schema_for::<RolloutPolicy>();
+    schema.to_value()
+}

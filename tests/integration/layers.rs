@@ -9,12 +9,14 @@ use crate::support::repo_root;
 /// Bottom to top. Modules on one line share a rank and may not import each other.
 const LAYERS: &[&[&str]] = &[
     &["vocab"],
-    &["duration", "diagnostic", "yaml", "health"],
+    &["duration", "diagnostic", "yaml"],
+    &["health"],
     &["cluster"],
     &["metrics"],
     &["source"],
     &["manifest"],
     &["render"],
+    &["rollout"],
     &["observe"],
     &["plan"],
     &["apply"],
