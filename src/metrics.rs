@@ -79,6 +79,8 @@ pub enum Trigger {
     Watch,
     /// A failing environment's backoff ran out.
     Retry,
+    /// An environment's health changed while a rollout waits on it.
+    Health,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

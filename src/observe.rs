@@ -582,6 +582,35 @@ impl Cache {
         })
     }
 
+    /// The annotations of every owned namespace, by namespace name (parses only those).
+    pub fn namespace_annotations(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for (kind, store) in &self.stores {
+            if *kind != ObjectKind::Namespace {
+                continue;
+            }
+            let st = store.read().unwrap_or_else(|e| e.into_inner());
+            for ((_, name), (_, text)) in &st.objects {
+                let annotations = serde_json::from_str::<Value>(text)
+                    .ok()
+                    .and_then(|v| {
+                        v.pointer("/metadata/annotations")
+                            .and_then(Value::as_object)
+                            .map(|m| {
+                                m.iter()
+                                    .filter_map(|(k, v)| {
+                                        v.as_str().map(|s| (k.clone(), s.to_string()))
+                                    })
+                                    .collect::<BTreeMap<String, String>>()
+                            })
+                    })
+                    .unwrap_or_default();
+                out.insert(name.clone(), annotations);
+            }
+        }
+        out
+    }
+
     /// The cached objects as `Live`, parsed on every core (a pass with nothing to do is
     /// mostly this parse).
     pub fn live(&self) -> Result<Live, ObserveError> {

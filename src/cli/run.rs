@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use super::args::{ClusterArgs, PruneArgs, SourceArgs, parse_duration};
+use super::args::{ClusterArgs, HealthArgs, PruneArgs, SourceArgs, parse_duration};
 use super::cert_args::CertArgs;
 use super::{CliError, Exit, runtime};
 use crate::cluster;
@@ -21,6 +21,8 @@ pub struct RunArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub prune: PruneArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
     /// How often to ask the source whether it moved.
     #[arg(long, env = "ENVCTL_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub interval: std::time::Duration,
@@ -122,6 +124,7 @@ impl RunArgs {
             webhook_secret: self.webhook_secret()?,
             leader: self.leader_elect.then(|| self.lease()),
             shutdown_grace: self.shutdown_grace,
+            progress_deadline: self.health.progress_deadline,
             certs: self.certs.mode()?,
             cert_settings: self
                 .certs

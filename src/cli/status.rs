@@ -18,27 +18,61 @@ pub struct StatusArgs {
     pub instance: InstanceArgs,
     #[command(flatten)]
     pub health: HealthArgs,
+    /// The controller's namespace, where it records the rollout's status.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub controller_namespace: String,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Text)]
     pub output: PlanFormat,
 }
 
 pub fn handle(args: &StatusArgs) -> Result<Exit, CliError> {
-    let rows = runtime()?.block_on(async {
+    let (rows, rollout) = runtime()?.block_on(async {
         let client = cluster::connect(args.cluster.kubeconfig.as_deref())
             .await
             .map_err(CliError::Connect)?;
-        crate::status::read_all(
-            &client,
-            &args.instance.instance,
-            args.health.progress_deadline,
+        futures::try_join!(
+            crate::status::read_all(
+                &client,
+                &args.instance.instance,
+                args.health.progress_deadline,
+            ),
+            crate::status::read_rollout(
+                &client,
+                &args.controller_namespace,
+                &args.instance.instance
+            ),
         )
-        .await
         .map_err(CliError::Status)
     })?;
+    // A rollout that was recorded but whose policy is gone is no longer news.
+    let rollout = rollout.filter(|r| !r.policy.is_empty());
     let text = match args.output {
-        PlanFormat::Json => encode_json("the status", &rows)?,
-        PlanFormat::Text => crate::status::table(&rows),
+        PlanFormat::Json => encode_json(
+            "the status",
+            &serde_json::json!({"environments": rows, "rollout": rollout}),
+        )?,
+        PlanFormat::Text => {
+            let mut text = String::new();
+            if let Some(r) = &rollout {
+                text.push_str(&r.summary());
+                text.push('\n');
+                for (i, w) in r.waves.iter().enumerate() {
+                    text.push_str(&format!(
+                        "  wave {} {}: {} environment(s), {} done, {} in flight, {} waiting\n",
+                        i + 1,
+                        w.name,
+                        w.environments,
+                        w.done,
+                        w.in_flight,
+                        w.waiting
+                    ));
+                }
+                text.push('\n');
+            }
+            text.push_str(&crate::status::table(&rows));
+            text
+        }
     };
     std::io::stdout()
         .lock()

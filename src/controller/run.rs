@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use kube::Client;
 use tokio::sync::{Notify, watch};
 
+use super::health::HealthMap;
 use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
 use super::relay::Relay;
@@ -31,6 +32,7 @@ use crate::observe::OBSERVED_KINDS;
 use crate::pass::{PassOptions, apply_pass, plan_pass};
 use crate::plan::Action;
 use crate::render;
+use crate::rollout::{self, Member, Position, RolloutStatus};
 use crate::source::git::{GitBackend, GitError};
 use crate::status::{
     self, ApiVerb, EnvState, EnvStatus, Events, FailureLabels, Metrics, PollLabels, PollResult,
@@ -58,6 +60,8 @@ pub struct RunOptions {
     pub leader: Option<LeaseConfig>,
     /// How long a pass in flight may take to finish after SIGTERM or SIGINT.
     pub shutdown_grace: Duration,
+    /// A rollout without progress for this long is Degraded.
+    pub progress_deadline: Duration,
     /// Certificates: skipped, unconfigured (reported only) or from an ACME directory.
     pub certs: CertMode,
     /// Where certificate state lives (used with `CertMode::Acme`).
@@ -184,6 +188,29 @@ struct Loop {
     backoff: BTreeMap<String, (u32, tokio::time::Instant)>,
     /// When the last pass started.
     last_pass_at: tokio::time::Instant,
+    /// Every environment's health, kept current by `super::health`.
+    health: HealthMap,
+    /// The Git source, to read the revisions environments held by a rollout still run.
+    git: Option<SharedGit>,
+    /// The last revisions read, newest last (a rollout renders held environments from them).
+    history: std::collections::VecDeque<(String, Arc<manifest::Loaded>)>,
+    /// The rollout's status as last recorded, and whether it waits on health.
+    rollout: Option<RolloutStatus>,
+    rollout_waiting: bool,
+}
+
+/// How many source revisions `Loop::history` keeps.
+const HISTORY: usize = 8;
+
+/// What the rollout made of a revision for one pass.
+struct Rolled {
+    /// The manifests the pass renders: the revision's, with held environments' replaced by
+    /// those of the revision they run.
+    loaded: Arc<manifest::Loaded>,
+    /// Held environments and the revision they stay on.
+    held: BTreeMap<String, String>,
+    /// Held environments whose previous revision cannot be read: left out of the pass.
+    untouchable: BTreeSet<String>,
 }
 
 /// A failing environment is tried again after 2 s, 4 s, 8 s ... at most 5 minutes apart.
@@ -220,9 +247,18 @@ impl Loop {
                     tracing::warn!(revision = %revision.id, "{d}");
                 }
                 self.loaded = Some((revision.id.clone(), loaded.clone()));
+                if !self.history.iter().any(|(id, _)| *id == revision.id) {
+                    self.history
+                        .push_back((revision.id.clone(), loaded.clone()));
+                    if self.history.len() > HISTORY {
+                        self.history.pop_front();
+                    }
+                }
                 loaded
             }
         };
+        let rolled = self.roll(revision, &loaded).await;
+        let loaded = rolled.loaded.clone();
         let load_ms = started.elapsed().as_millis() as u64;
         self.last_pass_at = tokio::time::Instant::now();
         // An environment that left the source (or became invalid) has nothing to retry.
@@ -269,6 +305,15 @@ impl Loop {
                     .map(|e| e.environment.metadata.name.clone())
                     .collect(),
             );
+        }
+        if !rolled.untouchable.is_empty() {
+            let all: BTreeSet<String> = loaded
+                .environments
+                .iter()
+                .map(|e| e.environment.metadata.name.clone())
+                .collect();
+            let scope = pass_options.scope.get_or_insert(all);
+            scope.retain(|name| !rolled.untouchable.contains(name));
         }
         let pass = match plan_pass(
             Some(&self.client),
@@ -382,14 +427,15 @@ impl Loop {
             };
             *counts.entry(state).or_default() += 1;
             let previous = self.written.get(&name).cloned();
-            let revision_id =
-                if file_changed || touched.contains_key(name.as_str()) || previous.is_none() {
-                    revision.id.clone()
-                } else {
-                    previous
-                        .as_ref()
-                        .map_or(revision.id.clone(), |p| p.0.clone())
-                };
+            let revision_id = if let Some(kept) = rolled.held.get(&name) {
+                kept.clone()
+            } else if file_changed || touched.contains_key(name.as_str()) || previous.is_none() {
+                revision.id.clone()
+            } else {
+                previous
+                    .as_ref()
+                    .map_or(revision.id.clone(), |p| p.0.clone())
+            };
             statuses.push(EnvStatus {
                 namespace: env.environment.namespace(),
                 environment: name,
@@ -569,6 +615,219 @@ impl Loop {
     }
 }
 
+impl Loop {
+    /// The validated manifests of an earlier revision: from this process's history, else
+    /// read from Git (which keeps every fetched commit). `None` when it cannot be read.
+    async fn loaded_at(&mut self, id: &str) -> Option<Arc<manifest::Loaded>> {
+        if let Some((_, l)) = self.history.iter().find(|(r, _)| r == id) {
+            return Some(l.clone());
+        }
+        let git = self.git.clone()?;
+        let (commit, max, load) = (
+            id.to_string(),
+            self.opts.max_file_size,
+            self.opts.load.clone(),
+        );
+        let read = tokio::task::spawn_blocking(move || {
+            let g = git.lock().unwrap_or_else(|e| e.into_inner());
+            g.read(&commit, max)
+                .map(|(files, problems)| manifest::load_with_unread(&files, &problems, &load))
+                .map_err(|e| error_chain(&e))
+        });
+        match tokio::time::timeout(POLL_TIMEOUT, read).await {
+            Ok(Ok(Ok(loaded))) => {
+                let loaded = Arc::new(loaded);
+                self.history.push_back((id.to_string(), loaded.clone()));
+                if self.history.len() > HISTORY {
+                    self.history.pop_front();
+                }
+                Some(loaded)
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(revision = id, error = %e, "cannot read an earlier revision; environments held on it are left as they are");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Applies the source's RolloutPolicy to this revision: which environments get it now
+    /// and which keep the revision they run. Records the rollout's status.
+    async fn roll(&mut self, revision: &Revision, loaded: &Arc<manifest::Loaded>) -> Rolled {
+        let unrolled = Rolled {
+            loaded: loaded.clone(),
+            held: BTreeMap::new(),
+            untouchable: BTreeSet::new(),
+        };
+        let policy = match &loaded.rollout {
+            manifest::Rollout::None => {
+                self.record_rollout(None).await;
+                return unrolled;
+            }
+            manifest::Rollout::Policy { policy, .. } => Ok(policy.clone()),
+            manifest::Rollout::Invalid(reason) => Err(reason.clone()),
+        };
+        let annotations = self.cache.namespace_annotations();
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Where each environment stands, and the revision it runs.
+        let mut stands: Vec<(Position, Option<String>)> = Vec::new();
+        for e in &loaded.environments {
+            let recorded = annotations
+                .get(&e.environment.namespace())
+                .and_then(|a| a.get(status::REVISION_ANNOTATION))
+                .filter(|r| !r.is_empty())
+                .cloned();
+            let position = match &recorded {
+                None => Position::New,
+                Some(r) if *r == revision.id => Position::AtTarget,
+                Some(r) => {
+                    let same = self.loaded_at(r).await.is_some_and(|old| {
+                        old.environments
+                            .iter()
+                            .any(|o| o.environment == e.environment)
+                    });
+                    if same {
+                        Position::AtTarget
+                    } else {
+                        Position::Behind
+                    }
+                }
+            };
+            stands.push((position, recorded));
+        }
+        let members: Vec<Member<'_>> = loaded
+            .environments
+            .iter()
+            .zip(&stands)
+            .map(|(e, (position, _))| Member {
+                name: &e.environment.metadata.name,
+                labels: &e.environment.metadata.labels,
+                position: *position,
+            })
+            .collect();
+        let decision = match &policy {
+            Ok(p) => rollout::decide(p, &revision.id, &members, &health),
+            Err(reason) => {
+                // An invalid policy cannot be followed: hold every change to what runs.
+                let mut d = rollout::Decision::default();
+                for m in &members {
+                    if m.position == Position::Behind {
+                        d.held.insert(m.name.to_string());
+                    } else {
+                        d.admitted.insert(m.name.to_string());
+                    }
+                }
+                d.status = RolloutStatus {
+                    revision: revision.id.clone(),
+                    policy: "(invalid)".into(),
+                    current_wave: Some(1),
+                    waiting: d.held.len(),
+                    halted: Some(rollout::Halt {
+                        environment: "-".into(),
+                        reason: "InvalidPolicy".into(),
+                        message: reason.clone(),
+                    }),
+                    ..RolloutStatus::default()
+                };
+                d
+            }
+        };
+        drop(members);
+        let mut rolled = unrolled;
+        if !decision.held.is_empty() {
+            let mut replaced = (**loaded).clone();
+            for (i, e) in loaded.environments.iter().enumerate() {
+                let name = &e.environment.metadata.name;
+                if !decision.held.contains(name) {
+                    continue;
+                }
+                let Some(kept) = stands[i].1.clone() else {
+                    continue;
+                };
+                let old = self.loaded_at(&kept).await;
+                match old.and_then(|l| {
+                    l.environments
+                        .iter()
+                        .find(|o| o.environment.metadata.name == *name)
+                        .cloned()
+                }) {
+                    Some(o) => replaced.environments[i] = o,
+                    None => {
+                        rolled.untouchable.insert(name.clone());
+                    }
+                }
+                rolled.held.insert(name.clone(), kept);
+            }
+            rolled.loaded = Arc::new(replaced);
+        }
+        self.record_rollout(Some(decision.status)).await;
+        rolled
+    }
+
+    /// Publishes the rollout's status: metrics always; the ConfigMap, the log and an Event
+    /// on a new halt only when it changed.
+    async fn record_rollout(&mut self, status: Option<RolloutStatus>) {
+        use crate::metrics::{RolloutLabels, RolloutPhase};
+        let s = status.clone().unwrap_or_default();
+        for (phase, n) in [
+            (RolloutPhase::Done, s.done),
+            (RolloutPhase::InFlight, s.in_flight),
+            (RolloutPhase::Waiting, s.waiting),
+        ] {
+            self.metrics
+                .rollout_environments
+                .get_or_create(&RolloutLabels { phase })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.metrics.rollout_wave.set(
+            s.current_wave
+                .map_or(0, |w| i64::try_from(w).unwrap_or(i64::MAX)),
+        );
+        self.metrics
+            .rollout_halted
+            .set(i64::from(s.halted.is_some()));
+        self.rollout_waiting = s.current_wave.is_some();
+        if self.rollout.as_ref() == status.as_ref() || (self.rollout.is_none() && status.is_none())
+        {
+            return;
+        }
+        let newly_halted = s.halted.as_ref().filter(|h| {
+            self.rollout
+                .as_ref()
+                .and_then(|r| r.halted.as_ref())
+                .is_none_or(|old| old.environment != h.environment || old.reason != h.reason)
+        });
+        if let Some(h) = newly_halted {
+            tracing::error!(revision = %s.revision, environment = %h.environment, reason = %h.reason, message = %h.message, "rollout halted");
+            if h.environment != "-" {
+                self.events
+                    .publish(
+                        &manifest::namespace_for(&h.environment),
+                        true,
+                        "RolloutHalted",
+                        format!(
+                            "revision {} halted: {} is Degraded ({}: {})",
+                            s.revision, h.environment, h.reason, h.message
+                        ),
+                    )
+                    .await;
+            }
+        } else if status.is_some() {
+            tracing::info!("{}", s.summary());
+        }
+        let namespace = self.opts.cert_settings.namespace.clone();
+        let instance = self.opts.pass.render.instance.clone();
+        match status::write_rollout(&self.client, &namespace, &instance, &s).await {
+            Ok(()) => self.rollout = status,
+            Err(e) => tracing::warn!(error = %error_chain(&e), "recording the rollout's status"),
+        }
+    }
+}
+
 /// Runs the controller until interrupted.
 pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
@@ -675,6 +934,15 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         _ => None,
     };
     let events = Events::new(client.clone(), &opts.pass.render.instance);
+    let health_changed = Arc::new(Notify::new());
+    let health = super::health::start(
+        &client,
+        &opts.pass.render.instance,
+        opts.progress_deadline,
+        metrics.clone(),
+        lead_rx.clone(),
+        health_changed.clone(),
+    );
     let (cert_targets, targets_rx) = watch::channel(Vec::new());
     let cert_task = match (opts.certs.clone(), challenges) {
         (CertMode::Acme(config), Some(challenges)) => Some(tokio::spawn(cert_worker(
@@ -705,6 +973,14 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         refusals_reported: BTreeSet::new(),
         backoff: BTreeMap::new(),
         last_pass_at: tokio::time::Instant::now(),
+        health,
+        git: match &poll_source {
+            PollSource::Git(g) => Some(g.clone()),
+            PollSource::Directory(_) => None,
+        },
+        history: std::collections::VecDeque::new(),
+        rollout: None,
+        rollout_waiting: false,
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();
@@ -728,6 +1004,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
                 _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
                 _ = shared.poke.notified() => trigger = Trigger::Webhook,
                 _ = file_changes.notified() => trigger = Trigger::Watch,
+                _ = health_changed.notified(), if state.rollout_waiting => trigger = Trigger::Health,
                 _ = drift.notified() => {
                     // Let a burst of watch events settle into one pass.
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -775,8 +1052,11 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         };
         let resync_due = last_pass.elapsed() >= resync;
         let Some(rev) = current.clone() else { continue };
-        let why = if moved || matches!(trigger, Trigger::Drift | Trigger::Webhook | Trigger::Retry)
-        {
+        let why = if moved
+            || matches!(
+                trigger,
+                Trigger::Drift | Trigger::Webhook | Trigger::Retry | Trigger::Health
+            ) {
             trigger
         } else if resync_due {
             Trigger::Resync
