@@ -341,11 +341,27 @@ fn mask_secrets(old: &mut Value, new: &mut Value) {
     }
 }
 
+/// Drops the status annotations (bookkeeping that changes with every pass, never drift)
+/// from an object shown in a diff.
+fn without_status(object: &mut Value) {
+    let Some(Value::Object(annotations)) = object.pointer_mut("/metadata/annotations") else {
+        return;
+    };
+    annotations.retain(|k, _| !crate::vocab::STATUS_ANNOTATIONS.contains(&k.as_str()));
+    if annotations.is_empty()
+        && let Some(Value::Object(meta)) = object.get_mut("metadata")
+    {
+        meta.remove("annotations");
+    }
+}
+
 fn unified(key: &ObjectKey, old: &Value, new: &Value) -> String {
     let (mut old, mut new) = (old.clone(), new.clone());
     if key.kind == ObjectKind::Secret {
         mask_secrets(&mut old, &mut new);
     }
+    without_status(&mut old);
+    without_status(&mut new);
     let (a, b) = (crate::yaml::to_yaml(&old), crate::yaml::to_yaml(&new));
     similar::TextDiff::from_lines(&a, &b)
         .unified_diff()

@@ -197,6 +197,8 @@ struct Loop {
     /// The rollout's status as last recorded, and whether it waits on health.
     rollout: Option<RolloutStatus>,
     rollout_waiting: bool,
+    /// Earlier revisions that could not be read (not asked again).
+    unreadable: BTreeSet<String>,
 }
 
 /// How many source revisions `Loop::history` keeps.
@@ -622,6 +624,9 @@ impl Loop {
         if let Some((_, l)) = self.history.iter().find(|(r, _)| r == id) {
             return Some(l.clone());
         }
+        if self.unreadable.contains(id) {
+            return None;
+        }
         let git = self.git.clone()?;
         let (commit, max, load) = (
             id.to_string(),
@@ -645,9 +650,16 @@ impl Loop {
             }
             Ok(Ok(Err(e))) => {
                 tracing::warn!(revision = id, error = %e, "cannot read an earlier revision; environments held on it are left as they are");
+                self.unreadable.insert(id.to_string());
                 None
             }
-            _ => None,
+            _ => {
+                tracing::warn!(
+                    revision = id,
+                    "reading an earlier revision failed or timed out"
+                );
+                None
+            }
         }
     }
 
@@ -981,6 +993,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         history: std::collections::VecDeque::new(),
         rollout: None,
         rollout_waiting: false,
+        unreadable: BTreeSet::new(),
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();

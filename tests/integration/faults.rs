@@ -600,7 +600,11 @@ impl OwnPlane {
             .expect("HOME");
         let state = base.join(format!("control-plane-{name}"));
         let mut cmd = Command::new(repo_root().join("scripts/control-plane"));
-        cmd.arg("up").env("ENVCTL_CP_STATE_DIR", &state);
+        // The fault cases watch objects, not pods: no hollow nodes there, so the 200
+        // environments' pods cost nothing.
+        cmd.arg("up")
+            .env("ENVCTL_CP_STATE_DIR", &state)
+            .env("ENVCTL_HOLLOW_NODES", "0");
         let kubeconfig = script_last_line(cmd, "scripts/control-plane up (fault plane)")
             .unwrap_or_else(|e| panic!("a control plane for the fault tests: {e}"));
         OwnPlane {

@@ -730,3 +730,205 @@ async fn watch_applies_directory_edits() {
     drop(ctl);
     cleanup_instance(&client, &instance).await;
 }
+
+/// The image environmentd runs in `env`, and whether every StatefulSet there is Ready.
+async fn rollout_state(client: &Client, env: &str) -> (String, bool) {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{env}"));
+    let list = api.list(&Default::default()).await.ok();
+    let items = list.map(|l| l.items).unwrap_or_default();
+    let image = items
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("environmentd"))
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    let observed = envctl::observe::group_for_health(items, pods(client, env).await, []);
+    let ready = observed.get(env).is_some_and(|o| {
+        envctl::health::assess(
+            o,
+            k8s_openapi::jiff::Timestamp::now(),
+            Duration::from_secs(600),
+        )
+        .state
+            == envctl::health::HealthState::Ready
+    });
+    (image, ready)
+}
+
+/// Whether the rollout the controller recorded (in its namespace, `default` here) matches.
+async fn rollout_is(
+    client: &Client,
+    instance: &str,
+    want: impl Fn(&envctl::rollout::RolloutStatus) -> bool,
+) -> bool {
+    envctl::status::read_rollout(client, "default", instance)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|r| want(&r))
+}
+
+async fn pods(client: &Client, env: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(client.clone(), &format!("environment-{env}"));
+    api.list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollout_in_waves_halts_on_degraded_and_converges_after_a_fix() {
+    use crate::health::small_env;
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("wave");
+    let envs = [unique("w1"), unique("w2"), unique("w3")];
+    let waves = ["wave: one", "wave: two", "wave: three"];
+    let git = GitServer::start();
+    git.write(
+        "rollout.yaml",
+        "apiVersion: envctl.materialize.cloud/v1alpha1
+kind: RolloutPolicy
+metadata: {name: fleet}
+spec:
+  waves:
+    - {name: canary, selector: {matchLabels: {wave: one}}}
+    - {name: early, selector: {matchLabels: {wave: two}}, maxInFlight: 1}
+    - {name: rest, selector: {matchLabels: {wave: three}}, maxInFlight: \"50%\"}
+",
+    );
+    let write_all = |tag: &str, canary_cpu: &str| {
+        for (i, (env, labels)) in envs.iter().zip(waves).enumerate() {
+            let cpu = if i == 0 { canary_cpu } else { "10m" };
+            git.write(
+                &format!("{env}.yaml"),
+                &small_env(env, labels, tag, cpu, ""),
+            );
+        }
+    };
+    write_all("v1", "10m");
+    let r0 = git.push("v1 everywhere");
+    let ctl = Controller::start(cluster, &git, &instance, &["--progress-deadline", "30s"]);
+    let log = || ctl.log();
+    let image = |tag: &str| format!("materialize/environmentd:{tag}");
+    async fn all_run(client: &Client, envs: &[String], tag: &str) -> bool {
+        let want = (format!("materialize/environmentd:{tag}"), true);
+        for env in envs {
+            if rollout_state(client, env).await != want {
+                return false;
+            }
+        }
+        true
+    }
+
+    wait_until(
+        "the fleet runs v1, Ready",
+        Duration::from_secs(120),
+        &log,
+        || all_run(&client, &envs, "v1"),
+    )
+    .await;
+
+    // v2 everywhere, but the canary asks for a CPU no node has: it degrades at the deadline
+    // and the rollout halts there; waves 2 and 3 keep serving v1.
+    write_all("v2", "64");
+    let r1 = git.push("v2, canary unschedulable");
+    let pushed = Instant::now();
+    wait_until(
+        "the rollout halts at the canary",
+        Duration::from_secs(90),
+        &log,
+        || {
+            rollout_is(&client, &instance, |r| {
+                r.revision == r1
+                    && r.halted
+                        .as_ref()
+                        .is_some_and(|h| h.environment == envs[0] && h.reason == "Unschedulable")
+            })
+        },
+    )
+    .await;
+    eprintln!(
+        "measure: push to halt (degraded canary, 30s progress deadline): {:.1?}",
+        pushed.elapsed()
+    );
+    for env in &envs[1..] {
+        assert_eq!(
+            rollout_state(&client, env).await,
+            (image("v1"), true),
+            "{env} keeps serving v1 while the rollout is halted"
+        );
+        let ann = ns_annotations(&client, env).await.unwrap_or_default();
+        assert_eq!(
+            ann.get(envctl::status::REVISION_ANNOTATION),
+            Some(&r0),
+            "{env} is recorded at the revision it runs"
+        );
+    }
+    let (code, out, err) = cluster.envctl(
+        &crate::support::repo_root(),
+        &["status", "--instance", &instance],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("HALTED by {}", envs[0])), "{out}");
+    let (_, metrics) = ctl.http("GET", "/metrics", &[], b"");
+    assert!(metrics.contains("envctl_rollout_halted 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "envctl_environment_health{{environment=\"{}\",health=\"Degraded\"}} 1",
+            envs[0]
+        )),
+        "{metrics}"
+    );
+
+    // The fix rolls forward from the canary, wave by wave, to v2 everywhere.
+    write_all("v2", "10m");
+    let r2 = git.push("v2, canary fixed");
+    let fixed = Instant::now();
+    wait_until(
+        "every wave runs v2, Ready",
+        Duration::from_secs(180),
+        &log,
+        || all_run(&client, &envs, "v2"),
+    )
+    .await;
+    eprintln!(
+        "measure: fix to all three waves Ready at v2: {:.1?}",
+        fixed.elapsed()
+    );
+    wait_until(
+        "the rollout is complete",
+        Duration::from_secs(30),
+        &log,
+        || {
+            rollout_is(&client, &instance, |r| {
+                r.revision == r2 && r.current_wave.is_none() && r.halted.is_none()
+            })
+        },
+    )
+    .await;
+    // Wave order: each wave was applied only after the one before it.
+    let mut applied = Vec::new();
+    for env in &envs {
+        let ann = ns_annotations(&client, env).await.unwrap_or_default();
+        assert_eq!(
+            ann.get(envctl::status::REVISION_ANNOTATION),
+            Some(&r2),
+            "{env}"
+        );
+        applied.push(
+            ann.get(envctl::status::APPLIED_AT_ANNOTATION)
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    assert!(
+        applied[0] < applied[1] && applied[1] < applied[2],
+        "applied in wave order: {applied:?}"
+    );
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}

@@ -10,6 +10,7 @@ mod diff;
 mod faults;
 mod gitops;
 mod golden;
+mod health;
 mod layers;
 mod properties;
 mod safety;
