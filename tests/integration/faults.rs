@@ -850,12 +850,14 @@ async fn kill_9_mid_pass_five_times_then_converge() {
     let mut per_env: BTreeMap<String, usize> = BTreeMap::new();
     for s in &owned.items {
         let ns = s.metadata.namespace.clone().unwrap_or_default();
+        // Only namespaces that exist and are not being deleted count (a pruned namespace can
+        // finish deleting between the list above and this read).
         if nsapi
-            .get(&ns)
+            .get_opt(&ns)
             .await
             .ok()
-            .and_then(|n| n.metadata.deletion_timestamp)
-            .is_none()
+            .flatten()
+            .is_some_and(|n| n.metadata.deletion_timestamp.is_none())
         {
             *per_env.entry(ns).or_default() += 1;
         }
