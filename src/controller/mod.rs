@@ -9,4 +9,5 @@ pub mod health;
 pub mod http;
 pub mod leader;
 pub mod relay;
+mod rollout;
 pub mod run;
