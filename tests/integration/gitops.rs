@@ -874,6 +874,29 @@ spec:
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("HALTED by {}", envs[0])), "{out}");
+    // The canary's namespace holds the Events: its health turned Degraded, and it halted the
+    // rollout (they are published as the halt is recorded; wait for the API to show them).
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client.clone(), &format!("environment-{}", envs[0]));
+    wait_until(
+        "Degraded and RolloutHalted Events on the canary",
+        Duration::from_secs(15),
+        &log,
+        || async {
+            let reasons: Vec<String> = events
+                .list(&Default::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| e.reason)
+                .collect();
+            ["Degraded", "RolloutHalted"]
+                .iter()
+                .all(|r| reasons.iter().any(|x| x == r))
+        },
+    )
+    .await;
     let (_, metrics) = ctl.http("GET", "/metrics", &[], b"");
     assert!(metrics.contains("envctl_rollout_halted 1"), "{metrics}");
     assert!(
