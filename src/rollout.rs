@@ -206,6 +206,33 @@ pub fn decide(
     decision
 }
 
+/// The decision when the policy cannot be followed (invalid, or more than one): every
+/// change to what runs is held, new and unchanged environments go ahead, and the rollout is
+/// halted with `reason`.
+pub fn hold_all(revision: &str, members: &[Member<'_>], reason: &str) -> Decision {
+    let mut d = Decision::default();
+    for m in members {
+        if m.position == Position::Behind {
+            d.held.insert(m.name.to_string());
+        } else {
+            d.admitted.insert(m.name.to_string());
+        }
+    }
+    d.status = RolloutStatus {
+        revision: revision.to_string(),
+        policy: "(invalid)".into(),
+        current_wave: Some(1),
+        waiting: d.held.len(),
+        halted: Some(Halt {
+            environment: "-".into(),
+            reason: "InvalidPolicy".into(),
+            message: reason.to_string(),
+        }),
+        ..RolloutStatus::default()
+    };
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +392,18 @@ mod tests {
         assert!(d.status.halted.is_none());
         assert_eq!(names(&d.admitted), ["a1", "a2"]);
         assert_eq!(names(&d.held), ["b1", "c1"]);
+    }
+
+    #[test]
+    fn an_invalid_policy_holds_every_change_to_what_runs() {
+        let fleet = Fleet::new(&[("a1", "1"), ("b1", "2"), ("c1", "3")]);
+        let mut members = fleet.members(&["b1"]);
+        members[2].position = Position::New;
+        let d = hold_all("r2", &members, "two RolloutPolicy documents");
+        assert_eq!(names(&d.held), ["a1"]);
+        assert_eq!(names(&d.admitted), ["b1", "c1"]);
+        let halt = d.status.halted.expect("halted");
+        assert_eq!(halt.reason, "InvalidPolicy");
     }
 
     #[test]

@@ -137,30 +137,7 @@ impl Loop {
             .collect();
         let decision = match &policy {
             Ok(p) => rollout::decide(p, &revision.id, &members, &health),
-            Err(reason) => {
-                // An invalid policy cannot be followed: hold every change to what runs.
-                let mut d = rollout::Decision::default();
-                for m in &members {
-                    if m.position == Position::Behind {
-                        d.held.insert(m.name.to_string());
-                    } else {
-                        d.admitted.insert(m.name.to_string());
-                    }
-                }
-                d.status = RolloutStatus {
-                    revision: revision.id.clone(),
-                    policy: "(invalid)".into(),
-                    current_wave: Some(1),
-                    waiting: d.held.len(),
-                    halted: Some(rollout::Halt {
-                        environment: "-".into(),
-                        reason: "InvalidPolicy".into(),
-                        message: reason.clone(),
-                    }),
-                    ..RolloutStatus::default()
-                };
-                d
-            }
+            Err(reason) => rollout::hold_all(&revision.id, &members, reason),
         };
         drop(members);
         let mut rolled = unrolled;
@@ -217,8 +194,7 @@ impl Loop {
             .rollout_halted
             .set(i64::from(s.halted.is_some()));
         self.rollout_waiting = s.current_wave.is_some();
-        if self.rollout.as_ref() == status.as_ref() || (self.rollout.is_none() && status.is_none())
-        {
+        if self.rollout.as_ref() == status.as_ref() {
             return;
         }
         let newly_halted = s.halted.as_ref().filter(|h| {

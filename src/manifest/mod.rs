@@ -276,12 +276,6 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
         if doc.value.get("kind").and_then(Value::as_str) == Some(types::POLICY_KIND) {
             let mut found = Vec::new();
             schema_problems_with(compiled_policy_schema(), &doc.value, &mut found);
-            let first = found.first().map(|(pointer, message)| Diagnostic {
-                file: file.path.clone(),
-                pos: index.lookup(doc.index, pointer),
-                pointer: Some(pointer.clone()),
-                message: message.clone(),
-            });
             for (pointer, message) in found {
                 out.diagnostics.push(Diagnostic {
                     file: file.path.clone(),
@@ -290,6 +284,7 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
                     message,
                 });
             }
+            let first = out.diagnostics.get(before);
             let origin = Origin {
                 pos: index.lookup(doc.index, ""),
                 ..origin
