@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
+use crate::vocab::HASH_ANNOTATION;
+
 /// An environment's health, the four kstatus-like states.
 #[derive(
     Debug,
@@ -91,6 +93,47 @@ pub struct Observed {
     pub pods: Vec<Pod>,
     /// When envctl last applied a change to it (its namespace's `applied-at`), if known.
     pub applied_at: Option<Timestamp>,
+}
+
+impl Observed {
+    /// Each StatefulSet's desired-hash (`HASH_ANNOTATION`), by name: which version of its
+    /// desired state this observation shows.
+    pub fn stateful_set_hashes(&self) -> BTreeMap<String, String> {
+        self.stateful_sets
+            .iter()
+            .filter_map(|s| {
+                let hash = s.metadata.annotations.as_ref()?.get(HASH_ANNOTATION)?;
+                Some((s.metadata.name.clone()?, hash.clone()))
+            })
+            .collect()
+    }
+}
+
+/// A judgement made from what a watch `seen` (StatefulSet name to desired-hash), taken as of
+/// an apply that wrote `applied` (the same, for the StatefulSets it wrote). A judgement that
+/// saw any of them older than the apply (the watch had not caught up yet) says nothing about
+/// what was applied: it is `Progressing`, reason `Applying`, until the watch shows it.
+pub fn as_of_apply(
+    judged: &Health,
+    seen: &BTreeMap<String, String>,
+    applied: &BTreeMap<String, String>,
+) -> Health {
+    let behind: Vec<&str> = applied
+        .iter()
+        .filter(|(name, hash)| seen.get(*name) != Some(*hash))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if behind.is_empty() {
+        return judged.clone();
+    }
+    Health::new(
+        HealthState::Progressing,
+        "Applying",
+        format!(
+            "waiting for the watch to show the applied version of StatefulSet {}",
+            behind.join(", ")
+        ),
+    )
 }
 
 /// Container waiting reasons that do not fix themselves: the environment is `Degraded` at once.
@@ -465,5 +508,33 @@ mod tests {
             (h.state, h.reason.as_str()),
             (HealthState::Progressing, "PodNotReady")
         );
+    }
+
+    #[test]
+    fn a_judgement_older_than_the_apply_is_not_trusted() {
+        let ready = Health::new(HealthState::Ready, "AllReady", "2/2");
+        let mut o = Observed {
+            stateful_sets: vec![ready_sts()],
+            ..Observed::default()
+        };
+        o.stateful_sets[0]
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(HASH_ANNOTATION.to_string(), "old".to_string());
+        let seen = o.stateful_set_hashes();
+        assert_eq!(seen.get("environmentd").map(String::as_str), Some("old"));
+        let applied: BTreeMap<String, String> =
+            [("environmentd".to_string(), "new".to_string())].into();
+        let h = as_of_apply(&ready, &seen, &applied);
+        assert_eq!(h.state, HealthState::Progressing);
+        assert_eq!(h.reason, "Applying");
+        assert!(h.message.contains("environmentd"), "{}", h.message);
+        // Once the watch shows the applied version, the judgement stands.
+        let caught_up: BTreeMap<String, String> =
+            [("environmentd".to_string(), "new".to_string())].into();
+        assert_eq!(as_of_apply(&ready, &caught_up, &applied), ready);
+        // A StatefulSet the apply did not write does not matter; nothing applied, nothing to wait for.
+        assert_eq!(as_of_apply(&ready, &seen, &BTreeMap::new()), ready);
     }
 }

@@ -16,8 +16,16 @@ use crate::metrics::{HealthLabels, Metrics};
 use crate::observe::HealthWatch;
 use crate::status::Events;
 
+/// One environment's health and what it was judged from.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub health: Health,
+    /// Each StatefulSet's desired-hash as the judgement saw it (see `health::as_of_apply`).
+    pub seen: BTreeMap<String, String>,
+}
+
 /// Every environment's health, as last judged.
-pub type HealthMap = Arc<Mutex<BTreeMap<String, Health>>>;
+pub type HealthMap = Arc<Mutex<BTreeMap<String, Judged>>>;
 
 /// Longest the health watches may take to list before the tracker starts anyway (it then
 /// reports `Unknown` until they do).
@@ -83,14 +91,20 @@ impl Tracker {
     async fn judge(&self, next_deadline: &mut Option<tokio::time::Instant>) -> bool {
         let observed = self.watch.observed();
         let now = k8s_openapi::jiff::Timestamp::now();
-        let judged: BTreeMap<String, Health> = observed
+        let judged: BTreeMap<String, Judged> = observed
             .iter()
-            .map(|(env, o)| (env.clone(), health::assess(o, now, self.deadline)))
+            .map(|(env, o)| {
+                let judged = Judged {
+                    health: health::assess(o, now, self.deadline),
+                    seen: o.stateful_set_hashes(),
+                };
+                (env.clone(), judged)
+            })
             .collect();
         // The earliest moment a Progressing environment would turn Degraded.
         *next_deadline = observed
             .iter()
-            .filter_map(|(env, o)| health::degrades_at(o, judged.get(env)?, self.deadline))
+            .filter_map(|(env, o)| health::degrades_at(o, &judged.get(env)?.health, self.deadline))
             .min()
             .map(|at| {
                 let wait = now.duration_until(at).unsigned_abs();
@@ -101,8 +115,9 @@ impl Tracker {
             std::mem::replace(&mut *current, judged.clone())
         };
         let mut changed = false;
-        for (env, h) in &judged {
-            let before = previous.get(env);
+        for (env, j) in &judged {
+            let h = &j.health;
+            let before = previous.get(env).map(|p| &p.health);
             if before.is_some_and(|b| b.state == h.state) {
                 continue;
             }
@@ -144,7 +159,7 @@ impl Tracker {
                 changed = true;
                 self.metrics.environment_health.remove(&HealthLabels {
                     environment: env.clone(),
-                    health: b.state,
+                    health: b.health.state,
                 });
             }
         }

@@ -8,10 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::run::{Loop, POLL_TIMEOUT, Revision};
+use crate::health::{self, Health};
 use crate::manifest;
+use crate::plan::{Action, Change};
 use crate::rollout::{self, Member, Position, RolloutStatus};
 use crate::status;
 use crate::vocab::error_chain;
+use crate::vocab::{HASH_ANNOTATION, ObjectKind};
 
 /// How many source revisions `Loop::history` keeps.
 pub(super) const HISTORY: usize = 8;
@@ -73,6 +76,45 @@ impl Loop {
         }
     }
 
+    /// Remembers the desired-hash of each StatefulSet the pass wrote or tried to write (a
+    /// failed write must not count as Ready on the old version either), and forgets
+    /// environments that left the source.
+    pub(super) fn note_applied_stateful_sets(
+        &mut self,
+        loaded: &manifest::Loaded,
+        changes: &[Change],
+    ) {
+        for c in changes {
+            if c.key.kind != ObjectKind::StatefulSet {
+                continue;
+            }
+            let hash = c.object.as_ref().and_then(|o| {
+                o.pointer("/metadata/annotations")?
+                    .get(HASH_ANNOTATION)?
+                    .as_str()
+            });
+            let written = self
+                .applied_stateful_sets
+                .entry(c.environment.clone())
+                .or_default();
+            match hash {
+                Some(h) if c.action != Action::Delete => {
+                    written.insert(c.key.name.clone(), h.to_string());
+                }
+                _ => {
+                    written.remove(&c.key.name);
+                }
+            }
+        }
+        self.applied_stateful_sets.retain(|env, written| {
+            !written.is_empty()
+                && loaded
+                    .environments
+                    .iter()
+                    .any(|e| e.environment.metadata.name == *env)
+        });
+    }
+
     /// Applies the source's RolloutPolicy to this revision: which environments get it now
     /// and which keep the revision they run. Records the rollout's status.
     pub(super) async fn roll(
@@ -94,11 +136,22 @@ impl Loop {
             manifest::Rollout::Invalid(reason) => Err(reason.clone()),
         };
         let annotations = self.cache.namespace_annotations();
-        let health = self
-            .health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        // Health as of what this process applied: a judgement from a watch that has not yet
+        // seen the applied StatefulSets would let a wave start on the old version's Ready.
+        let health: BTreeMap<String, Health> = {
+            let judged = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            let none = BTreeMap::new();
+            judged
+                .iter()
+                .map(|(env, j)| {
+                    let applied = self.applied_stateful_sets.get(env).unwrap_or(&none);
+                    (
+                        env.clone(),
+                        health::as_of_apply(&j.health, &j.seen, applied),
+                    )
+                })
+                .collect()
+        };
         // Where each environment stands, and the revision it runs.
         let mut stands: Vec<(Position, Option<String>)> = Vec::new();
         for e in &loaded.environments {

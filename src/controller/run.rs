@@ -200,6 +200,9 @@ pub(super) struct Loop {
     pub(super) rollout_waiting: bool,
     /// Earlier revisions that could not be read (not asked again).
     pub(super) unreadable: BTreeSet<String>,
+    /// Per environment, the desired-hash of each StatefulSet this process last wrote: health
+    /// judged from older versions of them does not count for a rollout.
+    pub(super) applied_stateful_sets: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A failing environment is tried again after 2 s, 4 s, 8 s ... at most 5 minutes apart.
@@ -321,6 +324,7 @@ impl Loop {
         self.metrics
             .count_api(ApiVerb::DryRun, pass.dry_runs as u64);
         let report = apply_pass(&self.client, &pass, &pass_options).await;
+        self.note_applied_stateful_sets(&loaded, &pass.plan.changes);
         let writes = pass
             .plan
             .changes
@@ -758,6 +762,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         rollout: None,
         rollout_waiting: false,
         unreadable: BTreeSet::new(),
+        applied_stateful_sets: BTreeMap::new(),
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();
