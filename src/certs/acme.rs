@@ -66,6 +66,10 @@ pub enum AcmeError {
     OrderFailed { status: String },
     #[error("making the order's key or certificate request: {message}")]
     Key { message: String },
+    #[error(
+        "{what}: the ACME server requires external account binding; give its key id with --acme-eab-kid and the HMAC key in a file with --acme-eab-hmac-key-file"
+    )]
+    ExternalAccountRequired { what: &'static str },
     #[error("{what}")]
     Acme {
         what: &'static str,
@@ -96,6 +100,11 @@ impl AcmeError {
                 retry_after: RETRY_AFTER.try_with(|r| *r.borrow()).ok().flatten(),
                 detail,
             };
+        }
+        if let instant_acme::Error::Api(p) = &source
+            && p.r#type.as_deref() == Some("urn:ietf:params:acme:error:externalAccountRequired")
+        {
+            return AcmeError::ExternalAccountRequired { what };
         }
         AcmeError::Acme { what, source }
     }
@@ -241,6 +250,9 @@ pub struct AcmeConfig {
     pub eab: Option<(String, Vec<u8>)>,
     /// How long an order may take from challenge to certificate.
     pub order_timeout: Duration,
+    /// The certificate profile every order asks for (`--acme-profile`), unless an
+    /// environment names its own.
+    pub profile: Option<String>,
 }
 
 /// A ready account.
@@ -250,6 +262,8 @@ pub struct Acme {
     pub counters: Arc<AcmeCounters>,
     /// Whether the server offers ARI (RFC 9773).
     pub ari: bool,
+    /// The certificate profiles the directory offers, sorted.
+    pub profiles: Vec<String>,
 }
 
 /// An issued certificate.
@@ -320,12 +334,15 @@ impl Acme {
         // ARI: whether the directory names a renewalInfo endpoint. instant-acme only says so
         // by refusing `replaces`, so ask for the directory ourselves.
         let ari = directory_has_ari(&http, &config.directory).await;
+        let mut profiles: Vec<String> = account.profiles().map(|p| p.name.to_string()).collect();
+        profiles.sort();
         Ok((
             Acme {
                 account,
                 config,
                 counters,
                 ari,
+                profiles,
             },
             new_credentials,
         ))
@@ -336,8 +353,34 @@ impl Acme {
         self.account.id()
     }
 
-    /// The start of the ARI renewal window of a certificate, unix seconds.
-    pub async fn renewal_window_start(&self, ari_id: &str) -> Option<i64> {
+    /// The profile an order for an environment asks for: its own (`spec.tls.profile`), else
+    /// `--acme-profile`, else none (the CA's default). An error (no order may be placed) when
+    /// the directory does not offer it.
+    pub fn profile_for<'a>(&'a self, own: Option<&'a str>) -> Result<Option<&'a str>, String> {
+        let (profile, setting) = match (own, self.config.profile.as_deref()) {
+            (Some(p), _) => (p, "spec.tls.profile"),
+            (None, Some(p)) => (p, "--acme-profile"),
+            (None, None) => return Ok(None),
+        };
+        if self.profiles.iter().any(|p| p == profile) {
+            return Ok(Some(profile));
+        }
+        Err(if self.profiles.is_empty() {
+            format!(
+                "{setting} {profile:?}: the ACME directory {} offers no certificate profiles",
+                self.config.directory
+            )
+        } else {
+            format!(
+                "{setting} {profile:?} is not a profile the ACME directory offers (it offers: {})",
+                self.profiles.join(", ")
+            )
+        })
+    }
+
+    /// When to renew a certificate by the CA's ARI window (unix seconds): a time within the
+    /// window (`certs::renewal_time`). `None` without ARI or when the CA cannot say.
+    pub async fn renewal_time(&self, ari_id: &str) -> Option<i64> {
         if !self.ari {
             return None;
         }
@@ -347,7 +390,11 @@ impl Acme {
             serial: serial.to_string().into(),
         };
         match self.account.renewal_info(&id).await {
-            Ok((info, _)) => Some(info.suggested_window.start.unix_timestamp()),
+            Ok((info, _)) => Some(super::renewal_time(
+                ari_id,
+                info.suggested_window.start.unix_timestamp(),
+                info.suggested_window.end.unix_timestamp(),
+            )),
             Err(e) => {
                 tracing::warn!(error = %e, "asking for renewal information");
                 None
@@ -360,6 +407,7 @@ impl Acme {
         &self,
         names: &[String],
         replaces: Option<&str>,
+        profile: Option<&str>,
     ) -> Result<Order, AcmeError> {
         let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
         let replaced = replaces.and_then(|r| {
@@ -372,6 +420,9 @@ impl Acme {
         let mut new = NewOrder::new(&identifiers);
         if let Some(r) = replaced.filter(|_| self.ari) {
             new = new.replaces(r);
+        }
+        if let Some(p) = profile {
+            new = new.profile(p);
         }
         // A badNonce refusal is not an order (the server counted nothing): ask again.
         let mut attempt = 0;
@@ -625,7 +676,14 @@ async fn finalize(
 }
 
 async fn directory_has_ari(http: &Http, directory: &str) -> bool {
-    let Ok(req) = Request::get(directory).body(BodyWrapper::<Bytes>::default()) else {
+    // ACME servers may refuse a request without a User-Agent (RFC 8555 6.1; pebble does).
+    let Ok(req) = Request::get(directory)
+        .header(
+            http::header::USER_AGENT,
+            concat!("envctl/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(BodyWrapper::<Bytes>::default())
+    else {
         return false;
     };
     let Ok(rsp) = http.inner.request(req).await else {

@@ -132,6 +132,24 @@ pub fn inspect(chain_pem: &[u8]) -> Result<CertInfo, InspectError> {
     })
 }
 
+/// The moment to renew a certificate inside the CA's ARI window `[start, end)` (unix
+/// seconds), as RFC 9773 asks: a uniformly spread point of the window, so that a fleet's
+/// renewals do not all land at its start. The point is drawn from the certificate's identifier,
+/// not from a random source, so every pass and every replica pick the same moment. A window
+/// that lies in the past (after a mass revocation, say) gives a moment in the past: renew now.
+pub fn renewal_time(ari_id: &str, start: i64, end: i64) -> i64 {
+    let span = end.saturating_sub(start);
+    if span <= 0 {
+        return start;
+    }
+    // FNV-1a of the identifier.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ari_id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    start + (h % span as u64) as i64
+}
+
 /// What an environment's certificate needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Need {
@@ -359,5 +377,28 @@ mod tests {
             })
             .collect();
         assert_eq!(times, [None, Some(100), Some(200)]);
+    }
+
+    #[test]
+    fn renewal_time_spreads_over_the_window_and_is_stable() {
+        let (start, end) = (1_000_000, 1_000_000 + 2 * 86_400);
+        let times: Vec<i64> = (0..200)
+            .map(|i| renewal_time(&format!("aki.{i:04x}"), start, end))
+            .collect();
+        assert!(times.iter().all(|t| (start..end).contains(t)));
+        // Spread: both halves of the window get a fair share.
+        let early = times.iter().filter(|t| **t < start + 86_400).count();
+        assert!(
+            (60..=140).contains(&early),
+            "{early} of 200 in the first half"
+        );
+        // Stable: the same certificate gets the same moment.
+        assert_eq!(
+            renewal_time("aki.00ff", start, end),
+            renewal_time("aki.00ff", start, end)
+        );
+        // An empty or inverted window: its start.
+        assert_eq!(renewal_time("aki.1", start, start), start);
+        assert_eq!(renewal_time("aki.1", start, start - 5), start);
     }
 }

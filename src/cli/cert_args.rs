@@ -87,6 +87,11 @@ pub struct CertArgs {
     /// External account binding: file holding the HMAC key (base64url, as CAs give it).
     #[arg(long, env = "ENVCTL_ACME_EAB_HMAC_KEY_FILE", requires = "acme_eab_kid")]
     pub acme_eab_hmac_key_file: Option<PathBuf>,
+    /// The certificate profile to ask for (e.g. `classic`, `tlsserver`, `shortlived`), unless
+    /// an environment's `spec.tls.profile` names its own. It must be one the directory offers;
+    /// without it the CA's default applies.
+    #[arg(long, env = "ENVCTL_ACME_PROFILE")]
+    pub acme_profile: Option<String>,
     /// Longest one order may take, from answering its challenges to the certificate.
     #[arg(long, env = "ENVCTL_CERTIFICATE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub certificate_timeout: std::time::Duration,
@@ -155,6 +160,12 @@ impl CertArgs {
             ca_bundle: self.acme_ca_bundle.clone(),
             eab,
             order_timeout: self.certificate_timeout,
+            profile: self
+                .acme_profile
+                .as_deref()
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string),
         }))
     }
 }

@@ -104,11 +104,22 @@ pub struct Tls {
     /// Whether envctl obtains a certificate for `spec.hostname` (default true).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// The ACME certificate profile to ask for (e.g. `classic`, `tlsserver`, `shortlived`),
+    /// overriding `--acme-profile`. It must be one the directory offers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub profile: Option<String>,
 }
 
 impl Default for Tls {
     fn default() -> Self {
-        Tls { enabled: true }
+        Tls {
+            enabled: true,
+            profile: None,
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Certificates against Let's Encrypt's test CA (Debian's pebble, started by `scripts/pebble`)
+//! Certificates against Let's Encrypt's test CA (the current pebble, built and started by
+//! `scripts/pebble`)
 //! and the local control plane: issuance, verification against pebble's root, quota, reuse,
 //! renewal, real HTTP-01, and the crash-loop quota test.
 //!
@@ -28,23 +29,52 @@ pub struct Pebble {
     pub log: PathBuf,
 }
 
-fn start_pebble(always_valid: bool) -> Result<Pebble, String> {
+/// How a test pebble is configured: its state folder's name and `scripts/pebble`'s settings.
+struct Flavour {
+    state: &'static str,
+    env: &'static [(&'static str, &'static str)],
+}
+
+const ALWAYS_VALID: Flavour = Flavour {
+    state: "pebble-always-valid",
+    env: &[("PEBBLE_VA_ALWAYS_VALID", "1")],
+};
+const VALIDATING: Flavour = Flavour {
+    state: "pebble-validating",
+    env: &[],
+};
+/// The profiles Let's Encrypt offers (`shortlived` for 6 days here), validation skipped.
+pub const PROFILES: &[(&str, &str)] = &[
+    ("PEBBLE_VA_ALWAYS_VALID", "1"),
+    (
+        "ENVCTL_PEBBLE_PROFILES",
+        "classic=7776000,tlsserver=7776000,shortlived=518400",
+    ),
+];
+/// The key id and HMAC key (base64url) that a pebble requiring EAB accepts: `KID=KEY`.
+pub const EAB_ACCOUNT: &str =
+    "kid-envctl=zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+const EAB: &[(&str, &str)] = &[
+    ("PEBBLE_VA_ALWAYS_VALID", "1"),
+    ("ENVCTL_PEBBLE_EAB", EAB_ACCOUNT),
+];
+
+fn start_pebble(flavour: &Flavour) -> Result<Pebble, String> {
     let state = std::env::var_os("ENVCTL_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/envctl")))
         .ok_or("no HOME")?
-        .join(if always_valid {
-            "pebble-always-valid"
-        } else {
-            "pebble-validating"
-        });
+        .join(flavour.state);
     let mut cmd = Command::new(repo_root().join("scripts/pebble"));
     cmd.arg("up").env("ENVCTL_PEBBLE_STATE_DIR", &state);
-    if always_valid {
-        cmd.env("PEBBLE_VA_ALWAYS_VALID", "1");
-    } else {
-        cmd.env_remove("PEBBLE_VA_ALWAYS_VALID");
+    for var in [
+        "PEBBLE_VA_ALWAYS_VALID",
+        "ENVCTL_PEBBLE_PROFILES",
+        "ENVCTL_PEBBLE_EAB",
+    ] {
+        cmd.env_remove(var);
     }
+    cmd.envs(flavour.env.iter().copied());
     let env_file = script_last_line(cmd, "scripts/pebble up")?;
     let text = std::fs::read_to_string(&env_file).map_err(|e| format!("{env_file}: {e}"))?;
     let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
@@ -67,8 +97,32 @@ fn start_pebble(always_valid: bool) -> Result<Pebble, String> {
 pub fn pebble(always_valid: bool) -> Option<&'static Pebble> {
     static VALID: OnceLock<Result<Pebble, String>> = OnceLock::new();
     static REAL: OnceLock<Result<Pebble, String>> = OnceLock::new();
-    let cell = if always_valid { &VALID } else { &REAL };
-    required("pebble", cell.get_or_init(|| start_pebble(always_valid)))
+    let (cell, flavour) = if always_valid {
+        (&VALID, &ALWAYS_VALID)
+    } else {
+        (&REAL, &VALIDATING)
+    };
+    required("pebble", cell.get_or_init(|| start_pebble(flavour)))
+}
+
+/// A pebble that offers `classic`, `tlsserver` and a 6-day `shortlived` profile.
+pub fn pebble_with_profiles() -> Option<&'static Pebble> {
+    static CELL: OnceLock<Result<Pebble, String>> = OnceLock::new();
+    let flavour = Flavour {
+        state: "pebble-profiles",
+        env: PROFILES,
+    };
+    required("pebble", CELL.get_or_init(|| start_pebble(&flavour)))
+}
+
+/// A pebble that requires external account binding (`EAB_KID`, `EAB_KEY`).
+pub fn pebble_with_eab() -> Option<&'static Pebble> {
+    static CELL: OnceLock<Result<Pebble, String>> = OnceLock::new();
+    let flavour = Flavour {
+        state: "pebble-eab",
+        env: EAB,
+    };
+    required("pebble", CELL.get_or_init(|| start_pebble(&flavour)))
 }
 
 /// What every certificate test starts from: the cluster, a pebble, the certificate lock
@@ -82,8 +136,13 @@ pub struct Setup {
 }
 
 pub async fn setup(always_valid: bool) -> Option<Setup> {
+    setup_on(|| pebble(always_valid)).await
+}
+
+/// `setup` on the pebble that `pebble` starts (or finds running).
+pub async fn setup_on(pebble: impl FnOnce() -> Option<&'static Pebble>) -> Option<Setup> {
     let cluster = cluster::require()?;
-    let pebble = pebble(always_valid)?;
+    let pebble = pebble()?;
     let guard = lock().await;
     Some(Setup {
         cluster,
@@ -285,7 +344,7 @@ pub fn chain_of(secret: &Secret) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-fn serial_of(secret: &Secret) -> String {
+pub fn serial_of(secret: &Secret) -> String {
     secret
         .metadata
         .annotations
@@ -295,7 +354,7 @@ fn serial_of(secret: &Secret) -> String {
         .unwrap_or_default()
 }
 
-fn quota(cluster: &TestCluster, common: &[String]) -> serde_json::Value {
+pub fn quota(cluster: &TestCluster, common: &[String]) -> serde_json::Value {
     let mut args = vec!["quota".to_string(), "-o".into(), "json".into()];
     args.extend(common.iter().cloned());
     let (code, out, err) = envctl(cluster, &args);
@@ -303,11 +362,11 @@ fn quota(cluster: &TestCluster, common: &[String]) -> serde_json::Value {
     serde_json::from_str(&out).expect("quota JSON")
 }
 
-fn bucket(q: &serde_json::Value, limit: &str, key: &str) -> (u64, u64) {
+pub fn bucket(q: &serde_json::Value, limit: &str, key: &str) -> (u64, u64) {
     bucket_if_any(q, limit, key).unwrap_or_else(|| panic!("no bucket {limit} {key} in {q}"))
 }
 
-fn bucket_if_any(q: &serde_json::Value, limit: &str, key: &str) -> Option<(u64, u64)> {
+pub fn bucket_if_any(q: &serde_json::Value, limit: &str, key: &str) -> Option<(u64, u64)> {
     let b = q["buckets"]
         .as_array()
         .expect("buckets")
@@ -329,7 +388,7 @@ fn near_expiry_cert(name: &str, not_before: i64, not_after: i64) -> (String, Str
     (cert.pem(), key.serialize_pem())
 }
 
-fn now() -> i64 {
+pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -3,6 +3,7 @@
 //!
 //! Refresh every golden file with `ENVCTL_BLESS=1 cargo test --test integration`.
 
+mod acme;
 mod certs;
 mod chart;
 mod cluster;

@@ -87,6 +87,8 @@ pub struct Target {
     pub environment: String,
     pub namespace: String,
     pub names: Vec<String>,
+    /// The environment's `spec.tls.profile`, if it names one (else `--acme-profile`).
+    pub profile: Option<String>,
 }
 
 /// The environments with TLS enabled.
@@ -97,6 +99,7 @@ pub fn targets<'a>(envs: impl IntoIterator<Item = &'a Environment>) -> Vec<Targe
             environment: e.metadata.name.clone(),
             namespace: e.namespace(),
             names: super::sorted_names(std::slice::from_ref(&e.spec.hostname)),
+            profile: e.spec.tls.profile.clone(),
         })
         .collect()
 }

@@ -151,7 +151,7 @@ impl Certs {
                 Err(e) => return Sent::outcome(Outcome::failed(&e)),
             }
         }
-        let mut order = match self.place(r, resume, replaces).await {
+        let mut order = match self.place(t, r, resume, replaces).await {
             Ok(o) => o,
             Err(PlaceError(e)) => {
                 return failed(self.refused(t, r, account, e, false, events).await);
@@ -184,6 +184,7 @@ impl Certs {
                 serial: info.serial.clone(),
                 not_after: crate::certs::store::rfc3339(info.not_after),
                 kind: r.kind,
+                renews_at: crate::certs::store::rfc3339(info.renew_at()),
             },
             info: Some(info),
             new_order,
@@ -194,13 +195,18 @@ impl Certs {
     /// new order's URL so that a later pass can resume it.
     async fn place(
         &self,
+        t: &Target,
         r: &Request,
         resume: Option<&str>,
         replaces: Option<&str>,
     ) -> Result<Order, PlaceError> {
         let order = match resume {
             Some(url) => self.acme.resume(url).await,
-            None => self.acme.new_order(&r.names, replaces).await,
+            None => {
+                // Checked against the directory when the order was selected.
+                let profile = self.acme.profile_for(t.profile.as_deref()).ok().flatten();
+                self.acme.new_order(&r.names, replaces, profile).await
+            }
         }
         .map_err(PlaceError)?;
         if resume.is_some() {

@@ -13,6 +13,9 @@ pub enum Outcome {
     Current {
         serial: String,
         not_after: String,
+        /// When it is due for renewal: inside the CA's ARI window, else with a third of
+        /// its lifetime left.
+        renews_at: String,
     },
     /// Restored from the controller's copy: no order.
     Reused {
@@ -23,6 +26,9 @@ pub enum Outcome {
         serial: String,
         not_after: String,
         kind: OrderKind,
+        /// With a third of its lifetime left (the CA's ARI window, asked on the next pass,
+        /// may move it).
+        renews_at: String,
     },
     /// Waiting for quota: ordered at `until` at the earliest.
     Waiting {
@@ -86,8 +92,12 @@ impl CertReport {
         let mut out = String::new();
         for e in &self.environments {
             let line = match &e.outcome {
-                Outcome::Current { serial, not_after } => {
-                    format!("current, serial {serial}, expires {not_after}")
+                Outcome::Current {
+                    serial,
+                    not_after,
+                    renews_at,
+                } => {
+                    format!("current, serial {serial}, expires {not_after}, renews {renews_at}")
                 }
                 Outcome::Reused { serial, not_after } => format!(
                     "reused the controller's copy, serial {serial}, expires {not_after} (no order)"
@@ -96,8 +106,9 @@ impl CertReport {
                     serial,
                     not_after,
                     kind,
+                    renews_at,
                 } => format!(
-                    "issued ({}), serial {serial}, expires {not_after}",
+                    "issued ({}), serial {serial}, expires {not_after}, renews {renews_at}",
                     match kind {
                         OrderKind::New => "new",
                         OrderKind::Renewal => "renewal",

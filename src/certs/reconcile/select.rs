@@ -75,7 +75,11 @@ impl Certs {
                 continue;
             }
             let copy = copies.get(&t.environment);
-            decide(t, current, copy, renew_from, now, books, &mut selection);
+            let ca = CaSays {
+                renew_from,
+                profile: self.acme.profile_for(t.profile.as_deref()).map(|_| ()),
+            };
+            decide(t, current, copy, ca, now, books, &mut selection);
         }
         Ok(selection)
     }
@@ -94,7 +98,7 @@ impl Certs {
                 _ => None,
             };
             let renew_from = match ari_id {
-                Some(id) if self.acme.ari => self.acme.renewal_window_start(&id).await,
+                Some(id) if self.acme.ari => self.acme.renewal_time(&id).await,
                 _ => None,
             };
             (i, read, exists, renew_from)
@@ -158,12 +162,19 @@ impl Certs {
     }
 }
 
-/// What one target needs, given its Secret, the copy and the renewal window.
+/// What the CA says about one target: the start of its certificate's ARI renewal window, and
+/// whether it offers the profile the target asks for.
+struct CaSays {
+    renew_from: Option<i64>,
+    profile: Result<(), String>,
+}
+
+/// What one target needs, given its Secret, the copy and what the CA says.
 fn decide<'a>(
     t: &'a Target,
     current: Option<StoredCert>,
     copy: Option<&StoredCert>,
-    renew_from: Option<i64>,
+    ca: CaSays,
     now: u64,
     books: &mut Books,
     selection: &mut Selection<'a>,
@@ -174,13 +185,14 @@ fn decide<'a>(
         &t.names,
         current_info.as_ref(),
         copy_info,
-        renew_from,
+        ca.renew_from,
         now as i64,
     ) {
         Need::Current => {
             let info = current_info.clone().unwrap_or_else(empty_info);
             books.expiries.push(info.not_after);
-            books.wake_at(renew_from.unwrap_or(info.renew_at()).max(0) as u64);
+            let renews_at = ca.renew_from.unwrap_or(info.renew_at());
+            books.wake_at(renews_at.max(0) as u64);
             if copy_info.map(|c| &c.serial) != Some(&info.serial)
                 && let Some(c) = current
             {
@@ -191,6 +203,7 @@ fn decide<'a>(
                 Outcome::Current {
                     serial: info.serial,
                     not_after: rfc3339(info.not_after),
+                    renews_at: rfc3339(renews_at),
                 },
             );
         }
@@ -198,6 +211,13 @@ fn decide<'a>(
             if let Some(c) = copy {
                 selection.reuse.push((t, c.clone()));
             }
+        }
+        // A profile the directory does not offer: no order can succeed, so none is charged.
+        Need::Order(_) if ca.profile.is_err() => {
+            let error = ca.profile.err().unwrap_or_default();
+            books
+                .outcomes
+                .insert(t.environment.clone(), Outcome::Failed { error });
         }
         Need::Order(kind) => {
             let previous = current_info
@@ -211,7 +231,11 @@ fn decide<'a>(
                 expires: previous.map(|p| p.not_after),
                 since: now,
             };
-            let replaces = previous.and_then(|p| p.ari_id.clone());
+            // `replaces` only names a certificate the CA answered ARI for: a CA refuses an order
+            // that replaces a certificate it does not know (one restored from elsewhere).
+            let replaces = previous
+                .and_then(|p| p.ari_id.clone())
+                .filter(|_| ca.renew_from.is_some());
             selection.orders.push((request, replaces));
         }
     }

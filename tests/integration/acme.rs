@@ -1,0 +1,255 @@
+//! Current ACME against the current pebble (built from `third_party/` by `scripts/pebble`):
+//! ARI-driven renewal (`set-renewal-info` moves one certificate's window), certificate
+//! profiles (a 6-day `shortlived` one), and external account binding.
+
+use std::process::Command;
+
+use crate::certs::{
+    Case, EAB_ACCOUNT, Pebble, bucket, chain_of, envctl, now, pebble_with_eab,
+    pebble_with_profiles, quota, serial_of, setup, setup_on, tls_secret,
+};
+
+/// The leaf (first certificate) of a PEM chain.
+fn leaf(chain: &[u8]) -> String {
+    let text = String::from_utf8_lossy(chain);
+    let end = "-----END CERTIFICATE-----";
+    let i = text.find(end).expect("a PEM certificate") + end.len();
+    text[..i].to_string()
+}
+
+/// How many orders pebble took as ARI replacements of an earlier certificate.
+fn replacements(pebble: &Pebble) -> usize {
+    std::fs::read_to_string(&pebble.log)
+        .unwrap_or_default()
+        .matches("is a replacement of")
+        .count()
+}
+
+/// Moves a certificate's ARI window (pebble's management endpoint).
+fn set_renewal_window(pebble: &Pebble, leaf_pem: &str, start: &str, end: &str) {
+    let ari = serde_json::json!({"suggestedWindow": {"start": start, "end": end}}).to_string();
+    let body = serde_json::json!({"Certificate": leaf_pem, "ARIResponse": ari}).to_string();
+    let out = Command::new("curl")
+        .args(["-fsS", "-X", "POST", "--data-binary", &body, "--cacert"])
+        .arg(&pebble.ca)
+        .arg(format!("{}/set-renewal-info/", pebble.management))
+        .output()
+        .expect("running curl");
+    assert!(
+        out.status.success(),
+        "set-renewal-info failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A window in the past (as after a mass revocation): the next pass renews exactly that
+/// certificate, with `replaces`, and the renewal costs no quota.
+#[tokio::test(flavor = "multi_thread")]
+async fn ari_window_in_the_past_renews_exactly_that_certificate() {
+    let Some(s) = setup(true).await else { return };
+    let case = Case::new(&s.client, s.dir.path(), "ari", 3).await;
+    let apply = case.apply(&s.pebble.flags());
+    let (code, out, err) = envctl(s.cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("3 issued"), "{out}");
+    let mut serials = Vec::new();
+    for name in &case.names {
+        let secret = tls_secret(&s.client, &format!("environment-{name}"))
+            .await
+            .expect("a Secret");
+        serials.push(serial_of(&secret));
+    }
+    // Pebble's own window for a 90-day certificate lies two months ahead: nothing is due.
+    let (before, replaced) = (s.pebble.orders(), replacements(s.pebble));
+    let (code, out, err) = envctl(s.cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(s.pebble.orders(), before, "nothing was due: {out}");
+    assert!(out.contains("3 current"), "{out}");
+
+    let first = tls_secret(&s.client, &format!("environment-{}", case.names[0]))
+        .await
+        .expect("a Secret");
+    set_renewal_window(
+        s.pebble,
+        &leaf(&chain_of(&first)),
+        "2020-01-01T00:00:00Z",
+        "2020-01-02T00:00:00Z",
+    );
+    let (code, out, err) = envctl(s.cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "certificate {}: issued (ARI renewal)",
+            case.names[0]
+        )),
+        "{out}"
+    );
+    assert!(out.contains("2 current"), "{out}");
+    assert_eq!(s.pebble.orders(), before + 1, "exactly one order: {out}");
+    assert_eq!(
+        replacements(s.pebble),
+        replaced + 1,
+        "the order named the certificate it replaces"
+    );
+    for (i, name) in case.names.iter().enumerate() {
+        let secret = tls_secret(&s.client, &format!("environment-{name}"))
+            .await
+            .expect("a Secret");
+        assert_eq!(
+            serial_of(&secret) != serials[i],
+            i == 0,
+            "{name}: only the first certificate is renewed"
+        );
+    }
+    // ARI renewals are exempt from every limit: the ledger charged nothing for it.
+    let q = quota(s.cluster, &case.common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &case.domain).0,
+        3,
+        "{q}"
+    );
+    let host = format!("{}.us-east-1.{}", case.names[0], case.domain);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-exact-set", &host).0,
+        1,
+        "{q}"
+    );
+    eprintln!(
+        "measure: ARI window moved into the past for {}: renewed {} of 3 certificates",
+        case.names[0], 1
+    );
+    case.cleanup(&s.client).await;
+}
+
+/// `--acme-profile shortlived` for the fleet, `spec.tls.profile: classic` for one
+/// environment, and one that names a profile the CA does not offer.
+#[tokio::test(flavor = "multi_thread")]
+async fn profiles_set_each_certificates_lifetime_and_its_renewal() {
+    let Some(s) = setup_on(pebble_with_profiles).await else {
+        return;
+    };
+    let case = Case::new(&s.client, s.dir.path(), "prof", 3).await;
+    let with_profile = |name: &str, profile: &str| {
+        let path = case.src.join(format!("{name}.yaml"));
+        let text = std::fs::read_to_string(&path).expect("a manifest");
+        std::fs::write(&path, format!("{text}  tls:\n    profile: {profile}\n"))
+            .expect("writing a manifest");
+    };
+    with_profile(&case.names[1], "classic");
+    with_profile(&case.names[2], "longlived");
+    let mut flags = s.pebble.flags();
+    flags.extend(["--acme-profile".to_string(), "shortlived".into()]);
+    let before = s.pebble.orders();
+    let (code, out, err) = envctl(s.cluster, &case.apply(&flags));
+    assert_ne!(code, 0, "an environment's certificate failed: {out}\n{err}");
+    assert!(out.contains("2 issued"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "certificate {}: failed: spec.tls.profile \"longlived\" is not a profile the ACME directory offers (it offers: classic, shortlived, tlsserver)",
+            case.names[2]
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        s.pebble.orders() - before,
+        2,
+        "no order for the unknown profile"
+    );
+    let mut lifetimes = Vec::new();
+    for name in &case.names[..2] {
+        let secret = tls_secret(&s.client, &format!("environment-{name}"))
+            .await
+            .expect("a Secret");
+        let info = envctl::certs::inspect(&chain_of(&secret)).expect("a certificate");
+        lifetimes.push(info.not_after - info.not_before);
+        // Renewal follows the certificate's own lifetime: a third of it left.
+        let renews = envctl::certs::store::rfc3339(info.renew_at());
+        assert!(
+            out.contains(&format!("certificate {name}: issued (new)"))
+                && out.contains(&format!("renews {renews}")),
+            "{name} renews at {renews}: {out}"
+        );
+    }
+    assert!(lifetimes[0] <= 7 * 86_400, "shortlived: {} s", lifetimes[0]);
+    assert!(lifetimes[1] >= 89 * 86_400, "classic: {} s", lifetimes[1]);
+    eprintln!(
+        "measure: profile lifetimes: shortlived {:.1} days, classic {:.1} days",
+        lifetimes[0] as f64 / 86_400.0,
+        lifetimes[1] as f64 / 86_400.0
+    );
+    // The next pass asks the CA's ARI window: the short-lived one renews within its 6 days.
+    let (_, out, _) = envctl(s.cluster, &case.apply(&flags));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("certificate {}: current", case.names[0])))
+        .unwrap_or_else(|| panic!("{out}"));
+    let renews = line.rsplit("renews ").next().unwrap_or_default();
+    let at: i64 = renews
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .map(|t| t.as_second())
+        .unwrap_or_else(|e| panic!("{renews}: {e}"));
+    assert!(
+        at > now() && at < now() + 6 * 86_400,
+        "the short-lived certificate renews within its lifetime: {line}"
+    );
+    case.cleanup(&s.client).await;
+}
+
+/// A CA that requires external account binding: without a key, or with a wrong one, the
+/// account is not registered and no order is placed; with the right one, certificates come.
+#[tokio::test(flavor = "multi_thread")]
+async fn eab_binds_the_account_and_a_missing_or_wrong_key_orders_nothing() {
+    let Some(s) = setup_on(pebble_with_eab).await else {
+        return;
+    };
+    let case = Case::new(&s.client, s.dir.path(), "eab", 1).await;
+    let (kid, key) = EAB_ACCOUNT.split_once('=').expect("KID=KEY");
+    let key_file = s.dir.path().join("eab.key");
+    let before = s.pebble.orders();
+
+    // No binding.
+    let (code, out, err) = envctl(s.cluster, &case.apply(&s.pebble.flags()));
+    assert_ne!(code, 0, "{out}\n{err}");
+    let all = format!("{out}\n{err}");
+    assert!(all.contains("registering an ACME account"), "{all}");
+    assert!(
+        all.contains("the ACME server requires external account binding"),
+        "{all}"
+    );
+    assert!(!all.contains(key), "the key leaked: {all}");
+
+    // A wrong key (well-formed, but not the CA's).
+    std::fs::write(&key_file, key.chars().rev().collect::<String>()).expect("a key file");
+    let mut flags = s.pebble.flags();
+    flags.extend([
+        "--acme-eab-kid".to_string(),
+        kid.to_string(),
+        "--acme-eab-hmac-key-file".into(),
+        key_file.display().to_string(),
+    ]);
+    let (code, out, err) = envctl(s.cluster, &case.apply(&flags));
+    assert_ne!(code, 0, "{out}\n{err}");
+    let all = format!("{out}\n{err}");
+    assert!(all.contains("registering an ACME account"), "{all}");
+    assert_eq!(
+        s.pebble.orders(),
+        before,
+        "an order without a bound account"
+    );
+
+    // A key id without a key file is refused before anything runs.
+    let mut half = s.pebble.flags();
+    half.extend(["--acme-eab-kid".to_string(), kid.to_string()]);
+    let (code, _, err) = envctl(s.cluster, &case.apply(&half));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--acme-eab-hmac-key-file"), "{err}");
+
+    // The right key.
+    std::fs::write(&key_file, key).expect("a key file");
+    let (code, out, err) = envctl(s.cluster, &case.apply(&flags));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 issued"), "{out}");
+    assert!(!format!("{out}{err}").contains(key), "the key leaked");
+    assert_eq!(s.pebble.orders(), before + 1);
+    case.cleanup(&s.client).await;
+}
