@@ -164,6 +164,9 @@ pub enum Limit {
     NewCertificatesPerRegisteredDomain,
     NewCertificatesPerExactSet,
     AuthorizationFailuresPerIdentifier,
+    /// Let's Encrypt pauses an identifier for an account after 1,152 consecutive failed
+    /// authorizations (refilled one a day, reset by a success). envctl backs off instead.
+    ConsecutiveAuthorizationFailuresPerIdentifier,
 }
 
 impl std::fmt::Display for Limit {
@@ -173,11 +176,12 @@ impl std::fmt::Display for Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 4] = [
+    pub const ALL: [Limit; 5] = [
         Limit::NewOrdersPerAccount,
         Limit::NewCertificatesPerRegisteredDomain,
         Limit::NewCertificatesPerExactSet,
         Limit::AuthorizationFailuresPerIdentifier,
+        Limit::ConsecutiveAuthorizationFailuresPerIdentifier,
     ];
 
     /// The stored and printed name.
@@ -187,6 +191,9 @@ impl Limit {
             Limit::NewCertificatesPerRegisteredDomain => "new-certificates-per-registered-domain",
             Limit::NewCertificatesPerExactSet => "new-certificates-per-exact-set",
             Limit::AuthorizationFailuresPerIdentifier => "authorization-failures-per-identifier",
+            Limit::ConsecutiveAuthorizationFailuresPerIdentifier => {
+                "consecutive-authorization-failures-per-identifier"
+            }
         }
     }
 }

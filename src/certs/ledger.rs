@@ -20,8 +20,39 @@ impl Limit {
             Limit::NewCertificatesPerRegisteredDomain => BucketSpec::new(50, 7 * 86_400),
             Limit::NewCertificatesPerExactSet => BucketSpec::new(5, 7 * 86_400),
             Limit::AuthorizationFailuresPerIdentifier => BucketSpec::new(5, 3600),
+            Limit::ConsecutiveAuthorizationFailuresPerIdentifier => {
+                BucketSpec::new(1152, 1152 * 86_400)
+            }
         }
     }
+}
+
+/// The wait after `failures` consecutive failed authorizations of one identifier. The first
+/// four are governed by the hourly failure limit alone (a person fixing a route retries at
+/// once); then two minutes, doubling with each failure, at most a day. From the fifteenth
+/// failure on, an identifier fails at most once a day, which is what Let's Encrypt's pause
+/// limit refills (one a day): consecutive failures stay near fifteen, never near the 1,152
+/// that pause the identifier.
+pub fn failure_backoff(failures: u32) -> u64 {
+    if failures <= 4 {
+        return 0;
+    }
+    60u64
+        .saturating_mul(1 << (failures - 4).min(20))
+        .min(86_400)
+}
+
+/// The limits in force: Let's Encrypt's defaults, with the registered-domain overrides and
+/// the safety margin. Recorded in the ledger itself, so that `envctl quota`, `quota plan`
+/// and every replica read the same limits without repeating flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// New certificates per registered domain, where Let's Encrypt raised the limit.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, BucketSpec>,
+    /// Tokens kept in reserve in every bucket.
+    #[serde(default)]
+    pub margin: u32,
 }
 
 /// A bucket of `capacity` tokens refilled evenly over `window` seconds.
@@ -113,13 +144,13 @@ pub enum Decision {
 pub struct Ledger {
     /// Theoretical arrival time per bucket.
     pub tat: BTreeMap<String, f64>,
-    /// Capacity overrides per registered domain (new certificates per registered domain).
-    /// Configuration, not state: set from flags after loading, never stored.
-    #[serde(skip)]
-    pub overrides: BTreeMap<String, BucketSpec>,
-    /// Tokens kept in reserve in every bucket (configuration, never stored).
-    #[serde(skip)]
-    pub margin: u32,
+    /// The limits the buckets are measured against (see `retune`).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Consecutive failed authorizations per identifier (`ACCOUNT/NAME`): how many, and when
+    /// the last one was (unix seconds). A successful authorization clears it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consecutive_failures: BTreeMap<String, (u32, u64)>,
 }
 
 fn storage_key(k: &BucketKey) -> String {
@@ -142,6 +173,7 @@ impl Ledger {
     pub fn spec(&self, key: &BucketKey) -> BucketSpec {
         match key.limit {
             Limit::NewCertificatesPerRegisteredDomain => self
+                .limits
                 .overrides
                 .get(&key.key)
                 .copied()
@@ -152,7 +184,7 @@ impl Ledger {
 
     /// Usable capacity: the spec's, less the safety margin (at least one).
     fn usable(&self, spec: BucketSpec) -> u32 {
-        spec.capacity.saturating_sub(self.margin).max(1)
+        spec.capacity.saturating_sub(self.limits.margin).max(1)
     }
 
     fn tat_of(&self, key: &BucketKey, now: u64) -> f64 {
@@ -231,6 +263,15 @@ impl Ledger {
                 wait = Some((at, c.limit));
             }
         }
+        // An identifier that keeps failing validation waits out its backoff.
+        for b in &failures {
+            if let Some((n, last)) = self.consecutive_failures.get(&b.key) {
+                let at = last + failure_backoff(*n);
+                if at > now && wait.is_none_or(|(w, _)| at > w) {
+                    wait = Some((at, Limit::ConsecutiveAuthorizationFailuresPerIdentifier));
+                }
+            }
+        }
         match wait {
             Some((at, limit)) => Decision::Wait { at, limit },
             None => Decision::Allowed { charges },
@@ -244,6 +285,49 @@ impl Ledger {
             let tat = self.tat_of(c, now) + interval;
             self.tat.insert(storage_key(c), tat);
         }
+    }
+
+    /// Books failed authorizations of an order's identifiers at `now`: a token of each
+    /// failure bucket, and one more consecutive failure each.
+    pub fn authorization_failed(&mut self, req: &OrderRequest, now: u64) {
+        let buckets = Self::failure_buckets(req);
+        self.charge(&buckets, now);
+        for b in buckets {
+            let e = self.consecutive_failures.entry(b.key).or_insert((0, now));
+            e.0 = e.0.saturating_add(1);
+            e.1 = now;
+        }
+    }
+
+    /// A certificate was issued for `req`'s names: their authorizations succeeded, which
+    /// ends their runs of consecutive failures.
+    pub fn authorized(&mut self, req: &OrderRequest) {
+        for b in Self::failure_buckets(req) {
+            self.consecutive_failures.remove(&b.key);
+        }
+    }
+
+    /// Measures the buckets against `limits` from now on. A bucket whose limit changes keeps
+    /// the tokens it has used (re-expressed in the new refill interval), so a raised or
+    /// lowered override is taken over exactly: 5 used of 5 become 5 used of 1,000, not 50
+    /// used of 50. Returns whether anything changed.
+    pub fn retune(&mut self, limits: Limits, now: u64) -> bool {
+        if self.limits == limits {
+            return false;
+        }
+        let before = self.clone();
+        self.limits = limits;
+        for key in before.keys() {
+            let (old, new) = (before.spec(&key), self.spec(&key));
+            if old == new {
+                continue;
+            }
+            let ahead = (before.tat_of(&key, now) - now as f64).max(0.0);
+            let used = ahead / old.interval();
+            self.tat
+                .insert(storage_key(&key), now as f64 + used * new.interval());
+        }
+        true
     }
 
     /// Drops the buckets that are full again at `now` (their theoretical arrival time has
@@ -358,10 +442,13 @@ mod tests {
     #[test]
     fn overrides_margin_and_exemptions() {
         let mut ledger = Ledger {
-            margin: 2,
+            limits: Limits {
+                margin: 2,
+                ..Limits::default()
+            },
             ..Ledger::default()
         };
-        ledger.overrides.insert(
+        ledger.limits.overrides.insert(
             "example.cloud".into(),
             BucketSpec::parse("1000/168h").expect("spec"),
         );
@@ -469,5 +556,96 @@ mod tests {
         assert!(BucketSpec::parse("1000").is_err());
         assert!(BucketSpec::parse("0/1h").is_err());
         assert!(BucketSpec::parse("5/1y").is_err());
+    }
+
+    #[test]
+    fn a_changed_override_keeps_the_tokens_used() {
+        let domain = BucketKey {
+            limit: Limit::NewCertificatesPerRegisteredDomain,
+            key: "example.cloud".into(),
+        };
+        let limits = |spec: &str| Limits {
+            overrides: [(
+                "example.cloud".to_string(),
+                BucketSpec::parse(spec).expect("spec"),
+            )]
+            .into(),
+            margin: 0,
+        };
+        let mut ledger = Ledger::default();
+        assert!(ledger.retune(limits("5/168h"), 0));
+        for i in 0..5 {
+            let Decision::Allowed { charges } =
+                ledger.decide(&new_order(&format!("e{i}.example.cloud")), 0)
+            else {
+                panic!("the override allows 5");
+            };
+            ledger.charge(&charges, 0);
+        }
+        let s = ledger.status(&domain, 0);
+        assert_eq!((s.capacity, s.used, s.remaining), (5, 5, 0));
+        // Read with the recorded limits, a reader sees 5 of 5 (not 50 of 50 under the default).
+        let stored: Ledger =
+            serde_json::from_str(&serde_json::to_string(&ledger).expect("JSON")).expect("JSON");
+        assert_eq!(stored.limits, ledger.limits);
+        assert_eq!(stored.status(&domain, 0).used, 5);
+        // Raised to 1000: the 5 used stay used, 995 remain.
+        assert!(ledger.retune(limits("1000/168h"), 0));
+        let s = ledger.status(&domain, 0);
+        assert_eq!((s.capacity, s.used, s.remaining), (1000, 5, 995));
+        // The same limits again change nothing.
+        assert!(!ledger.retune(limits("1000/168h"), 0));
+        // Back to the default 50: still 5 used.
+        assert!(ledger.retune(Limits::default(), 0));
+        let s = ledger.status(&domain, 0);
+        assert_eq!((s.capacity, s.used, s.remaining), (50, 5, 45));
+    }
+
+    #[test]
+    fn a_failing_identifier_backs_off_and_never_walks_into_the_pause() {
+        // Validation fails every time it is tried, for 60 days; the controller asks again as
+        // soon as the ledger allows (as `run` does when a wait falls due).
+        let mut ledger = Ledger::default();
+        let req = OrderRequest {
+            account: "acct".into(),
+            names: vec!["broken.example.cloud".into()],
+            kind: OrderKind::New,
+        };
+        let key = "acct/broken.example.cloud".to_string();
+        let (mut now, end) = (0u64, 60 * 86_400u64);
+        let mut tries = Vec::new();
+        while now < end {
+            match ledger.decide(&req, now) {
+                Decision::Allowed { charges } => {
+                    ledger.charge(&charges, now);
+                    ledger.authorization_failed(&req, now);
+                    tries.push(now);
+                    now += 1;
+                }
+                Decision::Wait { at, .. } => now = at.max(now + 1),
+            }
+        }
+        let (failures, _) = ledger.consecutive_failures[&key];
+        let pause = Limit::ConsecutiveAuthorizationFailuresPerIdentifier
+            .default_spec()
+            .capacity;
+        // Refilled one a day, Let's Encrypt's count stays below the pause at every try.
+        for (i, t) in tries.iter().enumerate() {
+            let refilled = t / 86_400;
+            assert!(
+                (i as u64 + 1).saturating_sub(refilled) < u64::from(pause),
+                "try {i} at day {refilled} would pause the identifier"
+            );
+        }
+        assert_eq!(failures as usize, tries.len());
+        // After the first day, at most one try a day.
+        let late = tries.iter().filter(|t| **t >= 86_400).count();
+        assert!(late <= 60, "{late} tries after day one");
+        assert!(tries.len() < 80, "{} tries in 60 days", tries.len());
+        // A success ends the run: the next order is not held back.
+        ledger.authorized(&req);
+        assert!(ledger.consecutive_failures.is_empty());
+        ledger.tat.clear();
+        assert!(matches!(ledger.decide(&req, now), Decision::Allowed { .. }));
     }
 }

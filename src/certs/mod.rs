@@ -12,6 +12,7 @@
 pub mod acme;
 pub mod challenges;
 pub mod ledger;
+pub mod plan;
 pub mod reconcile;
 pub mod store;
 
@@ -322,7 +323,7 @@ mod tests {
     #[test]
     fn schedule_serves_renewals_first_and_dates_the_rest() {
         let mut ledger = Ledger::default();
-        ledger.overrides.insert(
+        ledger.limits.overrides.insert(
             "example.cloud".into(),
             ledger::BucketSpec::new(2, 7 * 86_400),
         );
@@ -357,6 +358,7 @@ mod tests {
     fn waiting_estimates_count_the_queue_ahead() {
         let mut ledger = Ledger::default();
         ledger
+            .limits
             .overrides
             .insert("example.cloud".into(), ledger::BucketSpec::new(1, 100));
         let requests = (0..3)

@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, P
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::ledger::{BucketSpec, Ledger, OrderKind};
+use super::ledger::{Ledger, Limits, OrderKind};
 use super::{CertInfo, NAMES_ANNOTATION, NOT_AFTER_ANNOTATION, SERIAL_ANNOTATION, TLS_SECRET};
 use crate::cluster::FIELD_MANAGER;
 use crate::render::{ENVIRONMENT_LABEL, INSTANCE_LABEL, MANAGED_BY_KEY as MANAGED_BY_LABEL};
@@ -98,8 +98,9 @@ pub struct LedgerStore {
     pub namespace: String,
     pub name: String,
     instance: String,
-    pub overrides: BTreeMap<String, BucketSpec>,
-    pub margin: u32,
+    /// The limits this process was given: a writer (`apply`, `run`) records them in the
+    /// ledger; `None` (a reader given no limit flags) uses the ones recorded there.
+    pub limits: Option<Limits>,
 }
 
 impl LedgerStore {
@@ -107,16 +108,14 @@ impl LedgerStore {
         client: &Client,
         namespace: &str,
         instance: &str,
-        overrides: BTreeMap<String, BucketSpec>,
-        margin: u32,
+        limits: Option<Limits>,
     ) -> LedgerStore {
         LedgerStore {
             api: Api::namespaced(client.clone(), namespace),
             namespace: namespace.to_string(),
             name: format!("envctl-{instance}-acme-ledger"),
             instance: instance.to_string(),
-            overrides,
-            margin,
+            limits,
         }
     }
 
@@ -124,14 +123,49 @@ impl LedgerStore {
         kube_err(what, &self.namespace, &self.name)
     }
 
-    /// The ledger and its resourceVersion (`None` when it does not exist yet).
+    /// Records this process's limits in the ledger when they differ from the recorded ones,
+    /// re-expressing the used tokens of every bucket whose limit changed (`Ledger::retune`).
+    /// Writes nothing when they match, or for a reader (`limits` is `None`).
+    pub async fn record_limits(&self) -> Result<(), StoreError> {
+        let Some(limits) = &self.limits else {
+            return Ok(());
+        };
+        for attempt in 0..60u64 {
+            let (mut doc, rv) = self.load_recorded().await?;
+            if !doc.buckets.retune(limits.clone(), super::unix_now()) {
+                return Ok(());
+            }
+            if self.save(&doc, rv).await? {
+                tracing::info!(limits = ?limits, "recorded the quota limits in the ledger");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt + 1).min(10))).await;
+        }
+        Err(StoreError::Contended {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            tries: 60,
+        })
+    }
+
+    /// The ledger with this process's limits applied, and its resourceVersion (`None` when
+    /// it does not exist yet).
     pub async fn load(&self) -> Result<(LedgerDoc, Option<String>), StoreError> {
+        let (mut doc, rv) = self.load_recorded().await?;
+        if let Some(limits) = &self.limits {
+            doc.buckets.retune(limits.clone(), super::unix_now());
+        }
+        Ok((doc, rv))
+    }
+
+    /// The ledger as stored, with the limits recorded in it.
+    async fn load_recorded(&self) -> Result<(LedgerDoc, Option<String>), StoreError> {
         let cm = self
             .api
             .get_opt(&self.name)
             .await
             .map_err(self.kube_err("reading the quota ledger"))?;
-        let (mut doc, rv) = match cm {
+        let (doc, rv) = match cm {
             None => (LedgerDoc::default(), None),
             Some(cm) => {
                 let rv = cm.resource_version();
@@ -149,8 +183,6 @@ impl LedgerStore {
                 (doc, rv)
             }
         };
-        doc.buckets.overrides = self.overrides.clone();
-        doc.buckets.margin = self.margin;
         Ok((doc, rv))
     }
 

@@ -47,6 +47,23 @@ pub(super) fn parse_limit_override(s: &str) -> Result<(String, BucketSpec), Stri
 }
 
 impl LedgerArgs {
+    /// The ledger as a reader (`quota`, `quota plan`) sees it: measured against the limits
+    /// given here, if any (shown, never recorded), else against those recorded in it.
+    pub(super) fn reader(
+        &self,
+        client: &kube::Client,
+        instance: &str,
+    ) -> crate::certs::store::LedgerStore {
+        let settings = self.settings(instance, 1);
+        let given = !settings.overrides.is_empty() || settings.margin > 0;
+        crate::certs::store::LedgerStore::new(
+            client,
+            &settings.namespace,
+            instance,
+            given.then(|| settings.limits()),
+        )
+    }
+
     /// `concurrency` is the API concurrency; orders run at most 16 at once.
     pub(super) fn settings(&self, instance: &str, concurrency: usize) -> CertSettings {
         CertSettings {

@@ -253,3 +253,134 @@ async fn eab_binds_the_account_and_a_missing_or_wrong_key_orders_nothing() {
     assert_eq!(s.pebble.orders(), before + 1);
     case.cleanup(&s.client).await;
 }
+
+/// `envctl quota plan` against a fixed ledger and fleet says what the real passes do: which
+/// environments get a certificate at once, and when each of the others will (the times the
+/// controller announces). The limits given to `apply` are recorded in the ledger, so a plain
+/// `envctl quota` (and `quota plan`) reads them, and a changed override is taken over.
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_plan_matches_real_passes_and_limits_live_in_the_ledger() {
+    let Some(s) = setup(true).await else { return };
+    let case = Case::new(&s.client, s.dir.path(), "plan", 5).await;
+    let flag = |spec: &str| {
+        vec![
+            "--acme-limit-override".to_string(),
+            format!("{}={spec}", case.domain),
+        ]
+    };
+    let plan = |extra: &[String]| -> (i32, serde_json::Value) {
+        let mut args = vec![
+            "quota".to_string(),
+            "plan".into(),
+            "--source".into(),
+            case.src.display().to_string(),
+            "-o".into(),
+            "json".into(),
+        ];
+        args.extend(case.common.iter().cloned());
+        args.extend(extra.iter().cloned());
+        let (code, out, err) = envctl(s.cluster, &args);
+        let json = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+        (code, json)
+    };
+    let env_rows = |p: &serde_json::Value| -> Vec<(String, String)> {
+        p["environments"]
+            .as_array()
+            .expect("environments")
+            .iter()
+            .map(|e| {
+                (
+                    e["environment"].as_str().unwrap_or_default().to_string(),
+                    e["first_certificate"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect()
+    };
+
+    // Before anything: 3 a week fit 3 of 5 now; the plan names the override to ask for.
+    let (code, before) = plan(&flag("3/168h"));
+    assert_eq!(code, 1, "the fleet does not fit: {before}");
+    assert_eq!(before["fits"], false);
+    let from = before["from"].as_str().expect("from").to_string();
+    let planned_now: Vec<String> = env_rows(&before)
+        .into_iter()
+        .filter(|(_, at)| *at == from)
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(planned_now.len(), 3, "{before}");
+    assert_eq!(before["suggestions"][0]["capacity"], 5, "{before}");
+    assert_eq!(
+        before["suggestions"][0]["flag"],
+        format!("--acme-limit-override {}=5/168h", case.domain)
+    );
+
+    // The real pass issues exactly those three, and announces when the others come.
+    let mut apply = case.apply(&s.pebble.flags());
+    apply.extend(flag("3/168h"));
+    let (code, out, err) = envctl(s.cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("3 issued, 2 waiting"), "{out}");
+    for name in &case.names {
+        assert_eq!(
+            out.contains(&format!("certificate {name}: issued")),
+            planned_now.contains(name),
+            "{name}: {out}"
+        );
+    }
+    // A plain `envctl quota` reads the recorded limit: 3 used of 3, not 30 of 50.
+    let q = quota(s.cluster, &case.common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &case.domain),
+        (3, 0),
+        "{q}"
+    );
+    // The plan, from the ledger alone (no flags), gives the waiting ones exactly the times
+    // the controller announced on their namespaces.
+    let (code, after) = plan(&[]);
+    assert_eq!(code, 1, "{after}");
+    let rows = env_rows(&after);
+    for name in case.names.iter().filter(|n| !planned_now.contains(n)) {
+        let ns: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(s.client.clone());
+        let announced = ns
+            .get(&format!("environment-{name}"))
+            .await
+            .expect("the namespace")
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(envctl::certs::WAIT_UNTIL_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        let planned = rows
+            .iter()
+            .find(|(e, _)| e == name)
+            .map(|(_, at)| at.clone())
+            .unwrap_or_default();
+        assert_eq!(planned, announced, "{name}: {after}");
+    }
+    eprintln!(
+        "measure: quota plan vs real pass, 5 environments at 3/168h: now {planned_now:?}, later {:?}",
+        rows.iter()
+            .filter(|(e, _)| !planned_now.contains(e))
+            .collect::<Vec<_>>()
+    );
+
+    // Raised to 10 a week: the used 3 stay used, the two waiting go at once.
+    let mut apply = case.apply(&s.pebble.flags());
+    apply.extend(flag("10/168h"));
+    let (code, out, err) = envctl(s.cluster, &apply);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("2 issued"), "{out}");
+    let q = quota(s.cluster, &case.common);
+    assert_eq!(
+        bucket(&q, "new-certificates-per-registered-domain", &case.domain),
+        (5, 5),
+        "{q}"
+    );
+    let (code, fits) = plan(&[]);
+    assert_eq!(code, 0, "{fits}");
+    case.cleanup(&s.client).await;
+}

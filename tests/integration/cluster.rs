@@ -41,6 +41,15 @@ pub fn require() -> Option<&'static TestCluster> {
     required("cluster", CLUSTER.get_or_init(start))
 }
 
+/// Held by the tests that wait for pods to run and turn Ready (health, rollouts in waves),
+/// so that they never share the two hollow nodes: two such fleets at once (50 pods) on a
+/// 2-core machine slowed kubemark's fake runtime until its containers were restarted and
+/// crash-looped, which those tests then (rightly) reported.
+pub async fn pods_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// A name unique to this test run and call: `<prefix>-<pid><n>`.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -783,6 +783,7 @@ async fn pods(client: &Client, env: &str) -> Vec<k8s_openapi::api::core::v1::Pod
 async fn rollout_in_waves_halts_on_degraded_and_converges_after_a_fix() {
     use crate::health::small_env;
     let Some(cluster) = require() else { return };
+    let _pods = crate::cluster::pods_lock().await;
     let client = cluster.client().await;
     let instance = unique("wave");
     let envs = [unique("w1"), unique("w2"), unique("w3")];

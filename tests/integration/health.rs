@@ -62,6 +62,7 @@ fn health_of<'a>(status: &'a serde_json::Value, env: &str) -> (&'a str, &'a str,
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_waits_for_ready_and_names_what_is_not() {
     let Some(cluster) = require() else { return };
+    let _pods = crate::cluster::pods_lock().await;
     let client = cluster.client().await;
     let instance = unique("hw");
     let dir = tempfile::tempdir().expect("a temp dir");

@@ -58,6 +58,16 @@ pub enum CertError {
     Charge(#[from] ChargeError),
 }
 
+impl CertSettings {
+    /// The limits this process was configured with.
+    pub fn limits(&self) -> super::ledger::Limits {
+        super::ledger::Limits {
+            overrides: self.overrides.clone(),
+            margin: self.margin,
+        }
+    }
+}
+
 impl CertError {
     /// Whether the cluster could not be reached (or refused envctl): exit code 3.
     pub fn is_unreachable(&self) -> bool {
@@ -149,8 +159,7 @@ impl Certs {
                 client,
                 &settings.namespace,
                 &settings.instance,
-                settings.overrides.clone(),
-                settings.margin,
+                Some(settings.limits()),
             ),
             store: CertStore::new(client, &settings.namespace, &settings.instance),
             challenges,
@@ -169,6 +178,8 @@ impl Certs {
     ) -> Result<CertReport, CertError> {
         let now = unix_now();
         let mut books = Books::default();
+        // The limits this process was given become the ledger's (written only on a change).
+        self.ledger.record_limits().await?;
         let selection = self.select(targets, now, &mut books).await?;
         self.restore_copies(selection.reuse, events, metrics, &mut books)
             .await;

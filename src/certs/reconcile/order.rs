@@ -178,7 +178,7 @@ impl Certs {
             Ok(c) => c,
             Err(e) => return failed(Outcome::failed(&e)),
         };
-        let info = self.settled(t, r, &cert, events).await;
+        let info = self.settled(t, r, &cert, account, events).await;
         Sent {
             outcome: Outcome::Issued {
                 serial: info.serial.clone(),

@@ -18,7 +18,7 @@ pub fn quota(buckets: &Ledger, account: &str, now: u64) -> Vec<BucketStatus> {
             key: account.to_string(),
         });
     }
-    for d in buckets.overrides.keys() {
+    for d in buckets.limits.overrides.keys() {
         keys.insert(BucketKey {
             limit: Limit::NewCertificatesPerRegisteredDomain,
             key: d.clone(),

@@ -24,6 +24,7 @@ impl Certs {
         t: &Target,
         r: &Request,
         cert: &StoredCert,
+        account: &str,
         events: Option<&Events>,
     ) -> CertInfo {
         let env = &r.environment;
@@ -32,6 +33,11 @@ impl Certs {
             .update(|doc| {
                 doc.pending.remove(env);
                 doc.queued.remove(env);
+                doc.buckets.authorized(&OrderRequest {
+                    account: account.to_string(),
+                    names: r.names.clone(),
+                    kind: r.kind,
+                });
             })
             .await
         {
@@ -93,10 +99,8 @@ impl Certs {
             }
             AcmeError::AuthorizationFailed { .. } => {
                 let now = unix_now();
-                self.book(r, |doc| {
-                    doc.buckets.charge(&Ledger::failure_buckets(&req), now)
-                })
-                .await;
+                self.book(r, |doc| doc.buckets.authorization_failed(&req, now))
+                    .await;
                 Outcome::failed(&e)
             }
             _ => {
