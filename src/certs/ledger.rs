@@ -55,6 +55,26 @@ pub struct Limits {
     pub margin: u32,
 }
 
+impl Limits {
+    /// One line for people: `Let's Encrypt's defaults, overrides a.cloud=5/168h, safety
+    /// margin 2`.
+    pub fn describe(&self) -> String {
+        let mut out = "Let's Encrypt's defaults".to_string();
+        if !self.overrides.is_empty() {
+            let o: Vec<String> = self
+                .overrides
+                .iter()
+                .map(|(d, s)| format!("{d}={}/{}h", s.capacity, s.window / 3600))
+                .collect();
+            out.push_str(&format!(", overrides {}", o.join(", ")));
+        }
+        if self.margin > 0 {
+            out.push_str(&format!(", safety margin {}", self.margin));
+        }
+        out
+    }
+}
+
 /// A bucket of `capacity` tokens refilled evenly over `window` seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketSpec {

@@ -344,26 +344,7 @@ fn plan_text(p: &Plan, ledger: &crate::certs::ledger::Ledger, name: &str) -> Str
     } else {
         "renewals without ARI (charged to their exact set of names)"
     };
-    let limits: Vec<String> = ledger
-        .limits
-        .overrides
-        .iter()
-        .map(|(d, s)| format!("{d}={}/{}h", s.capacity, s.window / 3600))
-        .collect();
-    let _ = writeln!(
-        out,
-        "limits: Let's Encrypt's defaults{}{}; {renewals}",
-        if limits.is_empty() {
-            String::new()
-        } else {
-            format!(", overrides {}", limits.join(", "))
-        },
-        if ledger.limits.margin > 0 {
-            format!(", safety margin {}", ledger.limits.margin)
-        } else {
-            String::new()
-        }
-    );
+    let _ = writeln!(out, "limits: {}; {renewals}", ledger.limits.describe());
     let short: Vec<&EnvPlan> = p
         .environments
         .iter()

@@ -384,3 +384,44 @@ async fn quota_plan_matches_real_passes_and_limits_live_in_the_ledger() {
     assert_eq!(code, 0, "{fits}");
     case.cleanup(&s.client).await;
 }
+
+/// Validation that keeps failing (nothing answers pebble's HTTP-01 requests): every failed
+/// authorization is booked; once the failures use up what the limits allow,
+/// the next pass places no order and says until when it waits; `envctl quota` shows the run
+/// of failures and the next try. (That the backoff never walks into Let's Encrypt's pause
+/// over weeks is the ledger's unit test `a_failing_identifier_backs_off_and_never_walks_into_the_pause`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_validation_backs_off_and_places_no_more_orders() {
+    let Some(s) = setup(false).await else { return };
+    let case = Case::new(&s.client, s.dir.path(), "fails", 1).await;
+    let mut flags = s.pebble.flags();
+    flags.extend(["--certificate-timeout".to_string(), "30s".into()]);
+    let apply = case.apply(&flags);
+    let before = s.pebble.orders();
+    for attempt in 1..=5 {
+        let (code, out, err) = envctl(s.cluster, &apply);
+        assert_eq!(code, 4, "attempt {attempt}:\n{out}\n{err}");
+        assert!(out.contains("failed: authorization for"), "{out}");
+    }
+    assert_eq!(s.pebble.orders() - before, 5, "one order per failing pass");
+    let (code, out, err) = envctl(s.cluster, &apply);
+    assert_eq!(code, 0, "a wait is not a failure:\n{out}\n{err}");
+    // Each failed order spent its name set's token too (charged before sending), so which
+    // limit it waits for first may be either; what matters is that it waits.
+    assert!(
+        out.contains("waiting for quota (authorization-failures-per-identifier) until")
+            || out.contains("waiting for quota (new-certificates-per-exact-set) until"),
+        "{out}"
+    );
+    assert_eq!(
+        s.pebble.orders() - before,
+        5,
+        "no order while the identifier backs off"
+    );
+    let mut args = vec!["quota".to_string()];
+    args.extend(case.common.iter().cloned());
+    let (code, out, err) = envctl(s.cluster, &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("5 failed authorization(s) in a row"), "{out}");
+    case.cleanup(&s.client).await;
+}

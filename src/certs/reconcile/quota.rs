@@ -59,6 +59,18 @@ struct QuotaDoc<'a> {
     pending: &'a BTreeMap<String, Pending>,
     /// Environments waiting for a certificate, with when they first asked.
     queued: BTreeMap<&'a str, String>,
+    /// The limits the buckets are measured against, as recorded in the ledger.
+    limits: &'a crate::certs::ledger::Limits,
+    /// Identifiers whose validation keeps failing: how many times in a row, and when the
+    /// next try may be.
+    consecutive_failures: BTreeMap<&'a str, FailureRow>,
+}
+
+#[derive(Serialize)]
+struct FailureRow {
+    failures: u32,
+    last: String,
+    next_try: String,
 }
 
 /// `envctl quota`: every bucket of the ledger, as a table or JSON.
@@ -84,6 +96,20 @@ pub fn quota_report(doc: &LedgerDoc, store: &LedgerStore, json: bool) -> Result<
             .iter()
             .map(|(e, t)| (e.as_str(), rfc3339(*t as i64)))
             .collect(),
+        limits: &doc.buckets.limits,
+        consecutive_failures: doc
+            .buckets
+            .consecutive_failures
+            .iter()
+            .map(|(id, (n, last))| {
+                let row = FailureRow {
+                    failures: *n,
+                    last: rfc3339(*last as i64),
+                    next_try: rfc3339((last + crate::certs::ledger::failure_backoff(*n)) as i64),
+                };
+                (id.as_str(), row)
+            })
+            .collect(),
     };
     if json {
         return serde_json::to_string_pretty(&q)
@@ -93,7 +119,7 @@ pub fn quota_report(doc: &LedgerDoc, store: &LedgerStore, json: bool) -> Result<
             })
             .map_err(|e| e.to_string());
     }
-    let mut out = format!("ledger {}\n", q.ledger);
+    let mut out = format!("ledger {}\nlimits: {}\n", q.ledger, q.limits.describe());
     let rows: Vec<[String; 6]> = q
         .buckets
         .iter()
@@ -137,6 +163,12 @@ pub fn quota_report(doc: &LedgerDoc, store: &LedgerStore, json: bool) -> Result<
     }
     if !q.pending.is_empty() {
         out.push_str(&format!("{} order(s) in flight\n", q.pending.len()));
+    }
+    for (id, f) in &q.consecutive_failures {
+        out.push_str(&format!(
+            "{id}: {} failed authorization(s) in a row, the last at {}; next try not before {}\n",
+            f.failures, f.last, f.next_try
+        ));
     }
     if !q.queued.is_empty() {
         out.push_str(&format!(
