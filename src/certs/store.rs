@@ -127,35 +127,22 @@ impl LedgerStore {
     /// re-expressing the used tokens of every bucket whose limit changed (`Ledger::retune`).
     /// Writes nothing when they match, or for a reader (`limits` is `None`).
     pub async fn record_limits(&self) -> Result<(), StoreError> {
-        let Some(limits) = &self.limits else {
-            return Ok(());
-        };
-        for attempt in 0..60u64 {
-            let (mut doc, rv) = self.load_recorded().await?;
-            if !doc.buckets.retune(limits.clone(), super::unix_now()) {
-                return Ok(());
-            }
-            if self.save(&doc, rv).await? {
-                tracing::info!(limits = ?limits, "recorded the quota limits in the ledger");
-                return Ok(());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt + 1).min(10))).await;
-        }
-        Err(StoreError::Contended {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-            tries: 60,
-        })
+        self.update(|_| ()).await
     }
 
     /// The ledger with this process's limits applied, and its resourceVersion (`None` when
     /// it does not exist yet).
     pub async fn load(&self) -> Result<(LedgerDoc, Option<String>), StoreError> {
         let (mut doc, rv) = self.load_recorded().await?;
+        self.apply_limits(&mut doc);
+        Ok((doc, rv))
+    }
+
+    /// Measures `doc` against this process's limits, if it was given any.
+    fn apply_limits(&self, doc: &mut LedgerDoc) {
         if let Some(limits) = &self.limits {
             doc.buckets.retune(limits.clone(), super::unix_now());
         }
-        Ok((doc, rv))
     }
 
     /// The ledger as stored, with the limits recorded in it.
@@ -232,8 +219,11 @@ impl LedgerStore {
         // machine a write can lose the race many times in a row.
         const TRIES: usize = 60;
         for attempt in 0..TRIES {
-            let (mut doc, rv) = self.load().await?;
+            // Compared with the ledger as recorded: a change of this process's limits is
+            // itself a change to write (`load` applies them).
+            let (mut doc, rv) = self.load_recorded().await?;
             let before = doc.clone();
+            self.apply_limits(&mut doc);
             let out = change(&mut doc);
             if doc == before {
                 return Ok(out);
