@@ -41,6 +41,15 @@ pub fn install_crypto_provider() {
 
 /// A client from `kubeconfig`, else `$KUBECONFIG`/`~/.kube/config`, else in-cluster.
 pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ConnectError> {
+    connect_as(kubeconfig, None).await
+}
+
+/// `connect`, with the User-Agent `envctl/<version>`, followed by ` (<identity>)` when given
+/// (a replica's identity, so that audit logs tell the replicas apart).
+pub async fn connect_as(
+    kubeconfig: Option<&Path>,
+    identity: Option<&str>,
+) -> Result<Client, ConnectError> {
     install_crypto_provider();
     let mut config = match kubeconfig {
         Some(path) => {
@@ -62,6 +71,13 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ConnectError> 
     config.connect_timeout = Some(std::time::Duration::from_secs(10));
     config.read_timeout = Some(std::time::Duration::from_secs(60));
     config.write_timeout = Some(std::time::Duration::from_secs(60));
+    let agent = match identity {
+        Some(id) => format!("envctl/{} ({id})", env!("CARGO_PKG_VERSION")),
+        None => format!("envctl/{}", env!("CARGO_PKG_VERSION")),
+    };
+    if let Ok(value) = http::HeaderValue::from_str(&agent) {
+        config.headers.push((http::header::USER_AGENT, value));
+    }
     Client::try_from(config).map_err(ConnectError::Client)
 }
 

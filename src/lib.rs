@@ -6,7 +6,7 @@
 //! - `vocab`: names and small shared types (labels, annotations, object keys, limit names);
 //!   `duration`, `diagnostic`, `yaml`: formats; `cluster`: the API client and its retries;
 //!   `health`: how an environment's StatefulSets and pods are judged (pure); `metrics`:
-//!   every exported metric.
+//!   every exported metric; `shard`: which replica writes which environment (pure).
 //! - The pipeline: `source` -> `manifest` -> `render` (and `rollout`: which environments a
 //!   revision reaches now, pure) -> `observe` -> `plan` -> `apply`, then
 //!   `status` (what is recorded about each environment) and `certs` (certificates).
@@ -28,6 +28,7 @@ pub mod pass;
 pub mod plan;
 pub mod render;
 pub mod rollout;
+pub mod shard;
 pub mod source;
 pub mod status;
 pub mod vocab;

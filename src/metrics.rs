@@ -81,6 +81,8 @@ pub enum Trigger {
     Retry,
     /// An environment's health changed while a rollout waits on it.
     Health,
+    /// The shard's member set changed, or a change has held long enough to write.
+    Shard,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -218,6 +220,9 @@ pub struct Metrics {
     pub rollout_environments: Family<RolloutLabels, Gauge>,
     pub rollout_wave: Gauge,
     pub rollout_halted: Gauge,
+    /// With `--shard`: the environments this replica owns, and the live members it sees.
+    pub shard_environments: Gauge,
+    pub shard_members: Gauge,
     last_revision: Mutex<Option<String>>,
 }
 
@@ -339,12 +344,26 @@ impl Metrics {
             "1 while the rollout is halted by a Degraded environment",
             rollout_halted.clone(),
         );
+        let shard_environments = Gauge::default();
+        registry.register(
+            "shard_environments",
+            "Environments this replica owns (envctl run --shard; 0 without sharding)",
+            shard_environments.clone(),
+        );
+        let shard_members = Gauge::default();
+        registry.register(
+            "shard_members",
+            "Live shard members this replica sees, itself included (0 without sharding)",
+            shard_members.clone(),
+        );
         Metrics {
             registry: owned_registry,
             environment_health,
             rollout_environments,
             rollout_wave,
             rollout_halted,
+            shard_environments,
+            shard_members,
             described,
             certs,
             reconcile_seconds,

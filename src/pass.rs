@@ -31,6 +31,20 @@ pub struct PassOptions {
     pub scope: Option<std::collections::BTreeSet<String>>,
     /// `--adopt`: take over existing namespaces that no envctl instance owns.
     pub adopt: bool,
+    /// With sharding: the environments this replica may write (see `crate::shard`).
+    pub writable: Option<crate::shard::Writable>,
+}
+
+impl PassOptions {
+    /// Whether environment `env` is planned in this pass.
+    pub fn plans(&self, env: &str) -> bool {
+        self.scope.as_ref().is_none_or(|s| s.contains(env)) && self.writes(env)
+    }
+
+    /// Whether this replica may write environment `env` at all (always, without sharding).
+    pub fn writes(&self, env: &str) -> bool {
+        self.writable.as_ref().is_none_or(|w| w.may_write(env))
+    }
 }
 
 /// What a pass found, with timings of its steps.
@@ -77,10 +91,7 @@ pub async fn plan_pass(
         .filter(|d| {
             d.kind == crate::render::ObjectKind::Namespace
                 && !live.objects.contains_key(&plan::ObjectKey::of(d))
-                && options
-                    .scope
-                    .as_ref()
-                    .is_none_or(|s| s.contains(&d.environment))
+                && options.plans(&d.environment)
         })
         .map(|d| d.name.as_str())
         .collect();
@@ -118,6 +129,7 @@ pub async fn plan_pass(
         instance: options.render.instance.clone(),
         adopt: options.adopt,
         failed,
+        writable: options.writable.clone(),
     };
     let t = Instant::now();
     let to_check = plan::needs_dry_run(&desired, &live, &health);

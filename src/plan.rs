@@ -179,6 +179,9 @@ pub struct SourceHealth {
     /// Environments that could not be observed (a dry-run or a read refused or unanswered),
     /// with the reason: each fails alone and is not planned.
     pub failed: BTreeMap<String, String>,
+    /// With sharding: the environments this replica may write. The others (in the source or
+    /// only live) are neither changed nor pruned.
+    pub writable: Option<crate::shard::Writable>,
 }
 
 /// Why an environment whose namespace already exists may not be applied by `instance`, if
@@ -216,7 +219,12 @@ pub struct EnvironmentError {
 impl SourceHealth {
     /// Whether environment `env` is planned in this pass.
     pub fn in_scope(&self, env: &str) -> bool {
-        self.scope.as_ref().is_none_or(|s| s.contains(env))
+        self.scope.as_ref().is_none_or(|s| s.contains(env)) && self.writes(env)
+    }
+
+    /// Whether this replica may write environment `env` at all (always, without sharding).
+    pub fn writes(&self, env: &str) -> bool {
+        self.writable.as_ref().is_none_or(|w| w.may_write(env))
     }
 }
 
@@ -514,6 +522,9 @@ pub fn build(
             continue;
         }
         let env = l.environment.as_deref().unwrap_or("");
+        if !health.writes(env) {
+            continue; // another replica's (sharding)
+        }
         if desired_envs.contains(env)
             && (!health.in_scope(env)
                 || refused.contains_key(env)
@@ -702,8 +713,7 @@ mod tests {
 
     /// Out-of-scope environments are neither changed nor pruned, even when their live objects
     /// differ from (or are missing in) the desired ones; removed environments still go.
-    #[test]
-    fn scope_limits_what_is_planned() {
+    fn plan_scoped(health: &SourceHealth) -> Vec<String> {
         let desired = vec![
             DesiredObject {
                 environment: "a".into(),
@@ -738,28 +748,60 @@ mod tests {
             .as_object_mut()
             .map(|m| m.remove("namespace"));
         live.insert(ObjectKind::Namespace, ns_c);
-        let health = SourceHealth {
-            scope: Some(BTreeSet::from(["a".to_string()])),
-            ..SourceHealth::default()
-        };
         let prune = PrunePolicy {
             enabled: true,
             allow_mass_prune: true,
             max_prune: MaxPrune::Count(10),
         };
-        let plan = build(desired, &live, &BTreeMap::new(), &health, &prune, true);
-        let touched: Vec<String> = plan
-            .changes
+        let plan = build(desired, &live, &BTreeMap::new(), health, &prune, true);
+        plan.changes
             .iter()
             .map(|c| format!("{} {}", c.action.as_str(), c.key))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn scope_limits_what_is_planned() {
+        let health = SourceHealth {
+            scope: Some(BTreeSet::from(["a".to_string()])),
+            ..SourceHealth::default()
+        };
         assert_eq!(
-            touched,
+            plan_scoped(&health),
             vec![
                 "update StatefulSet environment-a/s".to_string(),
                 "delete Namespace environment-c".to_string()
             ]
         );
+    }
+
+    /// With sharding, environments another replica writes are neither changed nor pruned,
+    /// removed ones included.
+    #[test]
+    fn a_shard_plans_only_what_it_may_write() {
+        let lease = std::time::Duration::from_secs(15);
+        let t0 = tokio::time::Instant::now();
+        let members: BTreeSet<String> = ["r1", "r2", "r3"].iter().map(|s| s.to_string()).collect();
+        let mut expected: Vec<String> = Vec::new();
+        for me in &members {
+            let mut m = crate::shard::Membership::new(me, lease);
+            m.observe(Some(members.clone()), t0);
+            let health = SourceHealth {
+                writable: Some(m.writable(t0 + lease)),
+                ..SourceHealth::default()
+            };
+            let mine = plan_scoped(&health);
+            for line in &mine {
+                let env = line.rsplit("environment-").next().unwrap_or("");
+                let env = env.split('/').next().unwrap_or("");
+                assert!(m.owns(env), "{me} planned {line} of {env}");
+            }
+            expected.extend(mine);
+        }
+        expected.sort();
+        let mut all = plan_scoped(&SourceHealth::default());
+        all.sort();
+        assert_eq!(expected, all, "the shards together plan the whole fleet");
     }
 
     #[test]

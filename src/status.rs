@@ -269,6 +269,10 @@ pub struct StatusRow {
     /// reason, or why there is none.
     pub certificate: String,
     pub last_error: String,
+    /// With sharding: the live member that owns the environment (set by `envctl status`
+    /// from the member Leases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Every environment of `instance` with its recorded status, its health judged now (a
@@ -346,6 +350,7 @@ pub async fn read_all(
                 message: h.message,
                 certificate: certificate_state(&ann, not_after.get(&namespace)),
                 last_error: get(ERROR_ANNOTATION),
+                owner: None,
                 environment,
                 namespace,
             }
@@ -376,10 +381,10 @@ fn certificate_state(annotations: &BTreeMap<String, String>, not_after: Option<&
 }
 
 /// The rows as an aligned text table (the health's message and the last error go last,
-/// unpadded).
+/// unpadded). The OWNER column (sharding) shows only when some row has an owner.
 pub fn table(rows: &[StatusRow]) -> String {
-    const N: usize = 8;
-    let header: [&str; N] = [
+    let sharded = rows.iter().any(|r| r.owner.is_some());
+    let mut header = vec![
         "ENVIRONMENT",
         "REVISION",
         "STATE",
@@ -387,8 +392,11 @@ pub fn table(rows: &[StatusRow]) -> String {
         "HEALTH",
         "CERTIFICATE",
         "REASON",
-        "MESSAGE",
     ];
+    if sharded {
+        header.push("OWNER");
+    }
+    header.push("MESSAGE");
     let dash = |s: &str| {
         if s.is_empty() {
             "-".to_string()
@@ -396,7 +404,7 @@ pub fn table(rows: &[StatusRow]) -> String {
             s.replace('\n', " ")
         }
     };
-    let cells: Vec<[String; N]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let message = match (r.health, r.last_error.is_empty()) {
@@ -406,7 +414,7 @@ pub fn table(rows: &[StatusRow]) -> String {
                 (_, false) => format!("{}; last error: {}", r.message, r.last_error),
                 (_, true) => r.message.clone(),
             };
-            [
+            let mut row = vec![
                 r.environment.clone(),
                 dash(&r.revision.chars().take(12).collect::<String>()),
                 dash(&r.state),
@@ -414,20 +422,25 @@ pub fn table(rows: &[StatusRow]) -> String {
                 r.health.as_str().to_string(),
                 dash(&r.certificate),
                 dash(&r.reason),
-                message.replace('\n', " "),
-            ]
+            ];
+            if sharded {
+                row.push(dash(r.owner.as_deref().unwrap_or("")));
+            }
+            row.push(message.replace('\n', " "));
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for c in &cells {
         for (i, v) in c.iter().enumerate() {
             widths[i] = widths[i].max(v.chars().count());
         }
     }
+    let last = header.len() - 1;
     let mut out = String::new();
-    let mut line = |vals: [&str; N]| {
+    let mut line = |vals: &[&str]| {
         for (i, v) in vals.iter().enumerate() {
-            if i == N - 1 {
+            if i == last {
                 out.push_str(v);
             } else {
                 out.push_str(&format!("{v:<w$}  ", w = widths[i]));
@@ -438,9 +451,9 @@ pub fn table(rows: &[StatusRow]) -> String {
         }
         out.push('\n');
     };
-    line(header);
+    line(&header);
     for c in &cells {
-        line(std::array::from_fn(|i| c[i].as_str()));
+        line(&c.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
 }

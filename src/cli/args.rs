@@ -296,6 +296,7 @@ impl PassArgs {
             diffs: true,
             scope: None,
             adopt: self.prune.adopt,
+            writable: None,
         }
     }
 }

@@ -39,6 +39,11 @@ pub struct RunArgs {
     /// Elect a leader on a Lease so that only one replica writes.
     #[arg(long, env = "ENVCTL_LEADER_ELECT")]
     pub leader_elect: bool,
+    /// Share the environments among the replicas: each holds a member Lease and writes the
+    /// environments that rendezvous hashing of their names gives it (see the README's
+    /// "Sharding"). Uses the `--leader-elect-*` settings for its own Lease.
+    #[arg(long, env = "ENVCTL_SHARD")]
+    pub shard: bool,
     /// Namespace of the Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub leader_elect_namespace: String,
@@ -85,8 +90,9 @@ fn init_logging(format: LogFormat) {
 pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
     init_logging(args.log_format);
     let options = args.options()?;
+    let identity = args.identity();
     runtime()?.block_on(async {
-        let client = cluster::connect(args.cluster.kubeconfig.as_deref())
+        let client = cluster::connect_as(args.cluster.kubeconfig.as_deref(), Some(&identity))
             .await
             .map_err(CliError::Connect)?;
         crate::controller::run::run(client, options)
@@ -99,6 +105,12 @@ pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
 impl RunArgs {
     /// The controller's settings, validated (files read, the Git source opened).
     fn options(&self) -> Result<RunOptions, CliError> {
+        if self.shard && self.leader_elect {
+            return Err(CliError::Setting {
+                setting: "--shard",
+                message: "sharding and leader election are alternatives: with --shard every replica writes its own share, so leave --leader-elect (ENVCTL_LEADER_ELECT) off".into(),
+            });
+        }
         let source = if self.source.is_git() {
             RunSource::Git(Box::new(self.source.git()?))
         } else {
@@ -117,12 +129,14 @@ impl RunArgs {
                 diffs: false,
                 scope: None,
                 adopt: self.prune.adopt,
+                writable: None,
             },
             interval: self.interval,
             resync: self.resync_interval,
             listen: self.listen,
             webhook_secret: self.webhook_secret()?,
             leader: self.leader_elect.then(|| self.lease()),
+            shard: self.shard.then(|| self.lease()),
             shutdown_grace: self.shutdown_grace,
             progress_deadline: self.health.progress_deadline,
             certs: self.certs.mode()?,
@@ -145,13 +159,18 @@ impl RunArgs {
             })
     }
 
-    fn lease(&self) -> LeaseConfig {
-        let identity = self.leader_elect_identity.clone().unwrap_or_else(|| {
+    /// This replica's identity: `--leader-elect-identity`, else host name and process id.
+    fn identity(&self) -> String {
+        self.leader_elect_identity.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "envctl".into());
             format!("{host}-{}", std::process::id())
-        });
+        })
+    }
+
+    fn lease(&self) -> LeaseConfig {
+        let identity = self.identity();
         LeaseConfig {
             namespace: self.leader_elect_namespace.clone(),
             name: format!("envctl-{}", self.source.policy.instance),

@@ -27,10 +27,19 @@ pub struct StatusArgs {
 }
 
 pub fn handle(args: &StatusArgs) -> Result<Exit, CliError> {
-    let (rows, rollout) = runtime()?.block_on(async {
+    let (mut rows, rollout, members) = runtime()?.block_on(async {
         let client = cluster::connect(args.cluster.kubeconfig.as_deref())
             .await
             .map_err(CliError::Connect)?;
+        let members = async {
+            crate::controller::shard::members_now(
+                &client,
+                Some(&args.controller_namespace),
+                &args.instance.instance,
+            )
+            .await
+            .map_err(crate::status::StatusError::List)
+        };
         futures::try_join!(
             crate::status::read_all(
                 &client,
@@ -42,9 +51,20 @@ pub fn handle(args: &StatusArgs) -> Result<Exit, CliError> {
                 &args.controller_namespace,
                 &args.instance.instance
             ),
+            members,
         )
         .map_err(CliError::Status)
     })?;
+    // Sharded: each environment's owner among the live members (as the replicas compute it).
+    if !members.is_empty() {
+        for r in &mut rows {
+            r.owner = Some(
+                crate::shard::owner(&r.environment, &members)
+                    .unwrap_or("-")
+                    .to_string(),
+            );
+        }
+    }
     // A rollout that was recorded but whose policy is gone is no longer news.
     let rollout = rollout.filter(|r| !r.policy.is_empty());
     let text = match args.output {

@@ -37,6 +37,8 @@ pub struct Tracker {
     pub metrics: Arc<Metrics>,
     pub events: Events,
     pub leading: watch::Receiver<bool>,
+    /// With sharding: Events go only to the environments this replica owns.
+    pub membership: Option<super::shard::SharedMembership>,
     /// Wakes the loop when some environment's health state changed.
     pub changed: Arc<Notify>,
     pub current: HealthMap,
@@ -49,6 +51,7 @@ pub fn start(
     deadline: Duration,
     metrics: Arc<Metrics>,
     leading: watch::Receiver<bool>,
+    membership: Option<super::shard::SharedMembership>,
     changed: Arc<Notify>,
 ) -> HealthMap {
     let events_in = Arc::new(Notify::new());
@@ -59,6 +62,7 @@ pub fn start(
         metrics,
         events: Events::new(client.clone(), instance),
         leading,
+        membership,
         changed,
         current: current.clone(),
     };
@@ -142,7 +146,11 @@ impl Tracker {
                 tracing::info!(environment = %env, health = %h.state, reason = %h.reason, "environment health");
             }
             // Unknown (nothing observed yet, or deleted) is not news worth an Event.
-            if *self.leading.borrow() && h.state != HealthState::Unknown {
+            let owned = self
+                .membership
+                .as_ref()
+                .is_none_or(|m| m.lock().unwrap_or_else(|e| e.into_inner()).owns(env));
+            if *self.leading.borrow() && owned && h.state != HealthState::Unknown {
                 let namespace = crate::manifest::namespace_for(env);
                 self.events
                     .publish(

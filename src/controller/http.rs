@@ -30,8 +30,11 @@ pub struct Shared {
     pub challenges: Option<Arc<crate::certs::challenges::Challenges>>,
     /// Whether this replica leads (always true without leader election).
     pub leading: tokio::sync::watch::Receiver<bool>,
-    /// With leader election: how a standby hands a webhook call to the leader.
+    /// With leader election: how a standby hands a webhook call to the leader; with
+    /// sharding: how a call reaches every replica.
     pub relay: Option<super::relay::Relay>,
+    /// `--shard`: every call is relayed (every replica polls for its own environments).
+    pub sharded: bool,
 }
 
 /// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under `secret`.
@@ -100,7 +103,8 @@ async fn hook(
         );
     }
     match &shared.relay {
-        Some(relay) if !*shared.leading.borrow() => match relay.forward().await {
+        Some(relay) if shared.sharded || !*shared.leading.borrow() => match relay.forward().await {
+            Ok(()) if shared.sharded => (StatusCode::ACCEPTED, "poll relayed to every replica\n"),
             Ok(()) => (StatusCode::ACCEPTED, "poll relayed to the leader\n"),
             Err(e) => {
                 tracing::warn!(error = %crate::vocab::error_chain(&e), "relaying a webhook call");

@@ -61,7 +61,7 @@ pub struct Observed(Option<(Record, Instant)>);
 impl Observed {
     /// Notes the record read now; returns whether its holder's lease has run out, counting
     /// from when this replica first saw this version of the record.
-    fn expired(&mut self, spec: &LeaseSpec, default: Duration, at: Instant) -> bool {
+    pub(super) fn expired(&mut self, spec: &LeaseSpec, default: Duration, at: Instant) -> bool {
         let record = Record::of(spec);
         if record.holder.is_none() {
             return true; // released

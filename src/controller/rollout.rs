@@ -16,6 +16,10 @@ use crate::status;
 use crate::vocab::error_chain;
 use crate::vocab::{HASH_ANNOTATION, ObjectKind};
 
+/// With sharding, the rollout's status is recorded by the replica that owns this name (it
+/// is no environment's: environment names are DNS labels, without a colon).
+pub(super) const ROLLOUT_RECORDER: &str = "rollout:status";
+
 /// How many source revisions `Loop::history` keeps.
 pub(super) const HISTORY: usize = 8;
 
@@ -225,7 +229,8 @@ impl Loop {
     }
 
     /// Publishes the rollout's status: metrics always; the ConfigMap, the log and an Event
-    /// on a new halt only when it changed.
+    /// on a new halt only when it changed (with sharding: by the replica that owns
+    /// `ROLLOUT_RECORDER`).
     pub(super) async fn record_rollout(&mut self, status: Option<RolloutStatus>) {
         use crate::metrics::{RolloutLabels, RolloutPhase};
         let s = status.clone().unwrap_or_default();
@@ -247,7 +252,14 @@ impl Loop {
             .rollout_halted
             .set(i64::from(s.halted.is_some()));
         self.rollout_waiting = s.current_wave.is_some();
-        if self.rollout.as_ref() == status.as_ref() {
+        // With sharding every replica decides the same rollout; one of them records it.
+        let records = self.membership.as_ref().is_none_or(|m| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .writable(tokio::time::Instant::now())
+                .may_write(ROLLOUT_RECORDER)
+        });
+        if !records || self.rollout.as_ref() == status.as_ref() {
             return;
         }
         let newly_halted = s.halted.as_ref().filter(|h| {

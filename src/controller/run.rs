@@ -22,6 +22,7 @@ use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
 use super::relay::Relay;
 use super::rollout::HISTORY;
+use super::shard::SharedMembership;
 use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
 use crate::certs::challenges::Challenges;
@@ -59,6 +60,8 @@ pub struct RunOptions {
     pub listen: SocketAddr,
     pub webhook_secret: Option<Vec<u8>>,
     pub leader: Option<LeaseConfig>,
+    /// `--shard`: this replica's member Lease; environments are shared among the members.
+    pub shard: Option<LeaseConfig>,
     /// How long a pass in flight may take to finish after SIGTERM or SIGINT.
     pub shutdown_grace: Duration,
     /// A rollout without progress for this long is Degraded.
@@ -203,6 +206,10 @@ pub(super) struct Loop {
     /// Per environment, the desired-hash of each StatefulSet this process last wrote: health
     /// judged from older versions of them does not count for a rollout.
     pub(super) applied_stateful_sets: BTreeMap<String, BTreeMap<String, String>>,
+    /// With `--shard`: the member sets seen, which decide what this replica writes.
+    pub(super) membership: Option<SharedMembership>,
+    /// With `--shard`: counts changes of the member set (a pass stops writing on one).
+    pub(super) shard_generation: Option<watch::Receiver<u64>>,
 }
 
 /// A failing environment is tried again after 2 s, 4 s, 8 s ... at most 5 minutes apart.
@@ -210,6 +217,25 @@ const ENV_BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const ENV_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 impl Loop {
+    /// With sharding: what this replica may write in this pass (and the shard metrics).
+    fn writable(&self, loaded: &manifest::Loaded) -> Option<crate::shard::Writable> {
+        let membership = self.membership.as_ref()?;
+        let m = membership.lock().unwrap_or_else(|e| e.into_inner());
+        let owned = loaded
+            .environments
+            .iter()
+            .filter(|e| m.owns(&e.environment.metadata.name))
+            .count();
+        self.metrics
+            .shard_environments
+            .set(i64::try_from(owned).unwrap_or(i64::MAX));
+        self.metrics.shard_members.set(
+            m.members()
+                .map_or(0, |s| i64::try_from(s.len()).unwrap_or(i64::MAX)),
+        );
+        Some(m.writable(tokio::time::Instant::now()))
+    }
+
     /// When the earliest failing environment is due again; never sooner than a second after
     /// the previous pass, so that no state can make retries spin.
     fn next_retry(&self) -> Option<tokio::time::Instant> {
@@ -261,6 +287,7 @@ impl Loop {
                 .any(|e| e.environment.metadata.name == *name)
         });
         let mut pass_options = self.opts.pass.clone();
+        pass_options.writable = self.writable(&loaded);
         // A failing environment waits out its own backoff (unless its file changed: a fix
         // was pushed); the others go on.
         let now = tokio::time::Instant::now();
@@ -323,7 +350,27 @@ impl Loop {
         };
         self.metrics
             .count_api(ApiVerb::DryRun, pass.dry_runs as u64);
-        let report = apply_pass(&self.client, &pass, &pass_options).await;
+        let report = match self.shard_generation.clone() {
+            // Sharded: a change of the member set mid-pass stops the pass's writes (some of
+            // its environments may have become another replica's); the next pass re-plans.
+            Some(mut generation) => {
+                generation.borrow_and_update();
+                let changed = async move {
+                    if generation.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    report = apply_pass(&self.client, &pass, &pass_options) => report,
+                    _ = changed => {
+                        self.note_applied_stateful_sets(&loaded, &pass.plan.changes);
+                        tracing::warn!(revision = %revision.id, "the shard's members changed during the pass: its remaining writes are left to the next pass");
+                        return;
+                    }
+                }
+            }
+            None => apply_pass(&self.client, &pass, &pass_options).await,
+        };
         self.note_applied_stateful_sets(&loaded, &pass.plan.changes);
         let writes = pass
             .plan
@@ -391,7 +438,12 @@ impl Loop {
         let mut statuses = Vec::new();
         let unconfigured = matches!(self.opts.certs, CertMode::Unconfigured);
         let mut without_certificate = 0i64;
-        for env in &loaded.environments {
+        let writes = |name: &str| pass_options.writes(name);
+        for env in loaded
+            .environments
+            .iter()
+            .filter(|e| writes(&e.environment.metadata.name))
+        {
             let name = env.environment.metadata.name.clone();
             let certificate = (unconfigured && env.environment.spec.tls.enabled)
                 .then_some(crate::certs::UNCONFIGURED_NOTE);
@@ -438,7 +490,7 @@ impl Loop {
                 certificate,
             });
         }
-        for name in &loaded.invalid_names {
+        for name in loaded.invalid_names.iter().filter(|n| writes(n)) {
             *counts.entry(EnvState::Invalid).or_default() += 1;
             let reason = loaded
                 .invalid_reasons
@@ -476,7 +528,8 @@ impl Loop {
                 .environments
                 .iter()
                 .map(|e| &e.environment)
-                .filter(|e| !refused.contains(e.metadata.name.as_str())),
+                .filter(|e| !refused.contains(e.metadata.name.as_str()))
+                .filter(|e| writes(&e.metadata.name)),
         );
         let created_namespace = pass
             .plan
@@ -496,6 +549,8 @@ impl Loop {
         let live_ns = &pass.live_namespaces;
         let mut annotate = Vec::new();
         let mut publish: Vec<(String, bool, &'static str, String)> = Vec::new();
+        // An environment another replica writes is recorded afresh if it comes back.
+        self.written.retain(|name, _| writes(name));
         for s in statuses {
             let key = (s.revision.clone(), s.state, s.error.clone());
             let recorded = live_ns.get(&s.namespace);
@@ -619,7 +674,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             &opts.cert_settings.instance,
         ))
     });
-    let relay = opts.leader.as_ref().map(|cfg| {
+    let relay = opts.leader.as_ref().or(opts.shard.as_ref()).map(|cfg| {
         Relay::new(
             &client,
             &cfg.namespace,
@@ -636,6 +691,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         challenges: challenges.clone(),
         leading: lead_rx.clone(),
         relay: relay.clone(),
+        sharded: opts.shard.is_some(),
     });
     // SIGTERM (rollouts, drains) and SIGINT: stop starting passes, finish the one in flight
     // within the grace period, release the Lease, exit 0.
@@ -663,6 +719,24 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         .leader
         .clone()
         .map(|cfg| tokio::spawn(leader::run(client.clone(), cfg, lead_tx)));
+    let shard_changed = Arc::new(Notify::new());
+    let membership: Option<SharedMembership> = opts.shard.as_ref().map(|cfg| {
+        Arc::new(Mutex::new(crate::shard::Membership::new(
+            &cfg.identity,
+            cfg.duration,
+        )))
+    });
+    let (generation_tx, generation_rx) = watch::channel(0u64);
+    let shard_task = opts.shard.clone().zip(membership.clone()).map(|(cfg, m)| {
+        tokio::spawn(super::shard::run(
+            client.clone(),
+            cfg,
+            opts.pass.render.instance.clone(),
+            m,
+            shard_changed.clone(),
+            generation_tx,
+        ))
+    });
     if let (Some(relay), true) = (relay, opts.webhook_secret.is_some()) {
         tokio::spawn(relay.watch(poke.clone()));
     }
@@ -721,6 +795,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         opts.progress_deadline,
         metrics.clone(),
         lead_rx.clone(),
+        membership.clone(),
         health_changed.clone(),
     );
     let (cert_targets, targets_rx) = watch::channel(Vec::new());
@@ -735,6 +810,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             lead_rx.clone(),
             stop_rx.clone(),
             opts.resync,
+            membership.clone(),
         ))),
         _ => None,
     };
@@ -763,6 +839,8 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         rollout_waiting: false,
         unreadable: BTreeSet::new(),
         applied_stateful_sets: BTreeMap::new(),
+        shard_generation: membership.is_some().then_some(generation_rx),
+        membership,
     };
     let mut current: Option<Revision> = None;
     let mut last_pass = Instant::now();
@@ -779,7 +857,14 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             let standing_by = !*lead_rx.borrow();
             let mut became_leader = lead_rx.clone();
             let retry_at = state.next_retry();
+            let settles_at = state.membership.as_ref().and_then(|m| {
+                m.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .settles_at(tokio::time::Instant::now())
+            });
             tokio::select! {
+                _ = shard_changed.notified() => trigger = Trigger::Shard,
+                _ = tokio::time::sleep_until(settles_at.unwrap_or_else(tokio::time::Instant::now)), if settles_at.is_some() => trigger = Trigger::Shard,
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => trigger = Trigger::Retry,
                 _ = stop.changed() => break,
                 _ = became_leader.wait_for(|l| *l), if standing_by => trigger = Trigger::Poll,
@@ -837,7 +922,11 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         let why = if moved
             || matches!(
                 trigger,
-                Trigger::Drift | Trigger::Webhook | Trigger::Retry | Trigger::Health
+                Trigger::Drift
+                    | Trigger::Webhook
+                    | Trigger::Retry
+                    | Trigger::Health
+                    | Trigger::Shard
             ) {
             trigger
         } else if resync_due {
@@ -869,9 +958,17 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         last_pass = Instant::now();
         shared.ready.store(true, Ordering::Relaxed);
     }
+    if let Some(task) = shard_task {
+        task.abort();
+    }
     shutdown(
         &state.client,
         state.opts.leader.as_ref(),
+        state
+            .opts
+            .shard
+            .as_ref()
+            .map(|cfg| (cfg, state.opts.pass.render.instance.as_str())),
         cert_task,
         leader_task,
         grace,
@@ -902,6 +999,7 @@ async fn wait_for_signal() {
 async fn shutdown(
     client: &Client,
     lease: Option<&LeaseConfig>,
+    shard: Option<(&LeaseConfig, &str)>,
     cert_task: Option<tokio::task::JoinHandle<()>>,
     leader_task: Option<tokio::task::JoinHandle<()>>,
     grace: Duration,
@@ -929,6 +1027,22 @@ async fn shutdown(
             ),
         }
     }
+    if let Some((cfg, instance)) = shard {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            super::shard::release(client, cfg, instance),
+        )
+        .await
+        {
+            Ok(Ok(())) => tracing::info!("left the shard: the others take its environments now"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "deleting the member Lease; the others take over when it lapses")
+            }
+            Err(_) => tracing::warn!(
+                "deleting the member Lease timed out; the others take over when it lapses"
+            ),
+        }
+    }
     tracing::info!("stopped");
 }
 
@@ -945,6 +1059,7 @@ async fn cert_worker(
     lead: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     resync: Duration,
+    membership: Option<SharedMembership>,
 ) {
     let events = Events::new(client.clone(), &settings.instance);
     let mut certs: Option<Certs> = None;
@@ -981,6 +1096,11 @@ async fn cert_worker(
             }
         }
         let Some(c) = &certs else { continue };
+        c.set_shard(membership.as_ref().map(|m| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .writable(tokio::time::Instant::now())
+        }));
         let round = std::panic::AssertUnwindSafe(c.reconcile(&want, Some(&events), Some(&metrics)))
             .catch_unwind()
             .await;

@@ -88,10 +88,27 @@ def test_non_default_values():
     assert lease_rule["resourceNames"] == ["envctl-prod-eu"]
 
 
+def test_sharding_replaces_leader_election():
+    docs = render({"source": {"url": "https://git.example.com/envs.git"},
+                   "sharding": {"enabled": True, "replicas": 4}})
+    deploy = by_kind(docs, "Deployment")[0]
+    assert deploy["spec"]["replicas"] == 4
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ENVCTL_SHARD"] == "true"
+    assert "ENVCTL_LEADER_ELECT" not in env
+    rules = by_kind(docs, "Role")[0]["rules"]
+    members = [r for r in rules if r["resources"] == ["leases"] and "list" in r["verbs"]]
+    assert members and not members[0].get("resourceNames"), rules
+    # Without sharding, no replica may list or delete Leases.
+    plain = by_kind(render({"source": {"url": "https://git.example.com/envs.git"}}), "Role")[0]["rules"]
+    assert not [r for r in plain if r["resources"] == ["leases"] and "list" in r["verbs"]]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
         {"replicas": 0},
+        {"sharding": {"enabled": True, "replicas": 0}},
         {"source": {"url": "https://x", "interval": "soon"}},
         {"prune": {"maxPrune": "a lot"}},
         {"image": {"repository": "x", "pullPolicy": "Sometimes"}},

@@ -33,6 +33,9 @@ async fn envctl_runs_as_the_charts_service_account() {
             "source.url=https://git.example.invalid/envs.git",
         ])
         .arg(format!("instance={instance}"))
+        // Sharding's Lease rules too (leader election's are always there): both modes run
+        // as this ServiceAccount below.
+        .arg("sharding.enabled=true")
         .output()
         .expect("running tests/chart/render.py (needs python3 and helm-python-sdk)");
     assert!(
@@ -259,6 +262,66 @@ async fn envctl_runs_as_the_charts_service_account() {
     assert!(
         led,
         "envctl run did not lead and reconcile as the ServiceAccount:\n{text}"
+    );
+    assert!(
+        !text.contains("forbidden") && !text.contains("Forbidden"),
+        "a request was forbidden:\n{text}"
+    );
+
+    // `envctl run --shard` as the ServiceAccount: its member Lease created, renewed and
+    // listed, a pass once the membership held, and the Lease deleted on SIGTERM.
+    let log = dir.path().join("shard.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args([
+            "run",
+            "--source",
+            src,
+            "--instance",
+            &instance,
+            "--interval",
+            "1s",
+        ])
+        .args([
+            "--shard",
+            "--leader-elect-lease",
+            "3s",
+            "--leader-elect-namespace",
+            &namespace,
+        ])
+        .args([
+            "--leader-elect-identity",
+            "chart-replica-0",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--controller-namespace", &namespace])
+        .arg("--kubeconfig")
+        .arg(&sa_kubeconfig)
+        .env("ENVCTL_SKIP_CERTIFICATES", "1")
+        .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
+        .env("ENVCTL_LOG", "info")
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("envctl run --shard");
+    let mut sharded = false;
+    for _ in 0..150 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("shard members changed") && text.contains("trigger=Shard") {
+            sharded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status();
+    let _ = run.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        sharded && text.contains("left the shard"),
+        "envctl run --shard did not join, reconcile and leave as the ServiceAccount:\n{text}"
     );
     assert!(
         !text.contains("forbidden") && !text.contains("Forbidden"),

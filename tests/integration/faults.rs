@@ -17,14 +17,14 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use crate::cluster::{cleanup_instance, require, unique};
 use crate::support::{repo_root, script_last_line, wait_until};
 
-fn env_yaml(name: &str, scale: i64, tls: bool) -> String {
+pub fn env_yaml(name: &str, scale: i64, tls: bool) -> String {
     format!(
         "apiVersion: envctl.materialize.cloud/v1alpha1\nkind: Environment\nmetadata:\n  name: {name}\nspec:\n  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11\n  region: aws/us-east-1\n  hostname: {name}.us-east-1.faults.test\n  tls: {{enabled: {tls}}}\n  environmentd:\n    image: materialize/environmentd:v0.130.0\n  services:\n    compute:\n      - {{id: cluster-0, image: \"materialize/clusterd:v0.130.0\", scale: {scale}}}\n"
     )
 }
 
 /// Writes `n` environments `<prefix>-<i>` with `scale` into `dir`; returns their names.
-fn write_fleet(dir: &Path, prefix: &str, n: usize, scale: i64) -> Vec<String> {
+pub fn write_fleet(dir: &Path, prefix: &str, n: usize, scale: i64) -> Vec<String> {
     std::fs::create_dir_all(dir).expect("a folder");
     (0..n)
         .map(|i| {
@@ -49,7 +49,12 @@ async fn replicas(client: &kube::Client, env: &str) -> Option<i32> {
 }
 
 /// How many of `names` have compute-cluster-0 at `scale`, read with one LIST.
-async fn converged(client: &kube::Client, instance: &str, names: &[String], scale: i32) -> usize {
+pub async fn converged(
+    client: &kube::Client,
+    instance: &str,
+    names: &[String],
+    scale: i32,
+) -> usize {
     let api: Api<StatefulSet> = Api::all(client.clone());
     let Ok(list) = api
         .list(

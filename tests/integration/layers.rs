@@ -10,7 +10,7 @@ use crate::support::repo_root;
 const LAYERS: &[&[&str]] = &[
     &["vocab"],
     &["duration", "diagnostic", "yaml"],
-    &["health"],
+    &["health", "shard"],
     &["cluster"],
     &["metrics"],
     &["source"],

@@ -15,4 +15,5 @@ mod health;
 mod layers;
 mod properties;
 mod safety;
+mod shard;
 mod support;

@@ -66,7 +66,9 @@ impl Certs {
         let (resumes, slots) = self
             .ledger
             .update(|doc| {
-                doc.queued.retain(|env, _| requesting.contains(env));
+                // Another replica's entries (sharding) are not this one's to drop.
+                doc.queued
+                    .retain(|env, _| requesting.contains(env) || !self.serves(env));
                 let mut resumes = Vec::new();
                 let mut fresh = Vec::new();
                 for r in &requests {
@@ -88,8 +90,9 @@ impl Certs {
                     }
                 }
                 // Orders charged but never known to be sent: their tokens stay spent.
-                doc.pending
-                    .retain(|env, _| resumes.iter().any(|(r, _)| r.environment == *env));
+                doc.pending.retain(|env, _| {
+                    resumes.iter().any(|(r, _)| r.environment == *env) || !self.serves(env)
+                });
                 let slots = schedule(fresh, &doc.buckets, &account, now);
                 (resumes, slots)
             })

@@ -123,9 +123,26 @@ pub struct Certs {
     pub settings: CertSettings,
     /// Waits last announced, by environment (so unchanged waits are not re-announced).
     announced: std::sync::Mutex<BTreeMap<String, (u64, Limit)>>,
+    /// With sharding: the environments this replica serves. The ledger's queue entries of
+    /// the others' environments are theirs, and left alone.
+    shard: std::sync::Mutex<Option<crate::shard::Writable>>,
 }
 
 impl Certs {
+    /// With sharding: the environments this replica serves from now on.
+    pub fn set_shard(&self, writable: Option<crate::shard::Writable>) {
+        *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = writable;
+    }
+
+    /// Whether this replica serves `environment`'s certificate (always, without sharding).
+    pub(super) fn serves(&self, environment: &str) -> bool {
+        self.shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|w| w.may_write(environment))
+    }
+
     /// Restores the account kept in the controller's namespace, or registers one and keeps it.
     pub async fn connect(
         client: &Client,
@@ -165,6 +182,7 @@ impl Certs {
             challenges,
             settings,
             announced: Default::default(),
+            shard: Default::default(),
         })
     }
 
