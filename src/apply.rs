@@ -167,13 +167,25 @@ async fn execute_environment(client: &Client, changes: Vec<&Change>) -> Report {
 }
 
 /// Executes every change of `plan`, `concurrency` environments at a time.
-pub async fn execute(client: &Client, plan: &Plan, concurrency: usize) -> Report {
+pub async fn execute(
+    client: &Client,
+    plan: &Plan,
+    concurrency: usize,
+    progress: Option<&crate::vocab::ProgressHandle>,
+) -> Report {
     let mut by_env: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
     for c in &plan.changes {
         by_env.entry(c.environment.as_str()).or_default().push(c);
     }
     let reports: Vec<Report> = stream::iter(by_env.into_values())
-        .map(|changes| execute_environment(client, changes))
+        .map(|changes| async move {
+            let n = changes.len() as u64;
+            let report = execute_environment(client, changes).await;
+            if let Some(p) = progress {
+                p.advance(n);
+            }
+            report
+        })
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;

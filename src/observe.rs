@@ -271,6 +271,7 @@ pub async fn dry_run(
     client: &Client,
     objects: &[&DesiredObject],
     concurrency: usize,
+    progress: Option<&crate::vocab::ProgressHandle>,
 ) -> (BTreeMap<ObjectKey, Value>, Vec<DryRunFailure>) {
     let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
     let results: Vec<Result<(ObjectKey, Value), DryRunFailure>> =
@@ -285,9 +286,11 @@ pub async fn dry_run(
                     error,
                 };
                 let patch = Patch::Apply(&d.object);
-                let result = with_retries(|| api.patch(&d.name, &params, &patch))
-                    .await
-                    .map_err(fail)?;
+                let result = with_retries(|| api.patch(&d.name, &params, &patch)).await;
+                if let Some(p) = progress {
+                    p.advance(1);
+                }
+                let result = result.map_err(fail)?;
                 let v =
                     serde_json::to_value(&result).map_err(|e| fail(kube::Error::SerdeError(e)))?;
                 Ok((key, v))

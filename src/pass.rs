@@ -17,6 +17,7 @@ use crate::manifest::Loaded;
 use crate::observe::{self, ObserveError};
 use crate::plan::{self, Live, Plan, PrunePolicy, SourceHealth};
 use crate::render::{self, RenderOptions};
+use crate::vocab::{Phase, ProgressHandle};
 
 /// Settings of one pass.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct PassOptions {
     pub adopt: bool,
     /// With sharding: the environments this replica may write (see `crate::shard`).
     pub writable: Option<crate::shard::Writable>,
+    /// Where the pass reports its progress (the CLI's bar on a terminal).
+    pub progress: Option<ProgressHandle>,
 }
 
 impl PassOptions {
@@ -76,6 +79,11 @@ pub async fn plan_pass(
     timings.insert("render", t.elapsed());
 
     let t = Instant::now();
+    let progress = options.progress.as_ref();
+    let environments = loaded.environments.len();
+    if let Some(p) = progress {
+        p.phase(Phase::Observe, environments, 0);
+    }
     let live = match (cache, client) {
         (Some(cache), _) => cache.live()?,
         (None, Some(c)) => observe::list_owned(c, &options.render.instance).await?,
@@ -136,7 +144,13 @@ pub async fn plan_pass(
     let dry_runs = to_check.len();
     let answers = match client {
         Some(c) if !to_check.is_empty() => {
-            let (answers, failures) = observe::dry_run(c, &to_check, options.concurrency).await;
+            if let Some(p) = progress {
+                let envs: std::collections::BTreeSet<&str> =
+                    to_check.iter().map(|d| d.environment.as_str()).collect();
+                p.phase(Phase::DryRun, envs.len(), dry_runs as u64);
+            }
+            let (answers, failures) =
+                observe::dry_run(c, &to_check, options.concurrency, progress).await;
             for f in failures {
                 failure_reasons
                     .entry(f.environment.clone())
@@ -194,5 +208,15 @@ pub async fn plan_pass(
 
 /// Executes a planned pass.
 pub async fn apply_pass(client: &Client, pass: &PassPlan, options: &PassOptions) -> Report {
-    apply::execute(client, &pass.plan, options.concurrency).await
+    let progress = options.progress.as_ref();
+    if let Some(p) = progress {
+        let envs: std::collections::BTreeSet<&str> = pass
+            .plan
+            .changes
+            .iter()
+            .map(|c| c.environment.as_str())
+            .collect();
+        p.phase(Phase::Apply, envs.len(), pass.plan.changes.len() as u64);
+    }
+    apply::execute(client, &pass.plan, options.concurrency, progress).await
 }

@@ -254,3 +254,60 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The phases of a long pass that report their progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the live objects.
+    Observe,
+    /// Asking the API server what each changed object would become.
+    DryRun,
+    /// Writing the changes.
+    Apply,
+    /// Bringing certificates up to date.
+    Certificates,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Observe => "observe",
+            Phase::DryRun => "dry-run",
+            Phase::Apply => "apply",
+            Phase::Certificates => "certificates",
+        }
+    }
+}
+
+/// Where a long pass reports how far it got (the CLI draws a bar on a terminal). `total` is
+/// in objects (0 when unknown); `environments` is how many environments the phase covers.
+pub trait Progress: Send + Sync {
+    fn phase(&self, phase: Phase, environments: usize, total: u64);
+    fn advance(&self, n: u64);
+    /// The work is done (or its output is about to be printed): take the progress away.
+    fn finish(&self) {}
+}
+
+/// A `Progress` that can sit in cloneable, printable settings.
+#[derive(Clone)]
+pub struct ProgressHandle(pub std::sync::Arc<dyn Progress>);
+
+impl std::fmt::Debug for ProgressHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHandle")
+    }
+}
+
+impl ProgressHandle {
+    pub fn phase(&self, phase: Phase, environments: usize, total: u64) {
+        self.0.phase(phase, environments, total);
+    }
+
+    pub fn advance(&self, n: u64) {
+        self.0.advance(n);
+    }
+
+    pub fn finish(&self) {
+        self.0.finish();
+    }
+}

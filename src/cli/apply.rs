@@ -39,7 +39,11 @@ pub fn handle(args: &ApplyArgs) -> Result<Exit, CliError> {
     let (loaded, revision, options) = args.pass.prepare_revision()?;
     // Settings are checked before anything is written.
     let mode = args.certs.mode()?;
-    runtime()?.block_on(apply_then_certify(args, &loaded, &revision, &options, mode))?;
+    let done = runtime()?.block_on(apply_then_certify(args, &loaded, &revision, &options, mode));
+    if let Some(p) = &options.progress {
+        p.finish();
+    }
+    done?;
     Ok(if loaded.is_valid() {
         Exit::Ok
     } else {
@@ -62,6 +66,9 @@ async fn apply_then_certify(
         .await
         .map_err(CliError::Observe)?;
     let report = pass::apply_pass(&client, &planned, options).await;
+    if let Some(p) = &options.progress {
+        p.finish(); // the plan is printed next
+    }
     let mut out = std::io::stdout().lock();
     print_plan(&mut out, &planned, loaded, args.pass.output, Some(&report))?;
     if report.unreachable() && planned.plan.failed.is_empty() {
@@ -74,7 +81,10 @@ async fn apply_then_certify(
     let failed = failed_environments(&planned.plan, &report);
     let changed = record_status(&client, loaded, revision, &planned, &failed, options).await;
     let targets = certificate_targets(loaded, &planned, &failed);
-    certificate_step(&client, args, mode, &targets, &mut out).await?;
+    if let (Some(p), CertMode::Acme(_), false) = (&options.progress, &mode, targets.is_empty()) {
+        p.phase(crate::vocab::Phase::Certificates, targets.len(), 0);
+    }
+    certificate_step(&client, args, mode, &targets, &mut out, options).await?;
     if args.wait && failed.is_empty() {
         wait_until_ready(&client, args, &changed).await?;
     }
@@ -285,6 +295,7 @@ async fn certificate_step(
     mode: CertMode,
     targets: &[Target],
     out: &mut impl Write,
+    options: &PassOptions,
 ) -> Result<(), CliError> {
     let config = match mode {
         CertMode::Skip => return Ok(()),
@@ -295,7 +306,11 @@ async fn certificate_step(
     let instance = &args.pass.source.policy.instance;
     let concurrency = args.pass.cluster.concurrency;
     let report =
-        apply_certificates(client, &args.certs, config, instance, concurrency, targets).await?;
+        apply_certificates(client, &args.certs, config, instance, concurrency, targets).await;
+    if let Some(p) = &options.progress {
+        p.finish(); // the certificates' report is printed next
+    }
+    let report = report?;
     let text = report.text();
     match args.pass.output {
         PlanFormat::Text => out.write_all(text.as_bytes()),

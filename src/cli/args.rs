@@ -297,6 +297,7 @@ impl PassArgs {
             scope: None,
             adopt: self.prune.adopt,
             writable: None,
+            progress: super::progress::bar(self.output),
         }
     }
 }

@@ -31,7 +31,11 @@ pub fn handle(args: &DiffArgs) -> Result<Exit, CliError> {
         pass::plan_pass(client.as_ref(), None, &loaded, &options)
             .await
             .map_err(CliError::Observe)
-    })?;
+    });
+    if let Some(p) = &options.progress {
+        p.finish();
+    }
+    let planned = planned?;
     print_plan(
         &mut std::io::stdout().lock(),
         &planned,

@@ -9,6 +9,7 @@ mod cert_args;
 mod diff;
 mod error;
 mod output;
+mod progress;
 mod quota;
 mod reference;
 mod render;

@@ -130,6 +130,7 @@ impl RunArgs {
                 scope: None,
                 adopt: self.prune.adopt,
                 writable: None,
+                progress: None,
             },
             interval: self.interval,
             resync: self.resync_interval,

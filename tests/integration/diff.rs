@@ -249,3 +249,82 @@ async fn diff_lifecycle_golden() {
     cleanup_instance(&client, &instance).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+fn refs(a: &[String]) -> Vec<&str> {
+    a.iter().map(String::as_str).collect()
+}
+
+/// Runs `envctl ARGS` on a pseudo-terminal (util-linux `script`), where stdout and stderr
+/// both are the terminal: (exit code, everything the terminal showed).
+fn envctl_on_a_terminal(kubeconfig: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
+    let mut line = vec![env!("CARGO_BIN_EXE_envctl").to_string()];
+    line.extend(args.iter().map(|a| a.to_string()));
+    line.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
+    let quoted: Vec<String> = line.iter().map(|a| format!("'{a}'")).collect();
+    let out = std::process::Command::new("script")
+        .args(["-qefc", &quoted.join(" "), "/dev/null"])
+        .current_dir(dir)
+        .env("ENVCTL_SKIP_CERTIFICATES", "1")
+        .env("TERM", "xterm")
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running script (util-linux)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `apply` and `diff` show their progress (phase, objects, environments) on a terminal, and
+/// print nothing extra when the output is not a terminal or is JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_shows_on_a_terminal_only() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("progress");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let names = crate::faults::write_fleet(dir.path(), &instance, 60, 1);
+    let args = ["--source", ".", "--instance", instance.as_str()];
+    let with = |cmd: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = vec![cmd.to_string()];
+        a.extend(args.iter().chain(extra).map(|s| s.to_string()));
+        a
+    };
+
+    // On a terminal: the bar, with its phases, then the summary.
+    let apply = with("apply", &[]);
+    let (code, shown) = envctl_on_a_terminal(&cluster.kubeconfig, dir.path(), &refs(&apply));
+    assert_eq!(code, 0, "{shown}");
+    for phase in [
+        "observe: 60 environment(s)",
+        "apply: 60 environment(s)",
+        "/420 objects",
+    ] {
+        assert!(
+            shown.contains(phase),
+            "no {phase:?} on the terminal:\n{shown}"
+        );
+    }
+    // A change to every environment: diff asks the server (dry-run) about each one.
+    let _ = crate::faults::write_fleet(dir.path(), &instance, 60, 2);
+    let diff = with("diff", &[]);
+    let (code, shown) = envctl_on_a_terminal(&cluster.kubeconfig, dir.path(), &refs(&diff));
+    assert_eq!(code, 1, "{shown}");
+    assert!(shown.contains("dry-run: 60 environment(s)"), "{shown}");
+
+    // On a terminal with -o json: JSON and nothing else.
+    let json = with("diff", &["-o", "json"]);
+    let (code, shown) = envctl_on_a_terminal(&cluster.kubeconfig, dir.path(), &refs(&json));
+    assert_eq!(code, 1, "{shown}");
+    assert!(!shown.contains("environment(s)"), "{shown}");
+    let parsed: serde_json::Value =
+        serde_json::from_str(shown.trim()).unwrap_or_else(|e| panic!("{e}: {shown:?}"));
+    assert!(parsed.is_object());
+
+    // Not a terminal: stderr stays empty.
+    let (code, out, err) = cluster.envctl(dir.path(), &refs(&diff));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.trim().is_empty(), "stderr without a terminal: {err:?}");
+    assert!(out.contains(&format!("{} to update", names.len())), "{out}");
+    cleanup_instance(&client, &instance).await;
+}
