@@ -617,14 +617,21 @@ impl Cache {
     /// The cached objects as `Live`, parsed on every core (a pass with nothing to do is
     /// mostly this parse).
     pub fn live(&self) -> Result<Live, ObserveError> {
+        self.live_where(|_| true)
+    }
+
+    /// `live`, with every Namespace but only the namespaced objects whose namespace `keep`
+    /// accepts (a pass that plans a few environments parses only theirs).
+    pub fn live_where(&self, keep: impl Fn(&str) -> bool) -> Result<Live, ObserveError> {
         let texts: Vec<(ObjectKind, Box<str>)> = self
             .stores
             .iter()
             .flat_map(|(kind, store)| {
                 let st = store.read().unwrap_or_else(|e| e.into_inner());
                 st.objects
-                    .values()
-                    .map(|(_, t)| (*kind, t.clone()))
+                    .iter()
+                    .filter(|((ns, _), _)| *kind == ObjectKind::Namespace || keep(ns))
+                    .map(|(_, (_, t))| (*kind, t.clone()))
                     .collect::<Vec<_>>()
             })
             .collect();

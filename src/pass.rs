@@ -73,8 +73,15 @@ pub async fn plan_pass(
 ) -> Result<PassPlan, ObserveError> {
     let mut timings = BTreeMap::new();
     let t = Instant::now();
-    let envs: Vec<&crate::manifest::Environment> =
-        loaded.environments.iter().map(|e| &e.environment).collect();
+    // A pass that plans a few environments (a push's, or a shard's) renders and reads only
+    // those; the plan still knows every environment of the source, so none is pruned.
+    let narrowed = options.scope.is_some() || options.writable.is_some();
+    let envs: Vec<&crate::manifest::Environment> = loaded
+        .environments
+        .iter()
+        .map(|e| &e.environment)
+        .filter(|e| !narrowed || options.plans(&e.metadata.name))
+        .collect();
     let desired = render::render(&envs, &options.render);
     timings.insert("render", t.elapsed());
 
@@ -85,6 +92,18 @@ pub async fn plan_pass(
         p.phase(Phase::Observe, environments, 0);
     }
     let live = match (cache, client) {
+        (Some(cache), _) if narrowed => {
+            // Every namespace (for prune and ownership), and the objects of the planned
+            // environments and of those no longer in the source.
+            let source: std::collections::HashSet<String> = loaded
+                .environments
+                .iter()
+                .map(|e| e.environment.namespace())
+                .collect();
+            let planned: std::collections::HashSet<String> =
+                envs.iter().map(|e| e.namespace()).collect();
+            cache.live_where(|ns| planned.contains(ns) || !source.contains(ns))?
+        }
         (Some(cache), _) => cache.live()?,
         (None, Some(c)) => observe::list_owned(c, &options.render.instance).await?,
         (None, None) => Live::default(),
@@ -138,6 +157,11 @@ pub async fn plan_pass(
         adopt: options.adopt,
         failed,
         writable: options.writable.clone(),
+        environments: loaded
+            .environments
+            .iter()
+            .map(|e| e.environment.metadata.name.clone())
+            .collect(),
     };
     let t = Instant::now();
     let to_check = plan::needs_dry_run(&desired, &live, &health);

@@ -182,6 +182,9 @@ pub struct SourceHealth {
     /// With sharding: the environments this replica may write. The others (in the source or
     /// only live) are neither changed nor pruned.
     pub writable: Option<crate::shard::Writable>,
+    /// Every valid environment of the source, whether rendered in this pass or not (a pass
+    /// that plans a few renders only those): none of them is ever pruned as gone.
+    pub environments: BTreeSet<String>,
 }
 
 /// Why an environment whose namespace already exists may not be applied by `instance`, if
@@ -392,9 +395,11 @@ pub fn build(
     with_diffs: bool,
 ) -> Plan {
     let mut plan = Plan::default();
-    let desired_envs: BTreeSet<String> = desired.iter().map(|d| d.environment.clone()).collect();
+    let mut desired_envs: BTreeSet<String> =
+        desired.iter().map(|d| d.environment.clone()).collect();
+    desired_envs.extend(health.environments.iter().cloned());
     let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(ObjectKey::of).collect();
-    let nothing_desired = desired.is_empty();
+    let nothing_desired = desired_envs.is_empty();
     let unified = |key: &ObjectKey, old: &Value, new: &Value| {
         if with_diffs {
             unified(key, old, new)
@@ -772,6 +777,21 @@ mod tests {
                 "update StatefulSet environment-a/s".to_string(),
                 "delete Namespace environment-c".to_string()
             ]
+        );
+    }
+
+    /// A pass that renders only a few environments still knows every environment of the
+    /// source: one it did not render is never pruned as gone.
+    #[test]
+    fn an_unrendered_environment_of_the_source_is_not_pruned() {
+        let health = SourceHealth {
+            scope: Some(BTreeSet::from(["a".to_string()])),
+            environments: BTreeSet::from(["a".to_string(), "b".to_string(), "c".to_string()]),
+            ..SourceHealth::default()
+        };
+        assert_eq!(
+            plan_scoped(&health),
+            vec!["update StatefulSet environment-a/s".to_string()]
         );
     }
 

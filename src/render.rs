@@ -443,7 +443,33 @@ fn stamp_hash(object: &mut Value) {
 pub fn render(environments: &[&Environment], options: &RenderOptions) -> Vec<DesiredObject> {
     let mut envs: Vec<&Environment> = environments.to_vec();
     envs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    envs.into_iter()
-        .flat_map(|e| render_environment(e, options))
-        .collect()
+    // Large fleets render on every core, in chunks whose results are joined in order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || envs.len() < 512 {
+        return envs
+            .into_iter()
+            .flat_map(|e| render_environment(e, options))
+            .collect();
+    }
+    let chunk = envs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = envs
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .flat_map(|e| render_environment(e, options))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(objects) => objects,
+                // A panic in rendering is a bug; it surfaces as it would have on one thread.
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
 }

@@ -350,6 +350,7 @@ impl Loop {
         };
         self.metrics
             .count_api(ApiVerb::DryRun, pass.dry_runs as u64);
+        let applying = Instant::now();
         let report = match self.shard_generation.clone() {
             // Sharded: a change of the member set mid-pass stops the pass's writes (some of
             // its environments may have become another replica's); the next pass re-plans.
@@ -371,6 +372,7 @@ impl Loop {
             }
             None => apply_pass(&self.client, &pass, &pass_options).await,
         };
+        let apply_ms = applying.elapsed().as_millis() as u64;
         self.note_applied_stateful_sets(&loaded, &pass.plan.changes);
         let writes = pass
             .plan
@@ -658,6 +660,7 @@ impl Loop {
             render_ms = pass.timings.get("render").map_or(0, |d| d.as_millis() as u64),
             plan_ms = pass.timings.get("plan").map_or(0, |d| d.as_millis() as u64),
             dry_run_ms = pass.timings.get("dry-run").map_or(0, |d| d.as_millis() as u64),
+            apply_ms = apply_ms,
             "reconciled"
         );
     }

@@ -124,3 +124,50 @@ fn cli_reference_is_current() {
         );
     }
 }
+
+/// Every command that `docs/benchmarks.md` gives for its figures exists: each `scripts/...`
+/// it runs is an executable file of the repository, each `envctl SUBCOMMAND` a subcommand,
+/// and every script's usage line is documented.
+#[test]
+fn benchmark_commands_exist() {
+    let root = repo_root();
+    let doc = std::fs::read_to_string(root.join("docs/benchmarks.md"))
+        .expect("docs/benchmarks.md exists");
+    let spans: Vec<&str> = doc.split('`').skip(1).step_by(2).collect();
+    let help = run_envctl(&root, &["--help".to_string()]);
+    let mut scripts = std::collections::BTreeSet::new();
+    for span in &spans {
+        for (i, word) in span.split_whitespace().enumerate() {
+            if let Some(script) = word.strip_prefix("scripts/") {
+                let path = root.join("scripts").join(script);
+                let meta = std::fs::metadata(&path)
+                    .unwrap_or_else(|e| panic!("`{span}`: {} does not exist: {e}", path.display()));
+                use std::os::unix::fs::PermissionsExt;
+                assert!(
+                    meta.permissions().mode() & 0o111 != 0,
+                    "`{span}`: {script} is not executable"
+                );
+                scripts.insert(script.to_string());
+            }
+            if word == "envctl"
+                && i == 0
+                && let Some(sub) = span
+                    .split_whitespace()
+                    .nth(1)
+                    .filter(|s| !s.starts_with('-'))
+            {
+                assert!(
+                    help.lines()
+                        .any(|l| l.trim_start().starts_with(&format!("{sub} "))),
+                    "`{span}`: envctl has no subcommand {sub}"
+                );
+            }
+        }
+    }
+    for needed in ["bench-run", "bench-diff", "bench-render"] {
+        assert!(
+            scripts.contains(needed),
+            "docs/benchmarks.md gives no command for scripts/{needed}"
+        );
+    }
+}
