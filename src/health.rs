@@ -89,8 +89,9 @@ impl Health {
 /// What one environment runs, as observed.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
-    pub stateful_sets: Vec<StatefulSet>,
-    pub pods: Vec<Pod>,
+    /// Shared with the watch's store (judging every environment copies no object).
+    pub stateful_sets: Vec<std::sync::Arc<StatefulSet>>,
+    pub pods: Vec<std::sync::Arc<Pod>>,
     /// When envctl last applied a change to it (its namespace's `applied-at`), if known.
     pub applied_at: Option<Timestamp>,
 }
@@ -166,7 +167,7 @@ pub fn assess(observed: &Observed, now: Timestamp, deadline: Duration) -> Health
     let mut waiting: Vec<Health> = observed
         .stateful_sets
         .iter()
-        .filter_map(stateful_set_progress)
+        .filter_map(|s| stateful_set_progress(s))
         .collect();
     if waiting.is_empty() {
         let n = observed.stateful_sets.len();
@@ -202,8 +203,8 @@ pub fn assess(observed: &Observed, now: Timestamp, deadline: Duration) -> Health
     health
 }
 
-fn sorted_pods(pods: &[Pod]) -> Vec<&Pod> {
-    let mut v: Vec<&Pod> = pods.iter().collect();
+fn sorted_pods(pods: &[std::sync::Arc<Pod>]) -> Vec<&Pod> {
+    let mut v: Vec<&Pod> = pods.iter().map(|p| &**p).collect();
     v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     v
 }
@@ -389,7 +390,7 @@ mod tests {
     #[test]
     fn ready_when_every_replica_is_ready_at_the_newest_revision() {
         let o = Observed {
-            stateful_sets: vec![ready_sts()],
+            stateful_sets: vec![ready_sts().into()],
             ..Observed::default()
         };
         let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -407,7 +408,7 @@ mod tests {
         let mut s = ready_sts();
         s.metadata.generation = Some(3);
         let o = Observed {
-            stateful_sets: vec![s],
+            stateful_sets: vec![s.into()],
             ..Observed::default()
         };
         let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -421,7 +422,7 @@ mod tests {
             st.updated_replicas = Some(1);
         }
         let o = Observed {
-            stateful_sets: vec![s],
+            stateful_sets: vec![s.into()],
             ..Observed::default()
         };
         let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -443,8 +444,8 @@ mod tests {
                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
         }));
         let o = Observed {
-            stateful_sets: vec![s],
-            pods: vec![p],
+            stateful_sets: vec![s.into()],
+            pods: vec![p.into()],
             applied_at: Some(at("2026-01-01T00:00:00Z")),
         };
         let h = assess(&o, at("2026-01-01T00:05:00Z"), DEADLINE);
@@ -476,8 +477,8 @@ mod tests {
                     "state": {"waiting": {"reason": reason, "message": "no image"}}}]}
             }));
             let o = Observed {
-                stateful_sets: vec![ready_sts()],
-                pods: vec![p],
+                stateful_sets: vec![ready_sts().into()],
+                pods: vec![p.into()],
                 applied_at: None,
             };
             let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -499,8 +500,8 @@ mod tests {
                 {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:20:00Z"}]}
         }));
         let o = Observed {
-            stateful_sets: vec![s],
-            pods: vec![p],
+            stateful_sets: vec![s.into()],
+            pods: vec![p.into()],
             applied_at: Some(at("2026-01-01T00:00:00Z")),
         };
         let h = assess(&o, at("2026-01-01T00:25:00Z"), DEADLINE);
@@ -514,10 +515,10 @@ mod tests {
     fn a_judgement_older_than_the_apply_is_not_trusted() {
         let ready = Health::new(HealthState::Ready, "AllReady", "2/2");
         let mut o = Observed {
-            stateful_sets: vec![ready_sts()],
+            stateful_sets: vec![ready_sts().into()],
             ..Observed::default()
         };
-        o.stateful_sets[0]
+        std::sync::Arc::make_mut(&mut o.stateful_sets[0])
             .metadata
             .annotations
             .get_or_insert_default()

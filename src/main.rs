@@ -7,7 +7,23 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Option numbers of the mimalloc 3.x that libmimalloc-sys builds (it names only a few;
+/// a test checks these against their defaults).
+const MI_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const MI_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// A controller holds a large, long-lived cache beside short-lived pass data: commit arena
+/// memory only as it is used, and give freed pages back at once.
+fn tune_allocator() {
+    // SAFETY: plain setters of mimalloc's global options, valid at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(MI_PURGE_DELAY, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = envctl::cli::Cli::parse();
     match envctl::run(cli) {
         Ok(code) => code.into(),
@@ -20,5 +36,23 @@ fn main() -> ExitCode {
             }
             err.exit_code().into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_option_numbers_are_the_bundled_mimallocs() {
+        // mimalloc 3.x defaults: arena_eager_commit 2, purge_delay 1000 ms.
+        // SAFETY: plain getters.
+        let (eager, delay) = unsafe {
+            (
+                libmimalloc_sys::mi_option_get(MI_ARENA_EAGER_COMMIT),
+                libmimalloc_sys::mi_option_get(MI_PURGE_DELAY),
+            )
+        };
+        assert_eq!((eager, delay), (2, 1000));
     }
 }

@@ -316,7 +316,7 @@ pub async fn dry_run(
 /// What of an owned object can drift: labels, annotations (but envctl's status ones), and
 /// the spec (through `metadata.generation` where the kind has one). Status-only updates, such
 /// as the StatefulSet controller's, leave it unchanged.
-fn drift_fingerprint(obj: &DynamicObject) -> String {
+fn drift_fingerprint(obj: &DynamicObject) -> u64 {
     let mut h = crate::render::Fnv64::new();
     let meta = &obj.metadata;
     if let Some(labels) = &meta.labels {
@@ -341,7 +341,7 @@ fn drift_fingerprint(obj: &DynamicObject) -> String {
         ),
     }
     h.write(&[u8::from(meta.deletion_timestamp.is_some())]);
-    h.hex()
+    h.finish()
 }
 
 /// The union of the fields envctl's field manager owns in an object (fieldsV1 trees).
@@ -437,8 +437,16 @@ pub fn prune_to_fields(value: &mut serde_json::Value, fields: &serde_json::Value
     }
 }
 
-/// (namespace, name) -> (drift fingerprint, compact JSON).
-type Objects = std::collections::HashMap<(String, String), (String, Box<str>)>;
+/// One cached object: what can drift (a change wakes a drift pass), its compact JSON, and a
+/// digest of that JSON with its kind and key (what a pass reads of it).
+struct Cached {
+    fingerprint: u64,
+    text: Box<str>,
+    digest: u64,
+}
+
+/// (namespace, name) -> the object.
+type Objects = std::collections::HashMap<(String, String), Cached>;
 
 /// One kind's cached objects.
 #[derive(Default)]
@@ -455,8 +463,22 @@ pub struct Cache {
     ready: Vec<tokio::sync::watch::Receiver<bool>>,
 }
 
-/// What the cache keeps of a watched object: (key, fingerprint, compact JSON).
-fn compact(mut o: DynamicObject) -> Option<((String, String), String, Box<str>)> {
+/// The namespace an object belongs to: a Namespace's own name, else its namespace.
+fn home(kind: ObjectKind, key: &(String, String)) -> &str {
+    if kind == ObjectKind::Namespace {
+        &key.1
+    } else {
+        &key.0
+    }
+}
+
+/// Digests of the objects of each namespace (the namespace itself included): equal digests,
+/// equal objects as a pass reads them. Order-free, so it is the same however the objects
+/// were listed.
+pub type NamespaceDigests = std::collections::HashMap<String, u64>;
+
+/// What the cache keeps of a watched object.
+fn compact(kind: ObjectKind, mut o: DynamicObject) -> Option<((String, String), Cached)> {
     let managed = o.metadata.managed_fields.take();
     if let Some(m) = o.data.as_object_mut() {
         m.remove("status");
@@ -469,8 +491,25 @@ fn compact(mut o: DynamicObject) -> Option<((String, String), String, Box<str>)>
         o.metadata.name.clone()?,
     );
     let fingerprint = drift_fingerprint(&o);
+    // What changes on every write, status ones included, and no plan reads (the drift
+    // fingerprint has the generation): without them, an object's text and digest stay the
+    // same until something envctl compares moves.
+    o.metadata.resource_version = None;
+    o.metadata.generation = None;
+    o.metadata.creation_timestamp = None;
+    o.metadata.self_link = None;
     let text = serde_json::to_string(&o).ok()?;
-    Some((key, fingerprint, text.into_boxed_str()))
+    let mut h = crate::vocab::Fnv64::new();
+    for part in [kind.as_str(), &key.0, &key.1, &text] {
+        h.write(part.as_bytes());
+        h.write(&[0]);
+    }
+    let cached = Cached {
+        fingerprint,
+        text: text.into_boxed_str(),
+        digest: h.mixed(),
+    };
+    Some((key, cached))
 }
 
 impl Cache {
@@ -505,16 +544,18 @@ impl Cache {
                     match event {
                         Ok(watcher::Event::Init) => relist = Some(Default::default()),
                         Ok(watcher::Event::InitApply(obj)) => {
-                            if let (Some(r), Some((k, f, t))) = (relist.as_mut(), compact(obj)) {
-                                r.insert(k, (f, t));
+                            if let (Some(r), Some((k, c))) = (relist.as_mut(), compact(kind, obj)) {
+                                r.insert(k, c);
                             }
                         }
                         Ok(watcher::Event::InitDone) => {
                             if let Some(new) = relist.take() {
                                 let mut st = store.write().unwrap_or_else(|e| e.into_inner());
                                 moved = st.objects.len() != new.len()
-                                    || new.iter().any(|(k, (f, _))| {
-                                        st.objects.get(k).is_none_or(|(old, _)| old != f)
+                                    || new.iter().any(|(k, c)| {
+                                        st.objects
+                                            .get(k)
+                                            .is_none_or(|old| old.fingerprint != c.fingerprint)
                                     });
                                 st.objects = new;
                             }
@@ -525,10 +566,13 @@ impl Cache {
                             }
                         }
                         Ok(watcher::Event::Apply(obj)) => {
-                            if let Some((k, f, t)) = compact(obj) {
+                            if let Some((k, c)) = compact(kind, obj) {
                                 let mut st = store.write().unwrap_or_else(|e| e.into_inner());
-                                moved = st.objects.get(&k).is_some_and(|(old, _)| *old != f);
-                                st.objects.insert(k, (f, t));
+                                moved = st
+                                    .objects
+                                    .get(&k)
+                                    .is_some_and(|old| old.fingerprint != c.fingerprint);
+                                st.objects.insert(k, c);
                             }
                         }
                         Ok(watcher::Event::Delete(obj)) => {
@@ -593,8 +637,8 @@ impl Cache {
                 continue;
             }
             let st = store.read().unwrap_or_else(|e| e.into_inner());
-            for ((_, name), (_, text)) in &st.objects {
-                let annotations = serde_json::from_str::<Value>(text)
+            for ((_, name), cached) in &st.objects {
+                let annotations = serde_json::from_str::<Value>(&cached.text)
                     .ok()
                     .and_then(|v| {
                         v.pointer("/metadata/annotations")
@@ -614,27 +658,55 @@ impl Cache {
         out
     }
 
-    /// The cached objects as `Live`, parsed on every core (a pass with nothing to do is
-    /// mostly this parse).
-    pub fn live(&self) -> Result<Live, ObserveError> {
-        self.live_where(|_| true)
+    /// The digests of every namespace's cached objects.
+    pub fn digests(&self) -> NamespaceDigests {
+        let mut out = NamespaceDigests::new();
+        for (kind, store) in &self.stores {
+            let st = store.read().unwrap_or_else(|e| e.into_inner());
+            for (key, cached) in &st.objects {
+                let d = out.entry(home(*kind, key).to_string()).or_default();
+                *d = d.wrapping_add(cached.digest);
+            }
+        }
+        out
     }
 
-    /// `live`, with every Namespace but only the namespaced objects whose namespace `keep`
-    /// accepts (a pass that plans a few environments parses only theirs).
+    /// Every Namespace, and the namespaced objects whose namespace `keep` accepts (the
+    /// objects of environments no longer in the source), as `Live`.
     pub fn live_where(&self, keep: impl Fn(&str) -> bool) -> Result<Live, ObserveError> {
-        let texts: Vec<(ObjectKind, Box<str>)> = self
-            .stores
-            .iter()
-            .flat_map(|(kind, store)| {
-                let st = store.read().unwrap_or_else(|e| e.into_inner());
-                st.objects
-                    .iter()
-                    .filter(|((ns, _), _)| *kind == ObjectKind::Namespace || keep(ns))
-                    .map(|(_, (_, t))| (*kind, t.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        Ok(self
+            .read(|kind, ns| kind == ObjectKind::Namespace || keep(ns))?
+            .0)
+    }
+
+    /// The objects of `namespaces` (each Namespace and what is in it) as `Live`, with their
+    /// digests as read.
+    pub fn live_of(
+        &self,
+        namespaces: &std::collections::HashSet<String>,
+    ) -> Result<(Live, NamespaceDigests), ObserveError> {
+        self.read(|_, ns| namespaces.contains(ns))
+    }
+
+    /// The cached objects that `keep(kind, namespace)` accepts, parsed on every core (a pass
+    /// with little to do is mostly this parse), with the digests of what was read.
+    fn read(
+        &self,
+        keep: impl Fn(ObjectKind, &str) -> bool,
+    ) -> Result<(Live, NamespaceDigests), ObserveError> {
+        let mut digests = NamespaceDigests::new();
+        let mut texts: Vec<(ObjectKind, Box<str>)> = Vec::new();
+        for (kind, store) in &self.stores {
+            let st = store.read().unwrap_or_else(|e| e.into_inner());
+            for (key, cached) in &st.objects {
+                let ns = home(*kind, key);
+                if keep(*kind, ns) {
+                    let d = digests.entry(ns.to_string()).or_default();
+                    *d = d.wrapping_add(cached.digest);
+                    texts.push((*kind, cached.text.clone()));
+                }
+            }
+        }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = texts.len().div_ceil(threads).max(256);
         let parsed: Vec<Vec<(ObjectKind, Value)>> = std::thread::scope(|scope| {
@@ -662,7 +734,7 @@ impl Cache {
         for (kind, v) in parsed.into_iter().flatten() {
             live.insert(kind, v);
         }
-        Ok(live)
+        Ok((live, digests))
     }
 }
 
@@ -670,9 +742,9 @@ impl Cache {
 /// environment with a namespace gets an entry (an environment without StatefulSets is
 /// `Unknown`).
 pub fn group_for_health(
-    stateful_sets: impl IntoIterator<Item = StatefulSet>,
-    pods: impl IntoIterator<Item = Pod>,
-    namespaces: impl IntoIterator<Item = Namespace>,
+    stateful_sets: impl IntoIterator<Item = Arc<StatefulSet>>,
+    pods: impl IntoIterator<Item = Arc<Pod>>,
+    namespaces: impl IntoIterator<Item = Arc<Namespace>>,
 ) -> BTreeMap<String, crate::health::Observed> {
     fn env_of(meta: &kube::api::ObjectMeta) -> Option<String> {
         meta.labels.as_ref()?.get(ENVIRONMENT_LABEL).cloned()
@@ -755,7 +827,11 @@ pub async fn read_health_inputs(
         list_pages(&pod_api, &selector, "Pod"),
         list_typed::<Namespace>(client, &selector, "Namespace"),
     )?;
-    Ok(group_for_health(stateful_sets, pods, namespaces))
+    Ok(group_for_health(
+        stateful_sets.into_iter().map(Arc::new),
+        pods.into_iter().map(Arc::new),
+        namespaces.into_iter().map(Arc::new),
+    ))
 }
 
 /// Watches of what health is judged from (StatefulSets with their status, pods, namespaces),
@@ -766,11 +842,15 @@ pub struct HealthWatch {
     namespaces: reflector::Store<Namespace>,
 }
 
+/// Keeps a store of `api`'s objects, without what health never reads: managedFields (most of
+/// a listed object's size), every label but the environment's, every annotation but the
+/// desired-hash and applied-at, and whatever `strip` drops.
 fn reflect<K>(
     api: kube::Api<K>,
     selector: &str,
     changed: Arc<Notify>,
     kind: &'static str,
+    strip: fn(&mut K),
 ) -> reflector::Store<K>
 where
     K: kube::Resource
@@ -784,7 +864,22 @@ where
 {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(selector);
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(move |o: &mut K| {
+            let meta = o.meta_mut();
+            meta.managed_fields = None;
+            if let Some(labels) = meta.labels.as_mut() {
+                labels.retain(|k, _| k == ENVIRONMENT_LABEL);
+            }
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.retain(|k, _| {
+                    k == crate::vocab::HASH_ANNOTATION || k == crate::vocab::APPLIED_AT_ANNOTATION
+                });
+            }
+            strip(o);
+        })
+        .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -809,18 +904,28 @@ impl HealthWatch {
                 &selector,
                 changed.clone(),
                 "StatefulSet",
+                // Health reads a StatefulSet's replicas, strategy, status and metadata.
+                |s: &mut StatefulSet| {
+                    if let Some(spec) = s.spec.as_mut() {
+                        spec.template = Default::default();
+                        spec.volume_claim_templates = None;
+                    }
+                },
             ),
             pods: reflect(
                 kube::Api::all(client.clone()),
                 &selector,
                 changed.clone(),
                 "Pod",
+                // Health reads a pod's status and metadata.
+                |p: &mut Pod| p.spec = None,
             ),
             namespaces: reflect(
                 kube::Api::all(client.clone()),
                 &selector,
                 changed,
                 "Namespace",
+                |_| {},
             ),
         }
     }
@@ -843,9 +948,9 @@ impl HealthWatch {
     /// The health inputs as the watches have them now.
     pub fn observed(&self) -> BTreeMap<String, crate::health::Observed> {
         group_for_health(
-            self.stateful_sets.state().iter().map(|o| (**o).clone()),
-            self.pods.state().iter().map(|o| (**o).clone()),
-            self.namespaces.state().iter().map(|o| (**o).clone()),
+            self.stateful_sets.state(),
+            self.pods.state(),
+            self.namespaces.state(),
         )
     }
 }

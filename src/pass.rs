@@ -6,18 +6,24 @@
 //! lives in its module. Never loops, sleeps or keeps state between passes (the controller
 //! does).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kube::Client;
 
 use crate::apply::{self, Report};
 use crate::cluster::FailureReason;
+use crate::manifest::Environment;
 use crate::manifest::Loaded;
 use crate::observe::{self, ObserveError};
 use crate::plan::{self, Live, Plan, PrunePolicy, SourceHealth};
 use crate::render::{self, RenderOptions};
-use crate::vocab::{Phase, ProgressHandle};
+use crate::vocab::{Fnv64, Phase, ProgressHandle};
+
+/// How many environments a controller pass renders, reads and plans at a time: a full pass
+/// holds one chunk's objects in memory, never the whole fleet's.
+const CHUNK: usize = 512;
 
 /// Settings of one pass.
 #[derive(Debug, Clone)]
@@ -29,13 +35,15 @@ pub struct PassOptions {
     /// Render a unified diff per change (for `diff` and `apply` output).
     pub diffs: bool,
     /// Plan only these environments (see `SourceHealth::scope`); `None` plans all.
-    pub scope: Option<std::collections::BTreeSet<String>>,
+    pub scope: Option<BTreeSet<String>>,
     /// `--adopt`: take over existing namespaces that no envctl instance owns.
     pub adopt: bool,
     /// With sharding: the environments this replica may write (see `crate::shard`).
     pub writable: Option<crate::shard::Writable>,
     /// Where the pass reports its progress (the CLI's bar on a terminal).
     pub progress: Option<ProgressHandle>,
+    /// What earlier passes found in sync (a controller's; see `InSync`).
+    pub in_sync: Option<Arc<InSync>>,
 }
 
 impl PassOptions {
@@ -50,8 +58,44 @@ impl PassOptions {
     }
 }
 
+/// Environments that passes found in sync, remembered between a controller's passes. An
+/// environment's part of a plan is a function of its manifest, the render settings and its
+/// live objects as the watch cache has them, so when the digests of those are as they were
+/// when it was found in sync, it is still in sync: it is counted unchanged without being
+/// rendered, read or planned. Only an environment that needed no dry-run is remembered (a
+/// dry-run's answer is the server's, not a function of those inputs).
+#[derive(Debug, Default)]
+pub struct InSync(std::sync::Mutex<HashMap<String, Remembered>>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Remembered {
+    desired: u64,
+    live: u64,
+    objects: usize,
+}
+
+impl InSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Remembered>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many environments are remembered in sync.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every environment: the next pass plans all of them in full.
+    pub fn forget(&self) {
+        self.lock().clear();
+    }
+}
+
 /// What a pass found, with timings of its steps.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct PassPlan {
     pub plan: Plan,
     pub dry_runs: usize,
@@ -60,6 +104,23 @@ pub struct PassPlan {
     pub timings: BTreeMap<&'static str, std::time::Duration>,
     /// Why each environment in `plan.failed` failed (a metric label).
     pub failure_reasons: BTreeMap<String, FailureReason>,
+}
+
+impl PassPlan {
+    fn time(&mut self, step: &'static str, since: Instant) {
+        *self.timings.entry(step).or_default() += since.elapsed();
+    }
+
+    /// Adds what was learned of other environments, but for their plan (returned).
+    fn absorb(&mut self, part: PassPlan) -> Plan {
+        self.dry_runs += part.dry_runs;
+        self.live_namespaces.extend(part.live_namespaces);
+        for (step, d) in part.timings {
+            *self.timings.entry(step).or_default() += d;
+        }
+        self.failure_reasons.extend(part.failure_reasons);
+        part.plan
+    }
 }
 
 /// Renders the valid environments and plans them against the cluster (or against an empty
@@ -71,140 +132,176 @@ pub async fn plan_pass(
     loaded: &Loaded,
     options: &PassOptions,
 ) -> Result<PassPlan, ObserveError> {
-    let mut timings = BTreeMap::new();
+    if let Some(cache) = cache {
+        return plan_from_cache(client, cache, loaded, options).await;
+    }
     let t = Instant::now();
-    // A pass that plans a few environments (a push's, or a shard's) renders and reads only
-    // those; the plan still knows every environment of the source, so none is pruned.
-    let narrowed = options.scope.is_some() || options.writable.is_some();
-    let envs: Vec<&crate::manifest::Environment> = loaded
+    let envs: Vec<&Environment> = loaded
         .environments
         .iter()
         .map(|e| &e.environment)
-        .filter(|e| !narrowed || options.plans(&e.metadata.name))
+        .filter(|e| options.plans(&e.metadata.name))
         .collect();
     let desired = render::render(&envs, &options.render);
-    timings.insert("render", t.elapsed());
+    let render_time = t.elapsed();
 
     let t = Instant::now();
-    let progress = options.progress.as_ref();
-    let environments = loaded.environments.len();
-    if let Some(p) = progress {
-        p.phase(Phase::Observe, environments, 0);
+    if let Some(p) = &options.progress {
+        p.phase(Phase::Observe, loaded.environments.len(), 0);
     }
-    let live = match (cache, client) {
-        (Some(cache), _) if narrowed => {
-            // Every namespace (for prune and ownership), and the objects of the planned
-            // environments and of those no longer in the source.
-            let source: std::collections::HashSet<String> = loaded
-                .environments
-                .iter()
-                .map(|e| e.environment.namespace())
-                .collect();
-            let planned: std::collections::HashSet<String> =
-                envs.iter().map(|e| e.namespace()).collect();
-            cache.live_where(|ns| planned.contains(ns) || !source.contains(ns))?
-        }
-        (Some(cache), _) => cache.live()?,
-        (None, Some(c)) => observe::list_owned(c, &options.render.instance).await?,
-        (None, None) => Live::default(),
+    let live = match client {
+        Some(c) => observe::list_owned(c, &options.render.instance).await?,
+        None => Live::default(),
     };
-    timings.insert("observe", t.elapsed());
-
-    // Namespaces about to be created may exist already, unowned or another instance's:
-    // read their labels so that the plan can refuse those environments.
-    let t = Instant::now();
-    let missing: Vec<&str> = desired
-        .iter()
-        .filter(|d| {
-            d.kind == crate::render::ObjectKind::Namespace
-                && !live.objects.contains_key(&plan::ObjectKey::of(d))
-                && options.plans(&d.environment)
-        })
-        .map(|d| d.name.as_str())
-        .collect();
-    let lookup = match client {
-        Some(c) if !missing.is_empty() => {
-            observe::namespace_labels(c, &missing, options.concurrency).await?
-        }
-        _ => observe::NamespaceLookup::default(),
-    };
-    timings.insert("ownership", t.elapsed());
-    // Environments that could not be observed fail alone; the rest are planned as usual.
-    let mut failed: BTreeMap<String, String> = BTreeMap::new();
-    let mut failure_reasons: BTreeMap<String, FailureReason> = BTreeMap::new();
-    for d in desired
-        .iter()
-        .filter(|d| d.kind == crate::render::ObjectKind::Namespace)
-    {
-        if let Some(e) = lookup.failed.get(&d.name) {
-            failed.insert(
-                d.environment.clone(),
-                format!(
-                    "reading namespace {}: {}",
-                    d.name,
-                    crate::apply::error_text(e)
-                ),
-            );
-            failure_reasons.insert(d.environment.clone(), FailureReason::of(e));
-        }
-    }
-    let mut health = SourceHealth {
-        invalid_environments: loaded.invalid_names.clone(),
-        unattributed_files: loaded.unattributed_files.clone(),
-        scope: options.scope.clone(),
-        existing_namespaces: lookup.labels,
-        instance: options.render.instance.clone(),
-        adopt: options.adopt,
-        failed,
-        writable: options.writable.clone(),
-        environments: loaded
-            .environments
-            .iter()
-            .map(|e| e.environment.metadata.name.clone())
-            .collect(),
-    };
-    let t = Instant::now();
-    let to_check = plan::needs_dry_run(&desired, &live, &health);
-    let dry_runs = to_check.len();
-    let answers = match client {
-        Some(c) if !to_check.is_empty() => {
-            if let Some(p) = progress {
-                let envs: std::collections::BTreeSet<&str> =
-                    to_check.iter().map(|d| d.environment.as_str()).collect();
-                p.phase(Phase::DryRun, envs.len(), dry_runs as u64);
-            }
-            let (answers, failures) =
-                observe::dry_run(c, &to_check, options.concurrency, progress).await;
-            for f in failures {
-                failure_reasons
-                    .entry(f.environment.clone())
-                    .or_insert_with(|| FailureReason::of(&f.error));
-                health.failed.entry(f.environment).or_insert_with(|| {
-                    format!(
-                        "dry-run of {}: {}",
-                        f.key,
-                        crate::apply::error_text(&f.error)
-                    )
-                });
-            }
-            answers
-        }
-        _ => BTreeMap::new(),
-    };
-    timings.insert("dry-run", t.elapsed());
-
-    let t = Instant::now();
-    let plan = plan::build(
+    let observe_time = t.elapsed();
+    let (mut pass, _) = plan_part(
+        client,
         desired,
         &live,
-        &answers,
-        &health,
-        &options.prune,
-        options.diffs,
-    );
-    timings.insert("plan", t.elapsed());
-    let live_namespaces = live
-        .objects
+        loaded,
+        options,
+        options.scope.clone(),
+    )
+    .await?;
+    pass.timings.insert("render", render_time);
+    pass.timings.insert("observe", observe_time);
+    pass.live_namespaces = namespace_annotations(&live);
+    Ok(pass)
+}
+
+/// A controller's pass, from its watch cache: environments remembered in sync (`InSync`)
+/// are counted unchanged; the others are rendered, read and planned `CHUNK` at a time; then
+/// the environments that left the source are planned (pruned) on their own.
+async fn plan_from_cache(
+    client: Option<&Client>,
+    cache: &observe::Cache,
+    loaded: &Loaded,
+    options: &PassOptions,
+) -> Result<PassPlan, ObserveError> {
+    let t = Instant::now();
+    let remember = options.in_sync.as_deref();
+    let render_digest = {
+        let mut h = Fnv64::new();
+        h.write(format!("{:?}", options.render).as_bytes());
+        h.finish()
+    };
+    let desired_digest = |e: &Environment| {
+        let mut h = Fnv64::new();
+        h.write(&render_digest.to_le_bytes());
+        h.write(&serde_json::to_vec(e).unwrap_or_default());
+        h.mixed()
+    };
+    let live_digests = match remember {
+        Some(_) => cache.digests(),
+        None => observe::NamespaceDigests::new(),
+    };
+    let mut unchanged = 0;
+    let mut stale: Vec<(&Environment, u64)> = Vec::new();
+    {
+        let mut known = remember.map(InSync::lock);
+        if let Some(known) = known.as_mut() {
+            let names: HashSet<&str> = loaded
+                .environments
+                .iter()
+                .map(|e| e.environment.metadata.name.as_str())
+                .collect();
+            known.retain(|name, _| names.contains(name.as_str()));
+        }
+        for e in loaded
+            .environments
+            .iter()
+            .map(|e| &e.environment)
+            .filter(|e| options.plans(&e.metadata.name))
+        {
+            let Some(known) = known.as_ref() else {
+                stale.push((e, 0));
+                continue;
+            };
+            let d = desired_digest(e);
+            match known.get(&e.metadata.name) {
+                Some(r) if r.desired == d && live_digests.get(&e.namespace()) == Some(&r.live) => {
+                    unchanged += r.objects;
+                }
+                _ => stale.push((e, d)),
+            }
+        }
+    }
+    let mut pass = PassPlan::default();
+    let mut plans = vec![Plan::default()];
+    plans[0].summary.unchanged = unchanged;
+    pass.time("in-sync", t);
+
+    for chunk in stale.chunks(CHUNK) {
+        let t = Instant::now();
+        let envs: Vec<&Environment> = chunk.iter().map(|(e, _)| *e).collect();
+        let desired = render::render(&envs, &options.render);
+        let mut objects: HashMap<String, usize> = HashMap::new();
+        for d in &desired {
+            *objects.entry(d.environment.clone()).or_default() += 1;
+        }
+        pass.time("render", t);
+        let t = Instant::now();
+        let namespaces: HashSet<String> = envs.iter().map(|e| e.namespace()).collect();
+        let (live, digests) = cache.live_of(&namespaces)?;
+        pass.time("observe", t);
+        let scope = envs.iter().map(|e| e.metadata.name.clone()).collect();
+        let (part, dry_run) =
+            plan_part(client, desired, &live, loaded, options, Some(scope)).await?;
+        if let Some(remember) = remember {
+            let mut not_in_sync = part.plan.touched();
+            not_in_sync.extend(dry_run);
+            let mut known = remember.lock();
+            for (e, d) in chunk {
+                let name = &e.metadata.name;
+                let ns = e.namespace();
+                match digests.get(&ns) {
+                    Some(live) if !not_in_sync.contains(name) && !not_in_sync.contains(&ns) => {
+                        known.insert(
+                            name.clone(),
+                            Remembered {
+                                desired: *d,
+                                live: *live,
+                                objects: objects.get(name).copied().unwrap_or(0),
+                            },
+                        );
+                    }
+                    _ => {
+                        known.remove(name);
+                    }
+                }
+            }
+        }
+        plans.push(pass.absorb(part));
+    }
+
+    // Environments no longer in the source: every namespace (for prune's count and guards)
+    // and the objects of namespaces that no source environment has.
+    let t = Instant::now();
+    let source: HashSet<String> = loaded
+        .environments
+        .iter()
+        .map(|e| e.environment.namespace())
+        .collect();
+    let live = cache.live_where(|ns| !source.contains(ns))?;
+    pass.time("observe", t);
+    let (mut gone, _) = plan_part(
+        client,
+        Vec::new(),
+        &live,
+        loaded,
+        options,
+        Some(BTreeSet::new()),
+    )
+    .await?;
+    gone.live_namespaces = namespace_annotations(&live);
+    plans.push(pass.absorb(gone));
+    pass.plan = Plan::join(plans);
+    Ok(pass)
+}
+
+/// The annotations of the live namespaces, by namespace name.
+fn namespace_annotations(live: &Live) -> BTreeMap<String, BTreeMap<String, String>> {
+    live.objects
         .values()
         .filter(|o| o.key.kind == crate::render::ObjectKind::Namespace)
         .map(|o| {
@@ -220,14 +317,116 @@ pub async fn plan_pass(
                 .unwrap_or_default();
             (o.key.name.clone(), annotations)
         })
+        .collect()
+}
+
+/// Plans `desired` (the environments in `scope`, or all) against `live`: reads the labels of
+/// namespaces about to be created, dry-runs what is not provably unchanged, and builds the
+/// plan. `live_namespaces` is left empty. Also returns the environments that were dry-run.
+async fn plan_part(
+    client: Option<&Client>,
+    desired: Vec<crate::render::DesiredObject>,
+    live: &Live,
+    loaded: &Loaded,
+    options: &PassOptions,
+    scope: Option<BTreeSet<String>>,
+) -> Result<(PassPlan, BTreeSet<String>), ObserveError> {
+    let mut pass = PassPlan::default();
+    let mut health = SourceHealth {
+        invalid_environments: loaded.invalid_names.clone(),
+        unattributed_files: loaded.unattributed_files.clone(),
+        scope,
+        existing_namespaces: BTreeMap::new(),
+        instance: options.render.instance.clone(),
+        adopt: options.adopt,
+        failed: BTreeMap::new(),
+        writable: options.writable.clone(),
+        environments: loaded
+            .environments
+            .iter()
+            .map(|e| e.environment.metadata.name.clone())
+            .collect(),
+    };
+    // Namespaces about to be created may exist already, unowned or another instance's:
+    // read their labels so that the plan can refuse those environments.
+    let t = Instant::now();
+    let missing: Vec<&str> = desired
+        .iter()
+        .filter(|d| {
+            d.kind == crate::render::ObjectKind::Namespace
+                && !live.objects.contains_key(&plan::ObjectKey::of(d))
+                && health.in_scope(&d.environment)
+        })
+        .map(|d| d.name.as_str())
         .collect();
-    Ok(PassPlan {
-        plan,
-        dry_runs,
-        live_namespaces,
-        timings,
-        failure_reasons,
-    })
+    let lookup = match client {
+        Some(c) if !missing.is_empty() => {
+            observe::namespace_labels(c, &missing, options.concurrency).await?
+        }
+        _ => observe::NamespaceLookup::default(),
+    };
+    pass.time("ownership", t);
+    health.existing_namespaces = lookup.labels;
+    // Environments that could not be observed fail alone; the rest are planned as usual.
+    for d in desired
+        .iter()
+        .filter(|d| d.kind == crate::render::ObjectKind::Namespace)
+    {
+        if let Some(e) = lookup.failed.get(&d.name) {
+            health.failed.insert(
+                d.environment.clone(),
+                format!(
+                    "reading namespace {}: {}",
+                    d.name,
+                    crate::apply::error_text(e)
+                ),
+            );
+            pass.failure_reasons
+                .insert(d.environment.clone(), FailureReason::of(e));
+        }
+    }
+    let t = Instant::now();
+    let to_check = plan::needs_dry_run(&desired, live, &health);
+    pass.dry_runs = to_check.len();
+    let mut dry_run_envs: BTreeSet<String> = BTreeSet::new();
+    let answers = match client {
+        Some(c) if !to_check.is_empty() => {
+            dry_run_envs = to_check.iter().map(|d| d.environment.clone()).collect();
+            if let Some(p) = &options.progress {
+                p.phase(Phase::DryRun, dry_run_envs.len(), pass.dry_runs as u64);
+            }
+            let (answers, failures) =
+                observe::dry_run(c, &to_check, options.concurrency, options.progress.as_ref())
+                    .await;
+            for f in failures {
+                pass.failure_reasons
+                    .entry(f.environment.clone())
+                    .or_insert_with(|| FailureReason::of(&f.error));
+                health.failed.entry(f.environment).or_insert_with(|| {
+                    format!(
+                        "dry-run of {}: {}",
+                        f.key,
+                        crate::apply::error_text(&f.error)
+                    )
+                });
+            }
+            answers
+        }
+        _ => BTreeMap::new(),
+    };
+    pass.time("dry-run", t);
+
+    let t = Instant::now();
+    pass.plan = plan::build(
+        desired,
+        live,
+        &answers,
+        &health,
+        &options.prune,
+        options.diffs,
+    );
+    pass.time("plan", t);
+    Ok((pass, dry_run_envs))
 }
 
 /// Executes a planned pass.

@@ -4,7 +4,7 @@
 //! No I/O and no clock: `observe` supplies the live objects and the server's dry-run answers,
 //! `apply` executes the result exactly. Secret data never reaches a diff.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -115,6 +115,77 @@ impl Plan {
     pub fn has_changes(&self) -> bool {
         !self.changes.is_empty()
     }
+
+    /// Joins the plans of disjoint sets of environments into one: creates and updates in
+    /// their order, then every delete in reverse apply order.
+    pub fn join(parts: Vec<Plan>) -> Plan {
+        let mut plan = Plan::default();
+        let mut deletes = Vec::new();
+        for part in parts {
+            let (d, other): (Vec<Change>, Vec<Change>) = part
+                .changes
+                .into_iter()
+                .partition(|c| c.action == Action::Delete);
+            plan.changes.extend(other);
+            deletes.extend(d);
+            plan.held.extend(part.held);
+            plan.orphaned.extend(part.orphaned);
+            plan.refused.extend(part.refused);
+            plan.failed.extend(part.failed);
+            plan.summary.unchanged += part.summary.unchanged;
+        }
+        deletes.sort_by(delete_order);
+        plan.changes.extend(deletes);
+        plan.count();
+        plan
+    }
+
+    /// Every environment name and every namespace that this plan changes, holds back,
+    /// refuses or failed to plan: an environment in neither is in sync.
+    pub fn touched(&self) -> HashSet<String> {
+        let home = |k: &ObjectKey| match k.kind {
+            ObjectKind::Namespace => Some(k.name.clone()),
+            _ => k.namespace.clone(),
+        };
+        let mut out = HashSet::new();
+        for c in &self.changes {
+            out.insert(c.environment.clone());
+            out.extend(home(&c.key));
+        }
+        for h in &self.held {
+            out.extend(h.environment.clone());
+            out.extend(home(&h.key));
+        }
+        out.extend(self.orphaned.iter().filter_map(home));
+        out.extend(self.refused.iter().map(|r| r.environment.clone()));
+        out.extend(self.failed.iter().map(|r| r.environment.clone()));
+        out
+    }
+
+    /// Sets the summary's counts (all but `unchanged`) from the lists.
+    fn count(&mut self) {
+        let mut summary = Summary {
+            unchanged: self.summary.unchanged,
+            ..Summary::default()
+        };
+        for c in &self.changes {
+            match c.action {
+                Action::Create => summary.create += 1,
+                Action::Update | Action::Replace => summary.update += 1,
+                Action::Delete => summary.delete += 1,
+            }
+        }
+        summary.held = self.held.len();
+        summary.orphaned = self.orphaned.len();
+        summary.refused = self.refused.len();
+        summary.failed = self.failed.len();
+        self.summary = summary;
+    }
+}
+
+/// Deletes go in reverse apply order: StatefulSets before Services ... Namespaces last.
+fn delete_order(a: &Change, b: &Change) -> std::cmp::Ordering {
+    b.key.kind.cmp(&a.key.kind).then_with(|| a.key.cmp(&b.key))
 }
 
 /// `--max-prune`: how many environments one revision may delete.
@@ -619,21 +690,9 @@ pub fn build(
             }),
         }
     }
-    // Deletes go in reverse apply order: StatefulSets before Services ... Namespaces last.
-    deletes.sort_by(|a, b| b.key.kind.cmp(&a.key.kind).then_with(|| a.key.cmp(&b.key)));
+    deletes.sort_by(delete_order);
     plan.changes.extend(deletes);
-
-    for c in &plan.changes {
-        match c.action {
-            Action::Create => plan.summary.create += 1,
-            Action::Update | Action::Replace => plan.summary.update += 1,
-            Action::Delete => plan.summary.delete += 1,
-        }
-    }
-    plan.summary.held = plan.held.len();
-    plan.summary.orphaned = plan.orphaned.len();
-    plan.summary.refused = plan.refused.len();
-    plan.summary.failed = plan.failed.len();
+    plan.count();
     plan
 }
 
@@ -763,6 +822,117 @@ mod tests {
             .iter()
             .map(|c| format!("{} {}", c.action.as_str(), c.key))
             .collect()
+    }
+
+    #[test]
+    fn plans_of_parts_joined_are_the_plan_of_the_whole() {
+        // As a controller's pass plans: each environment against its own namespace's objects,
+        // then the environments gone from the source against every namespace.
+        let namespace = |env: &str| {
+            let mut ns = object(env, ObjectKind::Namespace, &format!("environment-{env}"), 0);
+            if let Some(m) = ns["metadata"].as_object_mut() {
+                m.remove("namespace");
+            }
+            ns
+        };
+        let desired = |env: &str| {
+            vec![
+                DesiredObject {
+                    environment: env.into(),
+                    kind: ObjectKind::Namespace,
+                    namespace: None,
+                    name: format!("environment-{env}"),
+                    object: namespace(env),
+                },
+                DesiredObject {
+                    environment: env.into(),
+                    kind: ObjectKind::StatefulSet,
+                    namespace: Some(format!("environment-{env}")),
+                    name: "s".into(),
+                    object: object(env, ObjectKind::StatefulSet, "s", 2),
+                },
+            ]
+        };
+        let mut live = Live::default();
+        for (env, name) in [("a", "s"), ("b", "s"), ("b", "old"), ("c", "s")] {
+            live.insert(
+                ObjectKind::StatefulSet,
+                object(env, ObjectKind::StatefulSet, name, 1),
+            );
+        }
+        for env in ["a", "b", "c"] {
+            live.insert(ObjectKind::Namespace, namespace(env));
+        }
+        let only = |keep: &dyn Fn(&ObjectKey) -> bool| Live {
+            objects: live
+                .objects
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let home = |k: &ObjectKey| k.namespace.clone().unwrap_or_else(|| k.name.clone());
+        let health = |scope: Option<&[&str]>| SourceHealth {
+            scope: scope.map(|s| s.iter().map(|e| e.to_string()).collect()),
+            environments: ["a", "b"].iter().map(|e| e.to_string()).collect(),
+            ..SourceHealth::default()
+        };
+        let prune = PrunePolicy {
+            enabled: true,
+            allow_mass_prune: true,
+            max_prune: MaxPrune::Count(10),
+        };
+        let none = BTreeMap::new();
+        let both = [desired("a"), desired("b")].concat();
+        let whole = build(both, &live, &none, &health(None), &prune, false);
+        let part = |env: &str| {
+            let ns = format!("environment-{env}");
+            build(
+                desired(env),
+                &only(&|k| home(k) == ns),
+                &none,
+                &health(Some(&[env])),
+                &prune,
+                false,
+            )
+        };
+        let gone = build(
+            Vec::new(),
+            &only(&|k| {
+                k.kind == ObjectKind::Namespace
+                    || !["environment-a", "environment-b"].contains(&home(k).as_str())
+            }),
+            &none,
+            &health(Some(&[])),
+            &prune,
+            false,
+        );
+        let joined = Plan::join(vec![part("a"), part("b"), gone]);
+        let show = |p: &Plan| {
+            p.changes
+                .iter()
+                .map(|c| format!("{} {}", c.action.as_str(), c.key))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(show(&joined), show(&whole));
+        assert_eq!(
+            show(&whole),
+            [
+                "update StatefulSet environment-a/s",
+                "update StatefulSet environment-b/s",
+                "delete StatefulSet environment-b/old",
+                "delete Namespace environment-c",
+            ]
+        );
+        assert_eq!(
+            format!("{:?}", joined.summary),
+            format!("{:?}", whole.summary)
+        );
+        // Every environment the plan acts on is touched; one in sync would not be.
+        let touched = joined.touched();
+        for t in ["a", "environment-b", "environment-c"] {
+            assert!(touched.contains(t), "{t} in {touched:?}");
+        }
     }
 
     #[test]

@@ -27,13 +27,7 @@ fn weight(member: &str, environment: &str) -> u64 {
     h.write(member.as_bytes());
     h.write(&[0]);
     h.write(environment.as_bytes());
-    let mut x = u64::from_str_radix(&h.hex(), 16).unwrap_or(0);
-    // splitmix64's finalizer.
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    h.mixed()
 }
 
 /// The member that owns `environment` among `members` (highest weight; ties by name).

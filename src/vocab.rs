@@ -237,9 +237,23 @@ impl Fnv64 {
         self.len = self.len.wrapping_add(bytes.len() as u64);
     }
 
+    pub fn finish(&self) -> u64 {
+        (self.h ^ self.len).wrapping_mul(Self::PRIME)
+    }
+
+    /// `finish` through splitmix64's finalizer, so that every bit of the input moves every
+    /// bit of the output (for weights, and for sums of digests).
+    pub fn mixed(&self) -> u64 {
+        let mut x = self.finish();
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+
     pub fn hex(&self) -> String {
-        let h = (self.h ^ self.len).wrapping_mul(Self::PRIME);
-        format!("{h:016x}")
+        format!("{:016x}", self.finish())
     }
 }
 

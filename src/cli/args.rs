@@ -84,7 +84,12 @@ impl PolicyArgs {
     /// diagnostics too.
     pub fn load(&self, paths: &[PathBuf]) -> Loaded {
         let (files, problems) = source::read_paths(paths, self.max_file_size);
-        manifest::load_with_unread(&files, &problems, &self.load_options())
+        manifest::load_with_unread(
+            &files,
+            &problems,
+            &self.load_options(),
+            &mut manifest::Validated::default(),
+        )
     }
 }
 
@@ -201,7 +206,12 @@ impl SourceArgs {
         if !self.is_git() {
             let (files, problems) = source::read_paths(&[self.root()], self.policy.max_file_size);
             let revision = source::directory_revision(&files, &problems);
-            let loaded = manifest::load_with_unread(&files, &problems, &self.policy.load_options());
+            let loaded = manifest::load_with_unread(
+                &files,
+                &problems,
+                &self.policy.load_options(),
+                &mut manifest::Validated::default(),
+            );
             return Ok((loaded, revision));
         }
         use crate::source::git::GitBackend;
@@ -210,7 +220,12 @@ impl SourceArgs {
         let (files, problems) = git
             .read(&commit, self.policy.max_file_size)
             .map_err(CliError::Git)?;
-        let loaded = manifest::load_with_unread(&files, &problems, &self.policy.load_options());
+        let loaded = manifest::load_with_unread(
+            &files,
+            &problems,
+            &self.policy.load_options(),
+            &mut manifest::Validated::default(),
+        );
         Ok((loaded, commit))
     }
 }
@@ -298,6 +313,7 @@ impl PassArgs {
             adopt: self.prune.adopt,
             writable: None,
             progress: super::progress::bar(self.output),
+            in_sync: None,
         }
     }
 }

@@ -131,6 +131,7 @@ impl RunArgs {
                 adopt: self.prune.adopt,
                 writable: None,
                 progress: None,
+                in_sync: None,
             },
             interval: self.interval,
             resync: self.resync_interval,

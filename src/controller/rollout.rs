@@ -53,7 +53,14 @@ impl Loop {
         let read = tokio::task::spawn_blocking(move || {
             let g = git.lock().unwrap_or_else(|e| e.into_inner());
             g.read(&commit, max)
-                .map(|(files, problems)| manifest::load_with_unread(&files, &problems, &load))
+                .map(|(files, problems)| {
+                    manifest::load_with_unread(
+                        &files,
+                        &problems,
+                        &load,
+                        &mut manifest::Validated::default(),
+                    )
+                })
                 .map_err(|e| error_chain(&e))
         });
         match tokio::time::timeout(POLL_TIMEOUT, read).await {
@@ -110,13 +117,8 @@ impl Loop {
                 }
             }
         }
-        self.applied_stateful_sets.retain(|env, written| {
-            !written.is_empty()
-                && loaded
-                    .environments
-                    .iter()
-                    .any(|e| e.environment.metadata.name == *env)
-        });
+        self.applied_stateful_sets
+            .retain(|env, written| !written.is_empty() && loaded.environment(env).is_some());
     }
 
     /// Applies the source's RolloutPolicy to this revision: which environments get it now
@@ -169,9 +171,8 @@ impl Loop {
                 Some(r) if *r == revision.id => Position::AtTarget,
                 Some(r) => {
                     let same = self.loaded_at(r).await.is_some_and(|old| {
-                        old.environments
-                            .iter()
-                            .any(|o| o.environment == e.environment)
+                        old.environment(&e.environment.metadata.name)
+                            .is_some_and(|o| o.environment == e.environment)
                     });
                     if same {
                         Position::AtTarget
@@ -209,12 +210,7 @@ impl Loop {
                     continue;
                 };
                 let old = self.loaded_at(&kept).await;
-                match old.and_then(|l| {
-                    l.environments
-                        .iter()
-                        .find(|o| o.environment.metadata.name == *name)
-                        .cloned()
-                }) {
+                match old.and_then(|l| l.environment(name).cloned()) {
                     Some(o) => replaced.environments[i] = o,
                     None => {
                         rolled.untouchable.insert(name.clone());

@@ -210,6 +210,12 @@ pub(super) struct Loop {
     pub(super) membership: Option<SharedMembership>,
     /// With `--shard`: counts changes of the member set (a pass stops writing on one).
     pub(super) shard_generation: Option<watch::Receiver<u64>>,
+    /// Environments found in sync, which a pass need not render or read again while their
+    /// manifest and live objects stay as they were (forgotten on every resync).
+    pub(super) in_sync: Arc<crate::pass::InSync>,
+    /// What validation made of each file of the last revision (a new revision validates
+    /// only the files that changed).
+    pub(super) validated: manifest::Validated,
 }
 
 /// A failing environment is tried again after 2 s, 4 s, 8 s ... at most 5 minutes apart.
@@ -260,6 +266,7 @@ impl Loop {
                     &revision.files,
                     &revision.problems,
                     &self.opts.load,
+                    &mut self.validated,
                 ));
                 for d in &loaded.diagnostics {
                     tracing::warn!(revision = %revision.id, "{d}");
@@ -280,14 +287,15 @@ impl Loop {
         let load_ms = started.elapsed().as_millis() as u64;
         self.last_pass_at = tokio::time::Instant::now();
         // An environment that left the source (or became invalid) has nothing to retry.
-        self.backoff.retain(|name, _| {
-            loaded
-                .environments
-                .iter()
-                .any(|e| e.environment.metadata.name == *name)
-        });
+        self.backoff
+            .retain(|name, _| loaded.environment(name).is_some());
         let mut pass_options = self.opts.pass.clone();
         pass_options.writable = self.writable(&loaded);
+        if trigger == Trigger::Resync {
+            // The periodic resync plans every environment in full.
+            self.in_sync.forget();
+        }
+        pass_options.in_sync = Some(self.in_sync.clone());
         // A failing environment waits out its own backoff (unless its file changed: a fix
         // was pushed); the others go on.
         let now = tokio::time::Instant::now();
@@ -651,6 +659,7 @@ impl Loop {
             update = pass.plan.summary.update,
             delete = pass.plan.summary.delete,
             unchanged = pass.plan.summary.unchanged,
+            in_sync = self.in_sync.len(),
             held = pass.plan.summary.held,
             invalid = loaded.invalid_names.len(),
             failed = report.failures.len(),
@@ -843,6 +852,8 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         unreadable: BTreeSet::new(),
         applied_stateful_sets: BTreeMap::new(),
         shard_generation: membership.is_some().then_some(generation_rx),
+        in_sync: Arc::default(),
+        validated: manifest::Validated::default(),
         membership,
     };
     let mut current: Option<Revision> = None;

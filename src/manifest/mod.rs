@@ -9,8 +9,8 @@ pub mod check;
 pub mod positions;
 pub mod types;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
@@ -63,8 +63,9 @@ pub enum Rollout {
 /// Everything read from one source revision.
 #[derive(Debug, Default, Clone)]
 pub struct Loaded {
-    /// Valid environments, sorted by name.
-    pub environments: Vec<LoadedEnvironment>,
+    /// Valid environments, sorted by name (shared with the revisions whose file of it was
+    /// the same: see `Validated`).
+    pub environments: Vec<Arc<LoadedEnvironment>>,
     /// Every problem found, sorted by file and position.
     pub diagnostics: Vec<Diagnostic>,
     /// Names of environments that were found but are invalid: they must keep their last
@@ -84,6 +85,14 @@ impl Loaded {
     pub fn is_valid(&self) -> bool {
         self.diagnostics.is_empty()
     }
+
+    /// The valid environment named `name` (a binary search: they are sorted by name).
+    pub fn environment(&self, name: &str) -> Option<&Arc<LoadedEnvironment>> {
+        self.environments
+            .binary_search_by(|e| e.environment.metadata.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.environments[i])
+    }
 }
 
 /// Validates `files` and adds the problems of files the source could not read: they count
@@ -92,8 +101,9 @@ pub fn load_with_unread(
     files: &[SourceFile],
     unread: &[Diagnostic],
     options: &LoadOptions,
+    known: &mut Validated,
 ) -> Loaded {
-    let mut loaded = load(files, options);
+    let mut loaded = load_reusing(files, options, known);
     if !unread.is_empty() {
         let paths: BTreeSet<String> = unread.iter().map(|d| d.file.clone()).collect();
         loaded.files += paths.len();
@@ -242,7 +252,7 @@ impl LazyIndex<'_> {
 /// What one file yielded.
 #[derive(Default)]
 struct FileOutcome {
-    environments: Vec<LoadedEnvironment>,
+    environments: Vec<Arc<LoadedEnvironment>>,
     diagnostics: Vec<Diagnostic>,
     invalid_names: BTreeSet<String>,
     invalid_reasons: BTreeMap<String, String>,
@@ -332,10 +342,10 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
                         index.lookup(doc.index, ""),
                         format!("decoding the environment: {e}"),
                     )),
-                    Ok(environment) => out.environments.push(LoadedEnvironment {
+                    Ok(environment) => out.environments.push(Arc::new(LoadedEnvironment {
                         origin,
                         environment,
-                    }),
+                    })),
                 }
             }
         }
@@ -429,16 +439,42 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
     msg
 }
 
+/// What validation made of each file, by path, with a digest of the file's bytes: a
+/// revision that changes a few files validates only those, and shares the environments of
+/// the others with the revisions before it. Holds for one `LoadOptions` (a controller keeps
+/// one between its revisions).
+#[derive(Default)]
+pub struct Validated(HashMap<String, (u64, Arc<FileOutcome>)>);
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = crate::vocab::Fnv64::new();
+    h.write(bytes);
+    h.mixed()
+}
+
 /// Validates every file (in parallel); never panics on any input.
 pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
+    load_reusing(files, options, &mut Validated::default())
+}
+
+/// `load`, validating only the files that `known` has not seen with the same bytes; `known`
+/// is left holding exactly `files`.
+pub fn load_reusing(files: &[SourceFile], options: &LoadOptions, known: &mut Validated) -> Loaded {
     let mut loaded = Loaded {
         files: files.len(),
         ..Loaded::default()
     };
+    let digests: Vec<u64> = files.iter().map(|f| digest(&f.bytes)).collect();
+    let todo: Vec<&SourceFile> = files
+        .iter()
+        .zip(&digests)
+        .filter(|(f, d)| known.0.get(&f.path).is_none_or(|(k, _)| k != *d))
+        .map(|(f, _)| f)
+        .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = files.len().div_ceil(threads).max(64);
-    let outcomes: Vec<FileOutcome> = std::thread::scope(|scope| {
-        let handles: Vec<_> = files
+    let chunk = todo.len().div_ceil(threads).max(64);
+    let validated: Vec<FileOutcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = todo
             .chunks(chunk)
             .map(|part| {
                 let handle = scope.spawn(move || {
@@ -469,17 +505,45 @@ pub fn load(files: &[SourceFile], options: &LoadOptions) -> Loaded {
             })
             .collect()
     });
-    let mut by_name: BTreeMap<String, Vec<LoadedEnvironment>> = BTreeMap::new();
+    let mut fresh: HashMap<&str, Arc<FileOutcome>> = todo
+        .iter()
+        .map(|f| f.path.as_str())
+        .zip(validated.into_iter().map(Arc::new))
+        .collect();
+    let mut now: HashMap<String, (u64, Arc<FileOutcome>)> = HashMap::with_capacity(files.len());
+    let mut outcomes: Vec<(&SourceFile, Arc<FileOutcome>)> = Vec::with_capacity(files.len());
+    for (file, d) in files.iter().zip(&digests) {
+        let outcome = match fresh.remove(file.path.as_str()) {
+            Some(o) => o,
+            None => match known.0.get(&file.path) {
+                Some((_, o)) => o.clone(),
+                None => continue, // not reached: every file is validated or known
+            },
+        };
+        now.insert(file.path.clone(), (*d, outcome.clone()));
+        outcomes.push((file, outcome));
+    }
+    known.0 = now;
+    let mut by_name: BTreeMap<String, Vec<Arc<LoadedEnvironment>>> = BTreeMap::new();
     let mut policies = Vec::new();
-    for (file, outcome) in files.iter().zip(outcomes) {
-        policies.extend(outcome.policies);
-        loaded.diagnostics.extend(outcome.diagnostics);
-        loaded.invalid_names.extend(outcome.invalid_names);
-        loaded.invalid_reasons.extend(outcome.invalid_reasons);
+    for (file, outcome) in outcomes {
+        policies.extend(outcome.policies.iter().cloned());
+        loaded
+            .diagnostics
+            .extend(outcome.diagnostics.iter().cloned());
+        loaded
+            .invalid_names
+            .extend(outcome.invalid_names.iter().cloned());
+        loaded.invalid_reasons.extend(
+            outcome
+                .invalid_reasons
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         if outcome.unattributed {
             loaded.unattributed_files.insert(file.path.clone());
         }
-        for env in outcome.environments {
+        for env in outcome.environments.iter().cloned() {
             by_name
                 .entry(env.environment.metadata.name.clone())
                 .or_default()
@@ -598,6 +662,49 @@ spec:
     compute:
       - {id: cluster-0, image: materialize/clusterd:v0.130.0, scale: 2}
 ";
+
+    #[test]
+    fn a_revision_validates_only_its_changed_files() {
+        let file = |path: &str, name: &str, scale: u32| SourceFile {
+            path: path.into(),
+            bytes: GOOD
+                .replace("acme", name)
+                .replace("scale: 2", &format!("scale: {scale}"))
+                .into_bytes(),
+        };
+        let options = LoadOptions::default();
+        let mut known = Validated::default();
+        let first = load_reusing(
+            &[file("a.yaml", "a", 2), file("b.yaml", "b", 2)],
+            &options,
+            &mut known,
+        );
+        assert_eq!(first.environments.len(), 2);
+        // b changes (to an invalid scale), c is new: the outcome is a fresh load's.
+        let files = [
+            file("a.yaml", "a", 2),
+            file("b.yaml", "b", 999),
+            file("c.yaml", "c", 3),
+        ];
+        let again = load_reusing(&files, &options, &mut known);
+        let fresh = load(&files, &options);
+        let names = |l: &Loaded| {
+            l.environments
+                .iter()
+                .map(|e| format!("{:?}", e.environment))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&again), names(&fresh));
+        assert_eq!(again.diagnostics, fresh.diagnostics);
+        assert_eq!(again.invalid_names, fresh.invalid_names);
+        assert!(again.invalid_names.contains("b"), "{:?}", again.diagnostics);
+        // a's environment is the very one of the first revision; b's file is validated anew.
+        assert!(Arc::ptr_eq(&first.environments[0], &again.environments[0]));
+        // A file that is gone is forgotten.
+        let last = load_reusing(&files[..1], &options, &mut known);
+        assert_eq!(last.environments.len(), 1);
+        assert_eq!(known.0.len(), 1);
+    }
 
     #[test]
     fn accepts_a_good_manifest() {

@@ -744,7 +744,11 @@ async fn rollout_state(client: &Client, env: &str) -> (String, bool) {
         .and_then(|p| p.containers.first())
         .and_then(|c| c.image.clone())
         .unwrap_or_default();
-    let observed = envctl::observe::group_for_health(items, pods(client, env).await, []);
+    let observed = envctl::observe::group_for_health(
+        items.into_iter().map(std::sync::Arc::new),
+        pods(client, env).await.into_iter().map(std::sync::Arc::new),
+        [],
+    );
     let ready = observed.get(env).is_some_and(|o| {
         envctl::health::assess(
             o,
