@@ -86,11 +86,70 @@ impl Health {
     }
 }
 
+/// What health reads of a StatefulSet. The controller's watch keeps this instead of the
+/// typed object, which is about 1.8 KiB however much of it is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatefulSetView {
+    pub name: String,
+    /// Its desired-hash (`HASH_ANNOTATION`): which version of its desired state it shows.
+    pub hash: Option<String>,
+    pub generation: i64,
+    /// `spec.replicas` (1 when unset).
+    pub replicas: i32,
+    /// `spec.updateStrategy.rollingUpdate.partition` (0 when unset).
+    pub partition: i32,
+    /// The status counters, if it has a status.
+    pub status: Option<StatefulSetCounts>,
+}
+
+/// A StatefulSet's status, as health reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatefulSetCounts {
+    pub observed_generation: i64,
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+    pub current: i32,
+    pub current_revision: Option<String>,
+    pub update_revision: Option<String>,
+}
+
+impl From<&StatefulSet> for StatefulSetView {
+    fn from(sts: &StatefulSet) -> StatefulSetView {
+        let spec = sts.spec.as_ref();
+        StatefulSetView {
+            name: sts.metadata.name.clone().unwrap_or_else(|| "?".into()),
+            hash: sts
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(HASH_ANNOTATION))
+                .cloned(),
+            generation: sts.metadata.generation.unwrap_or(0),
+            replicas: spec.and_then(|s| s.replicas).unwrap_or(1),
+            partition: spec
+                .and_then(|s| s.update_strategy.as_ref())
+                .and_then(|u| u.rolling_update.as_ref())
+                .and_then(|r| r.partition)
+                .unwrap_or(0),
+            status: sts.status.as_ref().map(|st| StatefulSetCounts {
+                observed_generation: st.observed_generation.unwrap_or(0),
+                replicas: st.replicas,
+                ready: st.ready_replicas.unwrap_or(0),
+                updated: st.updated_replicas.unwrap_or(0),
+                current: st.current_replicas.unwrap_or(0),
+                current_revision: st.current_revision.clone(),
+                update_revision: st.update_revision.clone(),
+            }),
+        }
+    }
+}
+
 /// What one environment runs, as observed.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
-    /// Shared with the watch's store (judging every environment copies no object).
-    pub stateful_sets: Vec<std::sync::Arc<StatefulSet>>,
+    /// Shared with the watch's store (judging every environment copies nothing).
+    pub stateful_sets: Vec<std::sync::Arc<StatefulSetView>>,
     pub pods: Vec<std::sync::Arc<Pod>>,
     /// When envctl last applied a change to it (its namespace's `applied-at`), if known.
     pub applied_at: Option<Timestamp>,
@@ -102,10 +161,7 @@ impl Observed {
     pub fn stateful_set_hashes(&self) -> BTreeMap<String, String> {
         self.stateful_sets
             .iter()
-            .filter_map(|s| {
-                let hash = s.metadata.annotations.as_ref()?.get(HASH_ANNOTATION)?;
-                Some((s.metadata.name.clone()?, hash.clone()))
-            })
+            .filter_map(|s| Some((s.name.clone(), s.hash.clone()?)))
             .collect()
     }
 }
@@ -275,29 +331,21 @@ fn pod_waiting(pod: &Pod) -> Option<Health> {
 }
 
 /// kstatus's rules for a StatefulSet: `None` when it is current.
-fn stateful_set_progress(sts: &StatefulSet) -> Option<Health> {
-    let name = sts.metadata.name.as_deref().unwrap_or("?");
+fn stateful_set_progress(sts: &StatefulSetView) -> Option<Health> {
+    let name = &sts.name;
     let progressing = |msg: String| Some(Health::new(HealthState::Progressing, "Rollout", msg));
     let Some(status) = sts.status.as_ref() else {
         return progressing(format!("StatefulSet {name} has no status yet"));
     };
-    let generation = sts.metadata.generation.unwrap_or(0);
-    let observed = status.observed_generation.unwrap_or(0);
+    let generation = sts.generation;
+    let observed = status.observed_generation;
     if observed < generation {
         return progressing(format!(
             "StatefulSet {name}: generation {generation} is not observed yet (observed {observed})"
         ));
     }
-    let spec = sts.spec.as_ref();
-    let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
-    let partition = spec
-        .and_then(|s| s.update_strategy.as_ref())
-        .and_then(|u| u.rolling_update.as_ref())
-        .and_then(|r| r.partition)
-        .unwrap_or(0);
-    let ready = status.ready_replicas.unwrap_or(0);
-    let updated = status.updated_replicas.unwrap_or(0);
-    let current = status.current_replicas.unwrap_or(0);
+    let (replicas, partition) = (sts.replicas, sts.partition);
+    let (ready, updated, current) = (status.ready, status.updated, status.current);
     if status.replicas > replicas {
         return progressing(format!(
             "StatefulSet {name}: {} replicas exist, {replicas} wanted (scaling down)",
@@ -369,6 +417,9 @@ mod tests {
     fn sts(json: serde_json::Value) -> StatefulSet {
         serde_json::from_value(json).expect("a StatefulSet")
     }
+    fn view(s: &StatefulSet) -> std::sync::Arc<StatefulSetView> {
+        std::sync::Arc::new(s.into())
+    }
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).expect("a Pod")
     }
@@ -390,7 +441,7 @@ mod tests {
     #[test]
     fn ready_when_every_replica_is_ready_at_the_newest_revision() {
         let o = Observed {
-            stateful_sets: vec![ready_sts().into()],
+            stateful_sets: vec![view(&ready_sts())],
             ..Observed::default()
         };
         let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -408,7 +459,7 @@ mod tests {
         let mut s = ready_sts();
         s.metadata.generation = Some(3);
         let o = Observed {
-            stateful_sets: vec![s.into()],
+            stateful_sets: vec![view(&s)],
             ..Observed::default()
         };
         let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -422,7 +473,7 @@ mod tests {
             st.updated_replicas = Some(1);
         }
         let o = Observed {
-            stateful_sets: vec![s.into()],
+            stateful_sets: vec![view(&s)],
             ..Observed::default()
         };
         let h = assess(&o, at("2026-01-01T00:00:00Z"), DEADLINE);
@@ -444,7 +495,7 @@ mod tests {
                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
         }));
         let o = Observed {
-            stateful_sets: vec![s.into()],
+            stateful_sets: vec![view(&s)],
             pods: vec![p.into()],
             applied_at: Some(at("2026-01-01T00:00:00Z")),
         };
@@ -477,7 +528,7 @@ mod tests {
                     "state": {"waiting": {"reason": reason, "message": "no image"}}}]}
             }));
             let o = Observed {
-                stateful_sets: vec![ready_sts().into()],
+                stateful_sets: vec![view(&ready_sts())],
                 pods: vec![p.into()],
                 applied_at: None,
             };
@@ -500,7 +551,7 @@ mod tests {
                 {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:20:00Z"}]}
         }));
         let o = Observed {
-            stateful_sets: vec![s.into()],
+            stateful_sets: vec![view(&s)],
             pods: vec![p.into()],
             applied_at: Some(at("2026-01-01T00:00:00Z")),
         };
@@ -515,14 +566,10 @@ mod tests {
     fn a_judgement_older_than_the_apply_is_not_trusted() {
         let ready = Health::new(HealthState::Ready, "AllReady", "2/2");
         let mut o = Observed {
-            stateful_sets: vec![ready_sts().into()],
+            stateful_sets: vec![view(&ready_sts())],
             ..Observed::default()
         };
-        std::sync::Arc::make_mut(&mut o.stateful_sets[0])
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(HASH_ANNOTATION.to_string(), "old".to_string());
+        std::sync::Arc::make_mut(&mut o.stateful_sets[0]).hash = Some("old".to_string());
         let seen = o.stateful_set_hashes();
         assert_eq!(seen.get("environmentd").map(String::as_str), Some("old"));
         let applied: BTreeMap<String, String> =

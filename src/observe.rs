@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -17,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::cluster::{FIELD_MANAGER, api, is_unreachable_or_refused, with_retries};
+use crate::health::StatefulSetView;
 use crate::render::DesiredObject;
 use crate::vocab::ObjectKey;
 use crate::vocab::{ENVIRONMENT_LABEL, ObjectKind, owned_selector};
@@ -738,41 +740,42 @@ impl Cache {
     }
 }
 
-/// Groups StatefulSets, pods and namespaces by environment into health inputs. Every
+/// Groups StatefulSets, pods and namespaces (each StatefulSet and namespace with its
+/// environment; a namespace with its `applied-at`) by environment into health inputs. Every
 /// environment with a namespace gets an entry (an environment without StatefulSets is
 /// `Unknown`).
 pub fn group_for_health(
-    stateful_sets: impl IntoIterator<Item = Arc<StatefulSet>>,
+    stateful_sets: impl IntoIterator<Item = (String, Arc<StatefulSetView>)>,
     pods: impl IntoIterator<Item = Arc<Pod>>,
-    namespaces: impl IntoIterator<Item = Arc<Namespace>>,
+    namespaces: impl IntoIterator<Item = (String, Option<Timestamp>)>,
 ) -> BTreeMap<String, crate::health::Observed> {
-    fn env_of(meta: &kube::api::ObjectMeta) -> Option<String> {
-        meta.labels.as_ref()?.get(ENVIRONMENT_LABEL).cloned()
-    }
     let mut out: BTreeMap<String, crate::health::Observed> = BTreeMap::new();
-    for ns in namespaces {
-        let Some(env) = env_of(&ns.metadata) else {
-            continue;
-        };
-        let applied_at = ns
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(crate::vocab::APPLIED_AT_ANNOTATION))
-            .and_then(|t| t.parse().ok());
+    for (env, applied_at) in namespaces {
         out.entry(env).or_default().applied_at = applied_at;
     }
-    for sts in stateful_sets {
-        if let Some(env) = env_of(&sts.metadata) {
-            out.entry(env).or_default().stateful_sets.push(sts);
-        }
+    for (env, sts) in stateful_sets {
+        out.entry(env).or_default().stateful_sets.push(sts);
     }
     for pod in pods {
-        if let Some(env) = env_of(&pod.metadata) {
+        if let Some(env) = environment_of(&pod.metadata) {
             out.entry(env).or_default().pods.push(pod);
         }
     }
     out
+}
+
+fn environment_of(meta: &kube::api::ObjectMeta) -> Option<String> {
+    meta.labels.as_ref()?.get(ENVIRONMENT_LABEL).cloned()
+}
+
+/// A namespace's `applied-at` annotation (when envctl last applied a change to it).
+fn applied_at(ns: &Namespace) -> Option<Timestamp> {
+    ns.metadata
+        .annotations
+        .as_ref()?
+        .get(crate::vocab::APPLIED_AT_ANNOTATION)?
+        .parse()
+        .ok()
 }
 
 async fn list_typed<K>(
@@ -828,56 +831,144 @@ pub async fn read_health_inputs(
         list_typed::<Namespace>(client, &selector, "Namespace"),
     )?;
     Ok(group_for_health(
-        stateful_sets.into_iter().map(Arc::new),
+        stateful_sets.iter().filter_map(|s| {
+            Some((
+                environment_of(&s.metadata)?,
+                Arc::new(StatefulSetView::from(s)),
+            ))
+        }),
         pods.into_iter().map(Arc::new),
-        namespaces.into_iter().map(Arc::new),
+        namespaces
+            .iter()
+            .filter_map(|n| Some((environment_of(&n.metadata)?, applied_at(n)))),
     ))
 }
 
 /// Watches of what health is judged from (StatefulSets with their status, pods, namespaces),
 /// for the controller: it reads them on every change, with no polling per environment.
 pub struct HealthWatch {
-    stateful_sets: reflector::Store<StatefulSet>,
+    stateful_sets: Projection<StatefulSetView>,
     pods: reflector::Store<Pod>,
-    namespaces: reflector::Store<Namespace>,
+    namespaces: Projection<Option<Timestamp>>,
 }
 
-/// Keeps a store of `api`'s objects, without what health never reads: managedFields (most of
-/// a listed object's size), every label but the environment's, every annotation but the
-/// desired-hash and applied-at, and whatever `strip` drops.
-fn reflect<K>(
-    api: kube::Api<K>,
+/// (namespace, name) -> (environment, projection).
+type Entries<V> = std::collections::HashMap<(String, String), (String, Arc<V>)>;
+
+/// A watch-fed map of a small projection `V` of each object, with the object's environment
+/// (objects without the environment label are left out).
+struct Projection<V> {
+    items: Arc<std::sync::RwLock<Entries<V>>>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<V> Projection<V> {
+    fn start<K>(
+        api: kube::Api<K>,
+        selector: &str,
+        changed: Arc<Notify>,
+        kind: &'static str,
+        view: fn(&K) -> V,
+    ) -> Projection<V>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+        V: Send + Sync + 'static,
+    {
+        let items: Arc<std::sync::RwLock<Entries<V>>> = Arc::default();
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let config = watcher::Config::default().labels(selector);
+        let mut events = watcher(api, config).default_backoff().boxed();
+        let store = items.clone();
+        tokio::spawn(async move {
+            let entry = |o: &K| {
+                let meta = o.meta();
+                let key = (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone()?,
+                );
+                Some((key, (environment_of(meta)?, Arc::new(view(o)))))
+            };
+            let key = |o: &K| {
+                let meta = o.meta();
+                (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                )
+            };
+            // A (re)list is gathered apart and swapped in whole when it is complete.
+            let mut relist: Option<Entries<V>> = None;
+            while let Some(event) = events.next().await {
+                let write = || store.write().unwrap_or_else(|e| e.into_inner());
+                match event {
+                    Ok(watcher::Event::Init) => relist = Some(Entries::default()),
+                    Ok(watcher::Event::InitApply(o)) => {
+                        if let (Some(r), Some((k, v))) = (relist.as_mut(), entry(&o)) {
+                            r.insert(k, v);
+                        }
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(new) = relist.take() {
+                            *write() = new;
+                        }
+                        ready_tx.send_replace(true);
+                    }
+                    Ok(watcher::Event::Apply(o)) => match entry(&o) {
+                        Some((k, v)) => {
+                            write().insert(k, v);
+                        }
+                        None => {
+                            write().remove(&key(&o));
+                        }
+                    },
+                    Ok(watcher::Event::Delete(o)) => {
+                        write().remove(&key(&o));
+                    }
+                    Err(e) => {
+                        tracing::warn!(kind, error = %e, "the health watch broke; it resumes with backoff");
+                        continue;
+                    }
+                }
+                changed.notify_one();
+            }
+        });
+        Projection { items, ready }
+    }
+
+    async fn wait_until_ready(&self) {
+        let mut r = self.ready.clone();
+        let _ = r.wait_for(|ready| *ready).await;
+    }
+
+    /// Every object's environment and projection.
+    fn entries(&self) -> Vec<(String, Arc<V>)> {
+        self.items
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Keeps a store of pods without what health never reads: managedFields (most of a listed
+/// object's size), the spec, and every label but the environment's and every annotation.
+fn reflect_pods(
+    api: kube::Api<Pod>,
     selector: &str,
     changed: Arc<Notify>,
-    kind: &'static str,
-    strip: fn(&mut K),
-) -> reflector::Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> reflector::Store<Pod> {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(selector);
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(move |o: &mut K| {
-            let meta = o.meta_mut();
-            meta.managed_fields = None;
-            if let Some(labels) = meta.labels.as_mut() {
+        .modify(|p: &mut Pod| {
+            p.metadata.managed_fields = None;
+            p.metadata.annotations = None;
+            if let Some(labels) = p.metadata.labels.as_mut() {
                 labels.retain(|k, _| k == ENVIRONMENT_LABEL);
             }
-            if let Some(annotations) = meta.annotations.as_mut() {
-                annotations.retain(|k, _| {
-                    k == crate::vocab::HASH_ANNOTATION || k == crate::vocab::APPLIED_AT_ANNOTATION
-                });
-            }
-            strip(o);
+            p.spec = None;
         })
         .reflect(writer);
     tokio::spawn(async move {
@@ -886,7 +977,7 @@ where
             match event {
                 Ok(_) => changed.notify_one(),
                 Err(e) => {
-                    tracing::warn!(kind, error = %e, "the health watch broke; it resumes with backoff")
+                    tracing::warn!(kind = "Pod", error = %e, "the health watch broke; it resumes with backoff")
                 }
             }
         }
@@ -899,33 +990,20 @@ impl HealthWatch {
     pub fn start(client: &Client, instance: &str, changed: Arc<Notify>) -> HealthWatch {
         let selector = owned_selector(instance);
         HealthWatch {
-            stateful_sets: reflect(
+            stateful_sets: Projection::start(
                 kube::Api::all(client.clone()),
                 &selector,
                 changed.clone(),
                 "StatefulSet",
-                // Health reads a StatefulSet's replicas, strategy, status and metadata.
-                |s: &mut StatefulSet| {
-                    if let Some(spec) = s.spec.as_mut() {
-                        spec.template = Default::default();
-                        spec.volume_claim_templates = None;
-                    }
-                },
+                |s: &StatefulSet| StatefulSetView::from(s),
             ),
-            pods: reflect(
-                kube::Api::all(client.clone()),
-                &selector,
-                changed.clone(),
-                "Pod",
-                // Health reads a pod's status and metadata.
-                |p: &mut Pod| p.spec = None,
-            ),
-            namespaces: reflect(
+            pods: reflect_pods(kube::Api::all(client.clone()), &selector, changed.clone()),
+            namespaces: Projection::start(
                 kube::Api::all(client.clone()),
                 &selector,
                 changed,
                 "Namespace",
-                |_| {},
+                applied_at,
             ),
         }
     }
@@ -933,9 +1011,9 @@ impl HealthWatch {
     /// Waits until every watch has listed once, at most `timeout`.
     pub async fn ready(&self, timeout: std::time::Duration) -> Result<(), ObserveError> {
         let all = async {
-            let _ = self.stateful_sets.wait_until_ready().await;
+            self.stateful_sets.wait_until_ready().await;
             let _ = self.pods.wait_until_ready().await;
-            let _ = self.namespaces.wait_until_ready().await;
+            self.namespaces.wait_until_ready().await;
         };
         tokio::time::timeout(timeout, all)
             .await
@@ -948,9 +1026,12 @@ impl HealthWatch {
     /// The health inputs as the watches have them now.
     pub fn observed(&self) -> BTreeMap<String, crate::health::Observed> {
         group_for_health(
-            self.stateful_sets.state(),
+            self.stateful_sets.entries(),
             self.pods.state(),
-            self.namespaces.state(),
+            self.namespaces
+                .entries()
+                .into_iter()
+                .map(|(env, at)| (env, *at)),
         )
     }
 }

@@ -745,7 +745,10 @@ async fn rollout_state(client: &Client, env: &str) -> (String, bool) {
         .and_then(|c| c.image.clone())
         .unwrap_or_default();
     let observed = envctl::observe::group_for_health(
-        items.into_iter().map(std::sync::Arc::new),
+        items.iter().map(|s| {
+            let view = envctl::health::StatefulSetView::from(s);
+            (env.to_string(), std::sync::Arc::new(view))
+        }),
         pods(client, env).await.into_iter().map(std::sync::Arc::new),
         [],
     );
