@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
 use kube::discovery::Discovery;
 
@@ -24,110 +24,66 @@ async fn envctl_runs_as_the_charts_service_account() {
     let id = unique("chart");
     let (release, namespace, instance) = (id.clone(), format!("{id}-system"), id.clone());
 
-    // Render the chart with real Helm.
-    let out = Command::new("python3")
-        .arg(repo_root().join("tests/chart/render.py"))
-        .args([
+    // Install the chart with the Helm CLI, its admission policy in force: the API server
+    // takes every template (the PodDisruptionBudget and the policy with its binding among
+    // them) and --wait holds until the Deployment's pods are scheduled on kwok nodes and Ready.
+    let install = helm(
+        cluster,
+        &[
+            "install",
             &release,
+            &chart_dir(),
+            "--namespace",
             &namespace,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "3m",
+            "--set",
             "source.url=https://git.example.invalid/envs.git",
-        ])
-        .arg(format!("instance={instance}"))
-        // Sharding's Lease rules too (leader election's are always there): both modes run
-        // as this ServiceAccount below.
-        .arg("sharding.enabled=true")
-        .output()
-        .expect("running tests/chart/render.py (needs python3 and helm-python-sdk)");
-    assert!(
-        out.status.success(),
-        "rendering the chart failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+            "--set",
+            &format!("instance={instance}"),
+            // Sharding's Lease rules too (leader election's are always there): both modes
+            // run as this ServiceAccount below.
+            "--set",
+            "sharding.enabled=true",
+            "--set",
+            "admissionPolicy.enabled=true",
+        ],
     );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(&text).expect("the chart renders YAML");
-
-    // Apply its RBAC (everything but the Deployment and Service) as the admin.
+    assert!(install.0, "helm install failed:\n{}", install.1);
+    let docs = release_manifest(cluster, &release, &namespace);
     let nsapi: Api<Namespace> = Api::all(client.clone());
-    nsapi
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))
-                .expect("ns"),
-        )
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &namespace);
+    let running: Vec<_> = pods
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
         .await
-        .expect("creating the release namespace");
-    let discovery = Discovery::new(client.clone())
-        .run()
-        .await
-        .expect("API discovery");
-    let mut cluster_scoped = Vec::new();
-    for doc in docs.iter().filter(|d| !d.is_null()) {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        // Only RBAC and identity are applied (no pods run here); the PDB's policy/v1 needs
-        // Kubernetes >= 1.21.
-        if matches!(kind, "Deployment" | "Service" | "PodDisruptionBudget") {
-            continue;
-        }
-        let gvk = kube::api::GroupVersionKind::try_from(&kube::api::TypeMeta {
-            api_version: doc["apiVersion"].as_str().unwrap_or_default().to_string(),
-            kind: kind.to_string(),
+        .expect("listing the release's pods")
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .is_some_and(|n| n.starts_with("kwok-node-"))
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         })
-        .expect("a GVK");
-        let (ar, caps) = discovery.resolve_gvk(&gvk).expect("a known kind");
-        let name = doc["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
-            Api::namespaced_with(client.clone(), &namespace, &ar)
-        } else {
-            cluster_scoped.push((ar.clone(), name.clone()));
-            Api::all_with(client.clone(), &ar)
-        };
-        api.patch(
-            &name,
-            &PatchParams::apply("chart-test").force(),
-            &Patch::Apply(doc),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
-    }
+        .collect();
+    assert_eq!(
+        running.len(),
+        3,
+        "the Deployment's 3 replicas run on kwok nodes"
+    );
 
-    // The ServiceAccount's token (Kubernetes 1.20 creates a token Secret for it).
+    // A token for the ServiceAccount, from the TokenRequest API (no token Secret is made for
+    // a ServiceAccount since Kubernetes 1.24).
     let sa_name = docs
         .iter()
         .find(|d| d["kind"] == "ServiceAccount")
         .and_then(|d| d["metadata"]["name"].as_str())
         .expect("a ServiceAccount")
         .to_string();
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let mut token = None;
-    for _ in 0..100 {
-        let secret_name = sas
-            .get(&sa_name)
-            .await
-            .ok()
-            .and_then(|sa| sa.secrets)
-            .and_then(|s| s.first().and_then(|r| r.name.clone()));
-        if let Some(n) = secret_name {
-            token = secrets
-                .get(&n)
-                .await
-                .ok()
-                .and_then(|s| s.data)
-                .and_then(|d| {
-                    d.get("token")
-                        .map(|t| String::from_utf8_lossy(&t.0).to_string())
-                });
-        }
-        if token.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let token = token.expect("the ServiceAccount's token");
+    let token = crate::cluster::service_account_token(&client, &namespace, &sa_name).await;
     let mut kubeconfig = Kubeconfig::read_from(&cluster.kubeconfig).expect("the admin kubeconfig");
     for user in &mut kubeconfig.auth_infos {
         if let Some(auth) = user.auth_info.as_mut() {
@@ -463,10 +419,143 @@ async fn envctl_runs_as_the_charts_service_account() {
     let _ = nsapi.delete(&other_ns, &DeleteParams::default()).await;
 
     cleanup_instance(&client, &instance).await;
+
+    // An upgrade that changes a value is taken, and uninstall leaves none of the chart's
+    // objects behind, in the release namespace or cluster-wide.
+    let upgrade = helm(
+        cluster,
+        &[
+            "upgrade",
+            &release,
+            &chart_dir(),
+            "--namespace",
+            &namespace,
+            "--reuse-values",
+            "--set",
+            "prune.enabled=true",
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    );
+    assert!(upgrade.0, "helm upgrade failed:\n{}", upgrade.1);
+    let upgraded = release_manifest(cluster, &release, &namespace);
+    assert!(
+        upgraded
+            .iter()
+            .filter(|d| d["kind"] == "Deployment")
+            .filter_map(|d| d["spec"]["template"]["spec"]["containers"][0]["env"].as_array())
+            .flatten()
+            .any(|e| e["name"] == "ENVCTL_PRUNE" && e["value"] == "true"),
+        "the upgrade turned pruning on"
+    );
+    let uninstall = helm(
+        cluster,
+        &[
+            "uninstall",
+            &release,
+            "--namespace",
+            &namespace,
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    );
+    assert!(uninstall.0, "helm uninstall failed:\n{}", uninstall.1);
+    let left = objects_of_release(&client, &release).await;
+    assert!(
+        left.is_empty(),
+        "helm uninstall left these behind: {left:?}"
+    );
     let _ = nsapi.delete(&namespace, &DeleteParams::default()).await;
-    for (ar, name) in cluster_scoped {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        let _ = api.delete(&name, &DeleteParams::default()).await;
-    }
     wait_namespace_gone(&client, &namespace, Duration::from_secs(120)).await;
+}
+
+/// The chart's folder.
+fn chart_dir() -> String {
+    repo_root()
+        .join("charts/envctl")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `helm ARGS` with the Helm CLI from its Go module (scripts/go-tool), against the test
+/// cluster: (success, stdout and stderr).
+fn helm(cluster: &crate::cluster::TestCluster, args: &[&str]) -> (bool, String) {
+    static HELM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let binary = HELM.get_or_init(|| {
+        let mut command = Command::new(repo_root().join("scripts/go-tool"));
+        command.arg("helm");
+        crate::support::script_last_line(command, "scripts/go-tool helm")
+            .unwrap_or_else(|e| panic!("installing the Helm CLI: {e}"))
+    });
+    let home = tempfile::tempdir().expect("a Helm home");
+    let out = Command::new(binary)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        // Helm's caches and settings in a folder of this call's own.
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running helm");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The objects the release holds, as Helm recorded them (`helm get manifest`).
+fn release_manifest(
+    cluster: &crate::cluster::TestCluster,
+    release: &str,
+    namespace: &str,
+) -> Vec<serde_json::Value> {
+    let (ok, text) = helm(
+        cluster,
+        &["get", "manifest", release, "--namespace", namespace],
+    );
+    assert!(ok, "helm get manifest failed:\n{text}");
+    serde_saphyr::from_multiple::<serde_json::Value>(&text)
+        .expect("the release's manifest is YAML")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// Every object of any listable kind, cluster-wide, that carries the release's instance
+/// label: `KIND NAMESPACE/NAME`.
+async fn objects_of_release(client: &kube::Client, release: &str) -> Vec<String> {
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("API discovery");
+    let selector = format!("app.kubernetes.io/instance={release}");
+    let mut left = Vec::new();
+    for group in discovery.groups() {
+        for (ar, caps) in group.recommended_resources() {
+            if !caps.supports_operation(kube::discovery::verbs::LIST) || ar.kind == "Event" {
+                continue;
+            }
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let Ok(list) = api.list(&ListParams::default().labels(&selector)).await else {
+                continue;
+            };
+            for o in list.items {
+                left.push(format!(
+                    "{} {}/{}",
+                    ar.kind,
+                    o.metadata.namespace.unwrap_or_default(),
+                    o.metadata.name.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    left
 }

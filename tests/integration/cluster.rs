@@ -41,10 +41,49 @@ pub fn require() -> Option<&'static TestCluster> {
     required("cluster", CLUSTER.get_or_init(start))
 }
 
+/// A control plane of a test's own (`scripts/control-plane` with its own state folder
+/// `$ENVCTL_CACHE_DIR/control-plane-NAME` and the settings in `env`), stopped on drop. The
+/// fault tests restart theirs at will; the compatibility smoke runs another Kubernetes.
+pub struct OwnPlane {
+    pub cluster: TestCluster,
+    pub state: PathBuf,
+}
+
+impl OwnPlane {
+    /// Starts it, or panics: a plane that cannot start fails the test.
+    pub fn start(name: &str, env: &[(&str, &str)]) -> OwnPlane {
+        let base = std::env::var_os("ENVCTL_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/envctl")))
+            .expect("HOME");
+        let state = base.join(format!("control-plane-{name}"));
+        let mut cmd = Command::new(repo_root().join("scripts/control-plane"));
+        cmd.arg("up").env("ENVCTL_CP_STATE_DIR", &state);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let kubeconfig = script_last_line(cmd, &format!("scripts/control-plane up ({name} plane)"))
+            .unwrap_or_else(|e| panic!("a control plane for the {name} tests: {e}"));
+        OwnPlane {
+            cluster: TestCluster {
+                kubeconfig: PathBuf::from(kubeconfig),
+            },
+            state,
+        }
+    }
+}
+
+impl Drop for OwnPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/control-plane"))
+            .arg("down")
+            .env("ENVCTL_CP_STATE_DIR", &self.state)
+            .output();
+    }
+}
+
 /// Held by the tests that wait for pods to run and turn Ready (health, rollouts in waves),
-/// so that they never share the two hollow nodes: two such fleets at once (50 pods) on a
-/// 2-core machine slowed kubemark's fake runtime until its containers were restarted and
-/// crash-looped, which those tests then (rightly) reported.
+/// so that the capacity they measure against (an environment that fits no node) is theirs.
 pub async fn pods_lock() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
@@ -87,6 +126,29 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// A token for ServiceAccount `namespace/name`, valid for an hour, from the TokenRequest API.
+pub async fn service_account_token(client: &Client, namespace: &str, name: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer: TokenRequest = api
+        .create_subresource("token", name, &kube::api::PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("requesting a token for {namespace}/{name}: {e}"));
+    answer
+        .status
+        .map(|s| s.token)
+        .unwrap_or_else(|| panic!("no token in the TokenRequest answer for {namespace}/{name}"))
 }
 
 /// Waits until the namespace is gone (deletion finished), or panics after `timeout`.

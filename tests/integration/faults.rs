@@ -14,8 +14,8 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 
-use crate::cluster::{cleanup_instance, require, unique};
-use crate::support::{repo_root, script_last_line, wait_until};
+use crate::cluster::{OwnPlane, cleanup_instance, require, unique};
+use crate::support::{repo_root, wait_until};
 
 pub fn env_yaml(name: &str, scale: i64, tls: bool) -> String {
     format!(
@@ -592,33 +592,6 @@ async fn the_controller_converges_through_cut_connections() {
 // ---------------------------------------------------------------------------------------
 // A control plane of the fault tests' own, which they may restart at will.
 
-struct OwnPlane {
-    kubeconfig: PathBuf,
-    state: PathBuf,
-}
-
-impl OwnPlane {
-    fn start(name: &str) -> OwnPlane {
-        let base = std::env::var_os("ENVCTL_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/envctl")))
-            .expect("HOME");
-        let state = base.join(format!("control-plane-{name}"));
-        let mut cmd = Command::new(repo_root().join("scripts/control-plane"));
-        // The fault cases watch objects, not pods: no hollow nodes there, so the 200
-        // environments' pods cost nothing.
-        cmd.arg("up")
-            .env("ENVCTL_CP_STATE_DIR", &state)
-            .env("ENVCTL_HOLLOW_NODES", "0");
-        let kubeconfig = script_last_line(cmd, "scripts/control-plane up (fault plane)")
-            .unwrap_or_else(|e| panic!("a control plane for the fault tests: {e}"));
-        OwnPlane {
-            kubeconfig: PathBuf::from(kubeconfig),
-            state,
-        }
-    }
-}
-
 /// kill -9 of the fault plane's API server, then started again (waits until ready).
 fn restart_apiserver(state: &Path) {
     let out = Command::new(repo_root().join("scripts/control-plane"))
@@ -633,22 +606,15 @@ fn restart_apiserver(state: &Path) {
     );
 }
 
-impl Drop for OwnPlane {
-    fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("scripts/control-plane"))
-            .arg("down")
-            .env("ENVCTL_CP_STATE_DIR", &self.state)
-            .output();
-    }
-}
-
 /// The fault plane is shared by the tests that restart or kill things, one at a time.
 async fn own_plane() -> tokio::sync::MutexGuard<'static, Option<OwnPlane>> {
     static PLANE: tokio::sync::Mutex<Option<OwnPlane>> = tokio::sync::Mutex::const_new(None);
     let mut guard = PLANE.lock().await;
     if guard.is_none() {
         *guard = Some(
-            tokio::task::spawn_blocking(|| OwnPlane::start("faults"))
+            // The fault cases watch objects, not pods: no kwok nodes there, so the 200
+            // environments' pods cost nothing.
+            tokio::task::spawn_blocking(|| OwnPlane::start("faults", &[("ENVCTL_NODES", "0")]))
                 .await
                 .expect("starting"),
         );
@@ -665,7 +631,7 @@ async fn the_controller_converges_after_an_api_server_restart() {
     }
     let plane = own_plane().await;
     let plane = plane.as_ref().expect("the fault plane");
-    let client = envctl::cluster::connect(Some(&plane.kubeconfig))
+    let client = envctl::cluster::connect(Some(&plane.cluster.kubeconfig))
         .await
         .expect("a client");
     let instance = unique("restart");
@@ -676,7 +642,7 @@ async fn the_controller_converges_after_an_api_server_restart() {
     let s = src.to_str().expect("utf-8");
     let started = Instant::now();
     let mut run = spawn_run(
-        &plane.kubeconfig,
+        &plane.cluster.kubeconfig,
         &["--source", s, "--instance", &instance, "--interval", "1s"],
         &log,
         &[],
@@ -695,7 +661,7 @@ async fn the_controller_converges_after_an_api_server_restart() {
     tokio::task::spawn_blocking(move || restart_apiserver(&state))
         .await
         .expect("restart");
-    let client = envctl::cluster::connect(Some(&plane.kubeconfig))
+    let client = envctl::cluster::connect(Some(&plane.cluster.kubeconfig))
         .await
         .expect("a client");
     let took = wait_until(
@@ -722,7 +688,7 @@ async fn kill_9_mid_pass_five_times_then_converge() {
     }
     let plane = own_plane().await;
     let plane = plane.as_ref().expect("the fault plane");
-    let client = envctl::cluster::connect(Some(&plane.kubeconfig))
+    let client = envctl::cluster::connect(Some(&plane.cluster.kubeconfig))
         .await
         .expect("a client");
     // Five of the environments want certificates from pebble (always valid), whose orders
@@ -770,7 +736,7 @@ async fn kill_9_mid_pass_five_times_then_converge() {
         // Each round changes the fleet (scale round+1), so every restart has work mid-way.
         write_round(round + 1);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut run = spawn_run(&plane.kubeconfig, &argv, &log, &certs_on);
+        let mut run = spawn_run(&plane.cluster.kubeconfig, &argv, &log, &certs_on);
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -790,7 +756,7 @@ async fn kill_9_mid_pass_five_times_then_converge() {
     let kept = &names[..190];
     let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
     argv.extend(["--prune", "--max-prune", "10"]);
-    let mut run = spawn_run(&plane.kubeconfig, &argv, &log, &certs_on);
+    let mut run = spawn_run(&plane.cluster.kubeconfig, &argv, &log, &certs_on);
     let took = wait_until(
         "convergence after five kill -9",
         Duration::from_secs(240),
@@ -898,7 +864,7 @@ async fn kill_9_mid_pass_five_times_then_converge() {
     let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
         .args(["quota", "-o", "json", "--instance", &instance])
         .args(["--controller-namespace", &ctl_ns, "--kubeconfig"])
-        .arg(&plane.kubeconfig)
+        .arg(&plane.cluster.kubeconfig)
         .output()
         .expect("running envctl quota");
     let quota: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

@@ -137,7 +137,7 @@ impl Drop for GitServer {
 }
 
 /// An `envctl run` child process, killed on drop.
-struct Controller {
+pub struct Controller {
     child: Child,
     log: PathBuf,
     listen: u16,
@@ -168,7 +168,7 @@ impl Controller {
     }
 
     /// `envctl run` on any source.
-    fn spawn(
+    pub fn spawn(
         cluster: &TestCluster,
         source: &[&str],
         instance: &str,
@@ -203,11 +203,11 @@ impl Controller {
         Controller { child, log, listen }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -842,7 +842,7 @@ spec:
 
     // v2 everywhere, but the canary asks for a CPU no node has: it degrades at the deadline
     // and the rollout halts there; waves 2 and 3 keep serving v1.
-    write_all("v2", "64");
+    write_all("v2", "500");
     let r1 = git.push("v2, canary unschedulable");
     let pushed = Instant::now();
     wait_until(

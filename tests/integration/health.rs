@@ -1,7 +1,8 @@
-//! Health on the hollow nodes of the local control plane (kube-scheduler and kubemark
-//! kubelets, so pods are scheduled and become Running and Ready): `envctl apply --wait`
-//! until a fleet is Ready, an unschedulable environment, an image that cannot be had, and
-//! what `envctl status` says of each.
+//! Health on the kwok nodes of the local control plane (kube-scheduler places pods, kwok
+//! plays their lifecycle from `scripts/kwok/stages.yaml`): `envctl apply --wait` until the
+//! example fleet is Ready, an unschedulable environment, an image that cannot be had, a
+//! container that crash-loops, a pod that never becomes Ready, and what `envctl status`
+//! says of each.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use kube::api::{Api, ListParams};
 
 use crate::cluster::{cleanup_instance, require, unique};
 
-/// A small environment that fits a hollow node (1 CPU, about 3.75 GiB each).
+/// A small environment (the kwok nodes have 96 CPUs each by default).
 pub fn small_env(name: &str, labels: &str, image_tag: &str, cpu: &str, extra: &str) -> String {
     format!(
         "apiVersion: envctl.materialize.cloud/v1alpha1
@@ -66,27 +67,9 @@ async fn apply_waits_for_ready_and_names_what_is_not() {
     let client = cluster.client().await;
     let instance = unique("hw");
     let dir = tempfile::tempdir().expect("a temp dir");
-    // The example fleet, every service and scale as written, with requests small enough for
-    // hollow nodes.
+    // The example fleet as the README's quickstart applies it: every service, scale and
+    // request as written (the default nodes are sized for it).
     let fleet = crate::support::examples_renamed(dir.path(), &unique("h"));
-    for entry in std::fs::read_dir(dir.path()).expect("the fleet") {
-        let path = entry.expect("an entry").path();
-        let text = std::fs::read_to_string(&path).expect("a manifest");
-        let small: Vec<String> = text
-            .lines()
-            .map(|l| {
-                let indent = &l[..l.len() - l.trim_start().len()];
-                if l.trim_start().starts_with("cpu:") {
-                    format!("{indent}cpu: 10m")
-                } else if l.trim_start().starts_with("memory:") {
-                    format!("{indent}memory: 16Mi")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect();
-        std::fs::write(&path, small.join("\n") + "\n").expect("writing a manifest");
-    }
     // One environmentd per environment plus every service's scale.
     let mut pods_wanted = fleet.len();
     for entry in std::fs::read_dir(dir.path()).expect("the fleet") {
@@ -159,7 +142,7 @@ async fn apply_waits_for_ready_and_names_what_is_not() {
     let hungry = unique("cpu");
     std::fs::write(
         dir.path().join(format!("{hungry}.yaml")),
-        small_env(&hungry, "team: data", "v1", "64", ""),
+        small_env(&hungry, "team: data", "v1", "500", ""),
     )
     .expect("writing a manifest");
     let ((code, _, err), took) = apply(&["--wait", "--timeout", "20s"]);
@@ -246,6 +229,75 @@ async fn apply_waits_for_ready_and_names_what_is_not() {
         "stopped at Degraded, not the timeout: {took:?}"
     );
     eprintln!("measure: apply --wait to Degraded for an image that cannot be had: {took:.1?}");
+    std::fs::remove_file(dir.path().join(format!("{broken}.yaml"))).expect("removing");
+
+    // 4. A container that crash-loops (kwok's crash-loop stage, chosen by the image tag):
+    // Degraded at once with the kubelet's reason.
+    let crashing = unique("crash");
+    std::fs::write(
+        dir.path().join(format!("{crashing}.yaml")),
+        small_env(&crashing, "team: data", "v1-crash-loop", "10m", ""),
+    )
+    .expect("writing a manifest");
+    let ((code, _, err), took) = apply(&["--wait", "--timeout", "120s"]);
+    assert_ne!(
+        code, 0,
+        "apply --wait succeeded with a crash-looping container"
+    );
+    assert!(
+        err.contains(&crashing)
+            && err.contains("Degraded (CrashLoop)")
+            && err.contains("CrashLoopBackOff"),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(100),
+        "stopped at Degraded, not the timeout: {took:?}"
+    );
+    std::fs::remove_file(dir.path().join(format!("{crashing}.yaml"))).expect("removing");
+
+    // 5. Pods that run but never become Ready: --wait names them when its time is up, and
+    // past the progress deadline the environment is Degraded.
+    let unready = unique("unready");
+    std::fs::write(
+        dir.path().join(format!("{unready}.yaml")),
+        small_env(&unready, "team: data", "never-ready", "10m", ""),
+    )
+    .expect("writing a manifest");
+    let ((code, _, err), _) = apply(&["--wait", "--timeout", "15s"]);
+    assert_ne!(
+        code, 0,
+        "apply --wait succeeded with pods that are never Ready"
+    );
+    assert!(
+        err.contains("did not become Ready within 15s")
+            && err.contains(&unready)
+            && err.contains("not ready"),
+        "{err}"
+    );
+    let status = status_json(cluster, dir.path(), &instance);
+    let (health, reason, message) = health_of(&status, &unready);
+    assert_eq!((health, reason), ("Progressing", "PodNotReady"), "{status}");
+    assert!(message.contains("Running and not ready"), "{message}");
+    let (code, out, err) = cluster.envctl(
+        dir.path(),
+        &[
+            "status",
+            "--instance",
+            &instance,
+            "--progress-deadline",
+            "1s",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(unready.as_str()))
+        .unwrap_or_else(|| panic!("{unready} in the table: {out}"));
+    assert!(
+        line.contains("Degraded") && line.contains("ProgressDeadlineExceeded"),
+        "{line}"
+    );
 
     cleanup_instance(&client, &instance).await;
 }

@@ -7,6 +7,7 @@ mod acme;
 mod certs;
 mod chart;
 mod cluster;
+mod compat;
 mod diff;
 mod faults;
 mod gitops;
