@@ -9,6 +9,7 @@ use super::args::{ClusterArgs, HealthArgs, PruneArgs, SourceArgs, parse_duration
 use super::cert_args::CertArgs;
 use super::{CliError, Exit, runtime};
 use crate::cluster;
+use crate::cluster::WriteFence;
 use crate::controller::leader::LeaseConfig;
 use crate::controller::run::{RunOptions, RunSource};
 use crate::pass::PassOptions;
@@ -91,11 +92,35 @@ pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
     init_logging(args.log_format);
     let options = args.options()?;
     let identity = args.identity();
+    // The User-Agent names the replica and, with a Lease, this process's instance id, so
+    // that audit logs tell apart even two processes started with one identity.
+    let agent = match options.leader.as_ref().or(options.shard.as_ref()) {
+        Some(cfg) => format!("{identity}; instance {}", cfg.instance_id),
+        None => identity,
+    };
+    let identity = agent;
+    tracing::info!(replica = %identity, "starting");
     runtime()?.block_on(async {
-        let client = cluster::connect_as(args.cluster.kubeconfig.as_deref(), Some(&identity))
+        let kubeconfig = args.cluster.kubeconfig.as_deref();
+        // With a Lease, writes wait for it (the fence opens at each renewal); alone, a
+        // process always writes.
+        let fence = if options.leader.is_some() || options.shard.is_some() {
+            WriteFence::new_closed()
+        } else {
+            WriteFence::always_open()
+        };
+        let writer = cluster::connect_fenced(kubeconfig, Some(&identity), fence.clone())
             .await
             .map_err(CliError::Connect)?;
-        crate::controller::run::run(client, options)
+        let leases = cluster::connect_as(kubeconfig, Some(&identity))
+            .await
+            .map_err(CliError::Connect)?;
+        let clients = crate::controller::run::Clients {
+            writer,
+            leases,
+            fence,
+        };
+        crate::controller::run::run(clients, options)
             .await
             .map_err(CliError::Run)
     })?;
@@ -177,6 +202,7 @@ impl RunArgs {
             namespace: self.leader_elect_namespace.clone(),
             name: format!("envctl-{}", self.source.policy.instance),
             identity,
+            instance_id: crate::controller::leader::new_instance_id(),
             duration: self.leader_elect_lease,
             // client-go's retry period: a standby notices a released lease within 2 s.
             renew_every: (self.leader_elect_lease / 3).min(std::time::Duration::from_secs(2)),

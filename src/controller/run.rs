@@ -27,7 +27,7 @@ use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
 use crate::certs::challenges::Challenges;
 use crate::certs::reconcile::{CertSettings, Certs, Target};
-use crate::cluster::FailureReason;
+use crate::cluster::{FailureReason, WriteFence};
 use crate::diagnostic::Diagnostic;
 use crate::manifest::{self, LoadOptions, SourceFile};
 use crate::observe::OBSERVED_KINDS;
@@ -72,8 +72,19 @@ pub struct RunOptions {
     pub cert_settings: CertSettings,
 }
 
+/// The controller's clients. `writer` holds every write to `fence` (passes, prunes, status,
+/// Events, certificates); `leases` writes only the Lease(s) and the webhook relay, which a
+/// standby writes too.
+pub struct Clients {
+    pub writer: Client,
+    pub leases: Client,
+    pub fence: WriteFence,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("leading")]
+    Lease(#[source] leader::LeaseError),
     #[error("watching {path} for changes")]
     Watch {
         path: String,
@@ -676,7 +687,12 @@ impl Loop {
 }
 
 /// Runs the controller until interrupted.
-pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
+pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
+    let Clients {
+        writer: client,
+        leases,
+        fence,
+    } = clients;
     let metrics = Arc::new(Metrics::new());
     let (lead_tx, lead_rx) = watch::channel(opts.leader.is_none());
     let challenges = matches!(opts.certs, CertMode::Acme(_)).then(|| {
@@ -688,7 +704,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     });
     let relay = opts.leader.as_ref().or(opts.shard.as_ref()).map(|cfg| {
         Relay::new(
-            &client,
+            &leases,
             &cfg.namespace,
             &opts.pass.render.instance,
             &cfg.identity,
@@ -727,10 +743,25 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         }
     });
 
-    let leader_task = opts
-        .leader
-        .clone()
-        .map(|cfg| tokio::spawn(leader::run(client.clone(), cfg, lead_tx)));
+    // A lease task ends only for good (another live process has this identity): the loop
+    // stops, and `run` returns the reason.
+    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let fatal_tx = Arc::new(fatal_tx);
+    let lease_error: Arc<Mutex<Option<leader::LeaseError>>> = Arc::default();
+    let leader_task = opts.leader.clone().map(|cfg| {
+        let (leases, fence, fatal, slot) = (
+            leases.clone(),
+            fence.clone(),
+            fatal_tx.clone(),
+            lease_error.clone(),
+        );
+        tokio::spawn(async move {
+            let e = leader::run(leases, cfg, lead_tx, fence).await;
+            tracing::error!(error = %e, "stopping");
+            let _ = fatal.send(Some(e.to_string()));
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        })
+    });
     let shard_changed = Arc::new(Notify::new());
     let membership: Option<SharedMembership> = opts.shard.as_ref().map(|cfg| {
         Arc::new(Mutex::new(crate::shard::Membership::new(
@@ -740,14 +771,22 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
     });
     let (generation_tx, generation_rx) = watch::channel(0u64);
     let shard_task = opts.shard.clone().zip(membership.clone()).map(|(cfg, m)| {
-        tokio::spawn(super::shard::run(
-            client.clone(),
+        let member = super::shard::run(
+            leases.clone(),
             cfg,
             opts.pass.render.instance.clone(),
             m,
             shard_changed.clone(),
             generation_tx,
-        ))
+            fence.clone(),
+        );
+        let (fatal, slot) = (fatal_tx.clone(), lease_error.clone());
+        tokio::spawn(async move {
+            let e = member.await;
+            tracing::error!(error = %e, "stopping");
+            let _ = fatal.send(Some(e.to_string()));
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        })
     });
     if let (Some(relay), true) = (relay, opts.webhook_secret.is_some()) {
         tokio::spawn(relay.watch(poke.clone()));
@@ -823,6 +862,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             stop_rx.clone(),
             opts.resync,
             membership.clone(),
+            fence.clone(),
         ))),
         _ => None,
     };
@@ -881,6 +921,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
                 _ = tokio::time::sleep_until(settles_at.unwrap_or_else(tokio::time::Instant::now)), if settles_at.is_some() => trigger = Trigger::Shard,
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => trigger = Trigger::Retry,
                 _ = stop.changed() => break,
+                _ = fatal_rx.changed() => break,
                 _ = became_leader.wait_for(|l| *l), if standing_by => trigger = Trigger::Poll,
                 _ = tokio::time::sleep(interval) => trigger = Trigger::Poll,
                 _ = shared.poke.notified() => trigger = Trigger::Webhook,
@@ -894,7 +935,10 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
             }
         }
         first = false;
-        if !*lead_rx.borrow() {
+        if fatal_rx.borrow().is_some() {
+            break;
+        }
+        if !*lead_rx.borrow() || !fence.is_open() {
             // A standby is healthy and ready; it only waits.
             shared.ready.store(true, Ordering::Relaxed);
             continue;
@@ -948,7 +992,7 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         } else {
             continue; // nothing moved: no fetch was made, nothing is written
         };
-        if *stop.borrow() || !*lead_rx.borrow() {
+        if *stop.borrow() || !*lead_rx.borrow() || !fence.is_open() {
             continue; // asked to stop, or the lease was lost while polling
         }
         // A pass in flight when the stop comes may finish within the grace period.
@@ -968,15 +1012,22 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
                 tracing::warn!(grace = ?grace, "the pass did not finish within the grace period; stopping anyway");
                 break;
             }
+            // The lease is lost, or was not renewed in time: its writes are refused already
+            // (the fenced client); the pass stops here instead of failing request by request.
+            _ = fence.wait_closed() => {
+                tracing::warn!(revision = %rev.id, "the lease is no longer current: the pass in flight is cancelled and writes nothing more");
+                continue;
+            }
         }
         last_pass = Instant::now();
         shared.ready.store(true, Ordering::Relaxed);
     }
-    if let Some(task) = shard_task {
+    if let Some(task) = &shard_task {
         task.abort();
     }
+    fence.close();
     shutdown(
-        &state.client,
+        &leases,
         state.opts.leader.as_ref(),
         state
             .opts
@@ -988,7 +1039,11 @@ pub async fn run(client: Client, opts: RunOptions) -> Result<(), RunError> {
         grace,
     )
     .await;
-    Ok(())
+    let fatal = lease_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match fatal {
+        Some(e) => Err(RunError::Lease(e)),
+        None => Ok(()),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -1074,6 +1129,7 @@ async fn cert_worker(
     mut stop: watch::Receiver<bool>,
     resync: Duration,
     membership: Option<SharedMembership>,
+    fence: WriteFence,
 ) {
     let events = Events::new(client.clone(), &settings.instance);
     let mut certs: Option<Certs> = None;
@@ -1085,7 +1141,7 @@ async fn cert_worker(
             _ = stop.wait_for(|s| *s) => return,
         }
         next = tokio::time::Instant::now() + resync;
-        if !*lead.borrow() {
+        if !*lead.borrow() || !fence.is_open() {
             continue;
         }
         let want = targets.borrow_and_update().clone();
@@ -1116,8 +1172,16 @@ async fn cert_worker(
                 .writable(tokio::time::Instant::now())
         }));
         let round = std::panic::AssertUnwindSafe(c.reconcile(&want, Some(&events), Some(&metrics)))
-            .catch_unwind()
-            .await;
+            .catch_unwind();
+        // A round stops when the lease is no longer current (its cluster writes, the ledger's
+        // charges among them, are refused already); the next leader resumes its orders.
+        let round = tokio::select! {
+            round = round => round,
+            _ = fence.wait_closed() => {
+                tracing::warn!("the lease is no longer current: the certificate round is cancelled");
+                continue;
+            }
+        };
         let Ok(round) = round else {
             tracing::error!(
                 "the certificate step panicked (a bug; please report it); retrying in 30 s"

@@ -6,10 +6,17 @@
 //!
 //! A member is live until its Lease record has not changed for its lease duration, judged on
 //! this replica's monotonic clock (as `super::leader` judges the leader's Lease), so clock
-//! skew cannot shorten a lease. A replica whose own renewal or list has not succeeded for two
-//! thirds of the lease duration records its view as unknown and writes nothing: it has fenced
-//! itself before the others can count its Lease as lapsed. On shutdown the Lease is deleted,
-//! so the others take its environments at once.
+//! skew cannot shorten a lease. Each renewal that succeeds opens this replica's write fence
+//! (`crate::cluster::fence`) for two thirds of the lease duration from when it was *sent*; a
+//! replica whose renewals stop (a stalled API server, a paused process) writes nothing once
+//! that time is up, before the others can count its Lease as lapsed, and its view of the
+//! members is unknown from then on. A round is bounded well inside the lease. On shutdown the
+//! Lease is deleted, so the others take its environments at once.
+//!
+//! The Lease carries this process's instance id (`super::leader::HOLDER_INSTANCE_ANNOTATION`):
+//! a record of the same identity from another process is taken over only once it has lapsed,
+//! and one that is renewed meanwhile means a second live process has this identity: this one
+//! stops without writing.
 //!
 //! Owns the member Leases; writes nothing else.
 
@@ -25,7 +32,8 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::leader::{LeaseConfig, Observed};
+use super::leader::{LeaseConfig, LeaseError, Observed, holder_instance, stamp_instance};
+use crate::cluster::WriteFence;
 use crate::render::{INSTANCE_LABEL, MANAGED_BY_KEY, MANAGED_BY_VALUE};
 use crate::shard::Membership;
 
@@ -61,17 +69,19 @@ pub fn member_selector(instance: &str) -> String {
 
 fn lease(cfg: &LeaseConfig, instance: &str, transitions: i32) -> Lease {
     let now = MicroTime(Timestamp::now());
+    let mut metadata = ObjectMeta {
+        name: Some(lease_name(instance, &cfg.identity)),
+        namespace: Some(cfg.namespace.clone()),
+        labels: Some(BTreeMap::from([
+            (INSTANCE_LABEL.to_string(), instance.to_string()),
+            (ROLE_LABEL.to_string(), MEMBER_ROLE.to_string()),
+            (MANAGED_BY_KEY.to_string(), MANAGED_BY_VALUE.to_string()),
+        ])),
+        ..ObjectMeta::default()
+    };
+    stamp_instance(&mut metadata, &cfg.instance_id);
     Lease {
-        metadata: ObjectMeta {
-            name: Some(lease_name(instance, &cfg.identity)),
-            namespace: Some(cfg.namespace.clone()),
-            labels: Some(BTreeMap::from([
-                (INSTANCE_LABEL.to_string(), instance.to_string()),
-                (ROLE_LABEL.to_string(), MEMBER_ROLE.to_string()),
-                (MANAGED_BY_KEY.to_string(), MANAGED_BY_VALUE.to_string()),
-            ])),
-            ..ObjectMeta::default()
-        },
+        metadata,
         spec: Some(LeaseSpec {
             holder_identity: Some(cfg.identity.clone()),
             lease_duration_seconds: Some(cfg.duration.as_secs().max(1) as i32),
@@ -83,25 +93,57 @@ fn lease(cfg: &LeaseConfig, instance: &str, transitions: i32) -> Lease {
     }
 }
 
+/// What a renewal round did with this replica's Lease.
+enum Renewal {
+    /// Renewed (or created); the write was sent at this instant.
+    Renewed(Instant),
+    /// The record is another process's of this identity and has not lapsed yet: wait.
+    Waiting,
+}
+
 /// Renews this replica's Lease (creating it when missing).
-async fn renew(api: &Api<Lease>, cfg: &LeaseConfig, instance: &str) -> Result<(), kube::Error> {
+async fn renew(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    instance: &str,
+    own: &mut Observed,
+) -> Result<Result<Renewal, LeaseError>, kube::Error> {
     let name = lease_name(instance, &cfg.identity);
     match api.get_opt(&name).await? {
         None => {
+            let sent = Instant::now();
             api.create(&PostParams::default(), &lease(cfg, instance, 0))
                 .await?;
+            Ok(Ok(Renewal::Renewed(sent)))
         }
         Some(current) => {
+            let spec = current.spec.clone().unwrap_or_default();
+            if let Some(other) =
+                own.renewed_by_twin(&current.metadata, &spec, &cfg.identity, &cfg.instance_id)
+            {
+                return Ok(Err(LeaseError::DuplicateIdentity {
+                    identity: cfg.identity.clone(),
+                    other,
+                    namespace: cfg.namespace.clone(),
+                    lease: name,
+                }));
+            }
+            let lapsed = own.expired(&current.metadata, &spec, cfg.duration, Instant::now());
+            let mine = holder_instance(&current.metadata) == Some(cfg.instance_id.as_str());
+            if !mine && !lapsed {
+                return Ok(Ok(Renewal::Waiting));
+            }
             let mut next = lease(cfg, instance, 0);
             if let (Some(spec), Some(old)) = (next.spec.as_mut(), current.spec.as_ref()) {
                 spec.acquire_time = old.acquire_time.clone().or(spec.acquire_time.clone());
                 spec.lease_transitions = old.lease_transitions;
             }
             next.metadata.resource_version = current.metadata.resource_version;
+            let sent = Instant::now();
             api.replace(&name, &PostParams::default(), &next).await?;
+            Ok(Ok(Renewal::Renewed(sent)))
         }
     }
-    Ok(())
 }
 
 /// Lists the member Leases; returns the live members' identities.
@@ -126,7 +168,7 @@ async fn live_members(
         let expired = observed
             .entry(name)
             .or_default()
-            .expired(&spec, default, now);
+            .expired(&l.metadata, &spec, default, now);
         if let (false, Some(holder)) = (expired, spec.holder_identity.filter(|h| !h.is_empty())) {
             live.insert(holder);
         }
@@ -135,9 +177,10 @@ async fn live_members(
     Ok(live)
 }
 
-/// Runs until aborted: renews this replica's Lease, lists the members, records what it saw
-/// in `membership`, and on a change of the member set wakes `changed` (the loop) and counts
-/// it in `generation` (a pass in flight stops writing).
+/// Runs until aborted: renews this replica's Lease (opening `fence` from each renewal sent),
+/// lists the members, records what it saw in `membership`, and on a change of the member set
+/// wakes `changed` (the loop) and counts it in `generation` (a pass in flight stops writing).
+/// Returns only when it must stop for good (another live process has this identity).
 pub async fn run(
     client: Client,
     cfg: LeaseConfig,
@@ -145,39 +188,67 @@ pub async fn run(
     membership: SharedMembership,
     changed: Arc<Notify>,
     generation: tokio::sync::watch::Sender<u64>,
-) {
+    fence: WriteFence,
+) -> LeaseError {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut observed: BTreeMap<String, Observed> = BTreeMap::new();
-    let mut last_ok: Option<Instant> = None;
+    let mut own = Observed::default();
     let mut reported: Option<BTreeSet<String>> = None;
-    let fence_after = cfg.duration * 2 / 3;
     loop {
-        let round = tokio::time::timeout(fence_after.max(Duration::from_secs(1)), async {
-            renew(&api, &cfg, &instance).await?;
-            live_members(&api, &instance, cfg.duration, &mut observed).await
+        // A fence that closed since the last round (renewals stalled, or the process was
+        // paused past its lease): the view before the gap is void, so that after renewing
+        // this replica waits a lease before writing, like any member that joins.
+        if !fence.is_open() && reported.is_some() {
+            tracing::warn!(
+                "this replica's member Lease is not current (not renewed within two thirds of its duration): its view of the members is dropped and it writes nothing until it has renewed and the members have held for a lease"
+            );
+            reported = None;
+            let moved = membership
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe(None, Instant::now());
+            if moved {
+                generation.send_modify(|g| *g += 1);
+                changed.notify_one();
+            }
+        }
+        let round = tokio::time::timeout(cfg.round_timeout(), async {
+            let renewed = renew(&api, &cfg, &instance, &mut own).await?;
+            let members = live_members(&api, &instance, cfg.duration, &mut observed).await?;
+            Ok::<_, kube::Error>((renewed, members))
         })
         .await;
         let now = Instant::now();
+        // The view counts only while the fence is open: a replica whose renewals stopped
+        // knows nothing of the members any more.
         let seen = match round {
-            Ok(Ok(members)) => {
-                last_ok = Some(now);
+            Ok(Ok((Ok(Renewal::Renewed(sent)), members))) => {
+                fence.open_until(sent + cfg.fence_for());
                 Some(members)
+            }
+            Ok(Ok((Ok(Renewal::Waiting), _))) => {
+                tracing::info!(
+                    identity = %cfg.identity,
+                    "this identity's member Lease was written by another process; waiting for it to lapse before joining"
+                );
+                None
+            }
+            Ok(Ok((Err(fatal), _))) => {
+                fence.close();
+                return fatal;
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "renewing this replica's member Lease or listing the members failed");
                 None
             }
             Err(_) => {
-                tracing::warn!(timeout = ?fence_after, "renewing this replica's member Lease timed out");
+                tracing::warn!(timeout = ?cfg.round_timeout(), "renewing this replica's member Lease timed out");
                 None
             }
         };
         let members = match seen {
             Some(m) => Some(m),
-            // Failed, but recently fine: keep the last view until it would be stale.
-            None if last_ok.is_some_and(|t| now.duration_since(t) < fence_after) => {
-                reported.clone()
-            }
+            None if fence.is_open() => reported.clone(),
             None => None,
         };
         if members != reported {
@@ -201,7 +272,12 @@ pub async fn run(
             generation.send_modify(|g| *g += 1);
             changed.notify_one();
         }
-        tokio::time::sleep(cfg.renew_every).await;
+        // Wake when the fence closes too, so the membership turns unknown at once.
+        let wake = Instant::now() + cfg.renew_every;
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = fence.wait_closed(), if fence.is_open() => {}
+        }
     }
 }
 

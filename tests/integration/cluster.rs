@@ -82,6 +82,77 @@ impl Drop for OwnPlane {
     }
 }
 
+/// One write the API server's audit log recorded (`scripts/control-plane` logs every write at
+/// Metadata level, with the client's User-Agent).
+#[derive(Debug, Clone)]
+pub struct AuditedWrite {
+    /// When the API server received it (unix seconds).
+    pub received: f64,
+    /// When it answered (unix seconds).
+    pub at: f64,
+    /// The envctl replica's identity from `envctl/VERSION (IDENTITY; ...)`, or the whole
+    /// User-Agent of any other client.
+    pub replica: String,
+    /// The whole User-Agent.
+    pub agent: String,
+    pub verb: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Every completed write in the audit log of the plane whose kubeconfig is `kubeconfig`.
+pub fn audited_writes(kubeconfig: &std::path::Path) -> Vec<AuditedWrite> {
+    let path = kubeconfig
+        .parent()
+        .expect("the kubeconfig's folder")
+        .join("logs/audit.log");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading the API server's audit log {}: {e}", path.display()));
+    let seconds = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map_or(0.0, |t| t.as_microsecond() as f64 / 1e6)
+    };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .map(|e| {
+            let agent = e["userAgent"].as_str().unwrap_or("");
+            let replica = agent
+                .strip_prefix("envctl/")
+                .and_then(|rest| rest.split_once(" ("))
+                .map(|(_, id)| {
+                    id.trim_end_matches(')')
+                        .split(';')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .unwrap_or_else(|| agent.to_string());
+            let o = &e["objectRef"];
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+            AuditedWrite {
+                received: seconds(&e["requestReceivedTimestamp"]),
+                at: seconds(&e["stageTimestamp"]),
+                replica,
+                agent: agent.to_string(),
+                verb: text(&e["verb"]),
+                resource: text(&o["resource"]),
+                namespace: text(&o["namespace"]),
+                name: text(&o["name"]),
+            }
+        })
+        .collect()
+}
+
+/// Now, as unix seconds (the audit log's clock is this machine's).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Held by the tests that wait for pods to run and turn Ready (health, rollouts in waves),
 /// so that the capacity they measure against (an environment that fits no node) is theirs.
 pub async fn pods_lock() -> tokio::sync::MutexGuard<'static, ()> {

@@ -10,6 +10,7 @@ mod cluster;
 mod compat;
 mod diff;
 mod faults;
+mod fencing;
 mod gitops;
 mod golden;
 mod health;

@@ -112,55 +112,28 @@ struct Write {
 /// from the audit log of the control plane (`scripts/control-plane` keeps one of every
 /// write). Events are left out: they are reports about an environment, not its objects.
 fn audited_writes(kubeconfig: &Path, prefix: &str) -> BTreeMap<String, Vec<Write>> {
-    let path = kubeconfig
-        .parent()
-        .expect("the kubeconfig's folder")
-        .join("logs/audit.log");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading the API server's audit log {}: {e}", path.display()));
     let ns_prefix = format!("environment-{prefix}-");
     let mut by_env: BTreeMap<String, Vec<Write>> = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if e["stage"] != "ResponseComplete" {
+    for w in crate::cluster::audited_writes(kubeconfig) {
+        if !w.replica.starts_with(prefix) || w.resource == "events" {
             continue;
         }
-        let agent = e["userAgent"].as_str().unwrap_or("");
-        let Some(replica) = agent
-            .strip_prefix("envctl/")
-            .and_then(|rest| rest.split_once(" ("))
-            .map(|(_, id)| id.trim_end_matches(')').to_string())
-            .filter(|id| id.starts_with(prefix))
-        else {
-            continue;
-        };
-        let o = &e["objectRef"];
-        let resource = o["resource"].as_str().unwrap_or("");
-        if resource == "events" {
-            continue;
-        }
-        let namespace = if resource == "namespaces" {
-            o["name"].as_str().unwrap_or("")
+        let namespace = if w.resource == "namespaces" {
+            &w.name
         } else {
-            o["namespace"].as_str().unwrap_or("")
-        };
-        let Some(env) = namespace.strip_prefix("environment-") else {
-            continue;
+            &w.namespace
         };
         if !namespace.starts_with(&ns_prefix) {
             continue;
         }
-        let at = e["stageTimestamp"]
-            .as_str()
-            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            .map_or(0.0, |t| t.as_millisecond() as f64 / 1000.0);
+        let Some(env) = namespace.strip_prefix("environment-") else {
+            continue;
+        };
         by_env.entry(env.to_string()).or_default().push(Write {
-            at,
-            replica,
-            verb: e["verb"].as_str().unwrap_or("").to_string(),
-            object: format!("{resource}/{}", o["name"].as_str().unwrap_or("")),
+            at: w.at,
+            replica: w.replica.clone(),
+            verb: w.verb.clone(),
+            object: format!("{}/{}", w.resource, w.name),
         });
     }
     for writes in by_env.values_mut() {

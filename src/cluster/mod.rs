@@ -11,6 +11,9 @@ use kube::{Client, Config};
 
 use crate::vocab::ObjectKind;
 
+pub mod fence;
+pub use fence::{FenceLayer, WriteFence};
+
 /// The one server-side apply field manager envctl uses.
 pub const FIELD_MANAGER: &str = "envctl";
 
@@ -50,6 +53,25 @@ pub async fn connect_as(
     kubeconfig: Option<&Path>,
     identity: Option<&str>,
 ) -> Result<Client, ConnectError> {
+    let config = config(kubeconfig, identity).await?;
+    Client::try_from(config).map_err(ConnectError::Client)
+}
+
+/// `connect_as`, with every write request held to `fence` (see `fence`): while it is closed,
+/// writes fail with `fence::FenceClosed` before anything is sent.
+pub async fn connect_fenced(
+    kubeconfig: Option<&Path>,
+    identity: Option<&str>,
+    fence: WriteFence,
+) -> Result<Client, ConnectError> {
+    let config = config(kubeconfig, identity).await?;
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(ConnectError::Client)?
+        .with_layer(&FenceLayer(fence))
+        .build())
+}
+
+async fn config(kubeconfig: Option<&Path>, identity: Option<&str>) -> Result<Config, ConnectError> {
     install_crypto_provider();
     let mut config = match kubeconfig {
         Some(path) => {
@@ -78,7 +100,7 @@ pub async fn connect_as(
     if let Ok(value) = http::HeaderValue::from_str(&agent) {
         config.headers.push((http::header::USER_AGENT, value));
     }
-    Client::try_from(config).map_err(ConnectError::Client)
+    Ok(config)
 }
 
 pub fn api_resource(kind: ObjectKind) -> ApiResource {
@@ -155,6 +177,8 @@ pub fn transient(err: &kube::Error) -> Option<(RetryReason, Option<std::time::Du
         kube::Error::Api(s) if s.code == 504 => Some((RetryReason::Timeout, None)),
         kube::Error::Api(s) if s.code >= 500 => Some((RetryReason::ServerError, None)),
         kube::Error::Api(_) => None,
+        // Not sending is this replica's decision, not the network's: never retried.
+        e if fence::is_fenced(e) => None,
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
             let mut text = err.to_string().to_ascii_lowercase();
             let mut src = std::error::Error::source(err);

@@ -1,0 +1,363 @@
+//! Leases fence writes. A leader paused mid-pass past its lease (SIGSTOP, then SIGCONT), as a
+//! stopped process or a starved node is, writes nothing once it resumes while the standby
+//! that took over writes; a shard member paused the same way writes nothing of the share the
+//! other took over; a second process started with a leader's identity stops without writing.
+//! The API server's audit log is the record of who wrote what, and when.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams};
+
+use crate::cluster::{audited_writes, cleanup_instance, require, unique, unix_now};
+use crate::gitops::Controller;
+use crate::support::wait_until;
+
+/// The lease these tests use: short, so that a pause past it is short too.
+const LEASE: &str = "6s";
+const LEASE_SECS: f64 = 6.0;
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// `n` environments (environmentd alone) in `dir`.
+fn write_fleet(dir: &Path, prefix: &str, n: usize) {
+    std::fs::create_dir_all(dir).expect("a manifest folder");
+    for i in 0..n {
+        let name = format!("{prefix}-{i}");
+        std::fs::write(
+            dir.join(format!("{name}.yaml")),
+            format!(
+                "apiVersion: envctl.materialize.cloud/v1alpha1\nkind: Environment\nmetadata:\n  name: {name}\nspec:\n  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11\n  region: aws/us-east-1\n  hostname: {name}.example.cloud\n  tls: {{enabled: false}}\n  environmentd:\n    image: materialize/environmentd:v0.130.0\n    cpu: 10m\n    memory: 16Mi\n"
+            ),
+        )
+        .expect("writing a manifest");
+    }
+}
+
+async fn namespaces_of(client: &kube::Client, instance: &str) -> usize {
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.list(
+        &ListParams::default().labels(&format!("{}={instance}", envctl::render::INSTANCE_LABEL)),
+    )
+    .await
+    .map_or(0, |l| l.items.len())
+}
+
+fn replica_args<'a>(mode: &'a [&'a str], ctl_ns: &'a str, identity: &'a str) -> Vec<&'a str> {
+    let mut args = mode.to_vec();
+    args.extend([
+        "--leader-elect-namespace",
+        ctl_ns,
+        "--leader-elect-lease",
+        LEASE,
+        "--leader-elect-identity",
+        identity,
+    ]);
+    args
+}
+
+/// Pauses `a` once its first pass has written some of `n` environments, waits until `b`
+/// writes in its place, resumes `a`, and waits until `a` has seen that its lease is gone.
+/// Returns (when `a` was stopped, when it was resumed), as unix seconds.
+async fn pause_past_the_lease(
+    client: &kube::Client,
+    instance: &str,
+    a: &Controller,
+    b: &Controller,
+    b_took_over: &str,
+    a_noticed: &[&str],
+) -> (f64, f64) {
+    wait_until(
+        "the first replica's pass to write some environments",
+        Duration::from_secs(120),
+        &|| a.log(),
+        || async { namespaces_of(client, instance).await >= 10 },
+    )
+    .await;
+    let stopped = unix_now();
+    signal(a.pid(), "STOP");
+    // What the other replica logs from now on.
+    let from = b.log().len();
+    let since = || b.log().get(from..).unwrap_or_default().to_string();
+    wait_until(
+        "the other replica to take over",
+        Duration::from_secs(60),
+        &|| b.log(),
+        || async { since().contains(b_took_over) },
+    )
+    .await;
+    let took_over = since().find(b_took_over).unwrap_or(0);
+    wait_until(
+        "the other replica to finish a pass after taking over",
+        Duration::from_secs(120),
+        &|| b.log(),
+        || async {
+            since()
+                .get(took_over..)
+                .unwrap_or_default()
+                .contains("reconciled")
+        },
+    )
+    .await;
+    let resumed = unix_now();
+    assert!(
+        resumed - stopped > LEASE_SECS,
+        "paused past the lease: {:.1} s",
+        resumed - stopped
+    );
+    signal(a.pid(), "CONT");
+    wait_until(
+        "the resumed replica to notice its lease is gone",
+        Duration::from_secs(30),
+        &|| a.log(),
+        || async {
+            let log = a.log();
+            a_noticed.iter().any(|n| log.contains(n))
+        },
+    )
+    .await;
+    (stopped, resumed)
+}
+
+/// The old writer's writes (Leases aside) the API server received after `after`.
+fn writes_after(kubeconfig: &Path, replica: &str, after: f64) -> Vec<String> {
+    audited_writes(kubeconfig)
+        .into_iter()
+        .filter(|w| w.replica == replica && w.resource != "leases" && w.received > after)
+        .map(|w| {
+            format!(
+                "{:.3} {} {} {}/{}",
+                w.received, w.verb, w.resource, w.namespace, w.name
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_paused_past_its_lease_writes_nothing_once_it_resumes() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("fence");
+    let ctl_ns = format!("{instance}-ctl");
+    crate::certs::controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    write_fleet(&src, &instance, 300);
+    let src = src.display().to_string();
+    let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
+    let source = ["--source", src.as_str()];
+    let a = Controller::spawn(
+        cluster,
+        &source,
+        &instance,
+        "1s",
+        &replica_args(&["--leader-elect"], &ctl_ns, &id_a),
+    );
+    wait_until(
+        "the first replica to lead",
+        Duration::from_secs(30),
+        &|| a.log(),
+        || async { a.log().contains("became the leader") },
+    )
+    .await;
+    let b = Controller::spawn(
+        cluster,
+        &source,
+        &instance,
+        "1s",
+        &replica_args(&["--leader-elect"], &ctl_ns, &id_b),
+    );
+    let (stopped, resumed) = pause_past_the_lease(
+        &client,
+        &instance,
+        &a,
+        &b,
+        "became the leader",
+        &["stepping down", "lost the lease"],
+    )
+    .await;
+    let all = audited_writes(&cluster.kubeconfig);
+    let before = all
+        .iter()
+        .filter(|w| w.replica == id_a && w.received <= stopped)
+        .count();
+    let taken_over = all
+        .iter()
+        .filter(|w| w.replica == id_b && w.resource != "leases" && w.received > stopped)
+        .count();
+    assert!(before > 0, "the first leader wrote before its pause");
+    assert!(taken_over > 0, "the standby wrote after taking over");
+    // Nothing after its fence closed (two thirds of the lease after its last renewal, which
+    // was before the pause), and so nothing at all after it resumed.
+    let late = writes_after(&cluster.kubeconfig, &id_a, stopped + LEASE_SECS * 2.0 / 3.0);
+    assert!(
+        late.is_empty(),
+        "the paused leader wrote after its lease (resumed at {resumed:.3}):\n{}",
+        late.join("\n")
+    );
+    eprintln!(
+        "measure: leader paused {:.1} s mid-pass: {before} writes before, {taken_over} by the standby after, 0 by the old leader after its lease",
+        resumed - stopped
+    );
+    drop((a, b));
+    cleanup_instance(&client, &instance).await;
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_paused_past_its_lease_writes_nothing_once_it_resumes() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("fshard");
+    let ctl_ns = format!("{instance}-ctl");
+    crate::certs::controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    write_fleet(&src, &instance, 300);
+    let src = src.display().to_string();
+    let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
+    let source = ["--source", src.as_str()];
+    let b = Controller::spawn(
+        cluster,
+        &source,
+        &instance,
+        "1s",
+        &replica_args(&["--shard"], &ctl_ns, &id_b),
+    );
+    let a = Controller::spawn(
+        cluster,
+        &source,
+        &instance,
+        "1s",
+        &replica_args(&["--shard"], &ctl_ns, &id_a),
+    );
+    // Both members seen by both, so that each writes its share.
+    for r in [&a, &b] {
+        wait_until(
+            "both members in each view",
+            Duration::from_secs(60),
+            &|| r.log(),
+            || async {
+                r.log().lines().any(|l| {
+                    l.contains("shard members changed") && l.contains(&id_a) && l.contains(&id_b)
+                })
+            },
+        )
+        .await;
+    }
+    // B takes A's share once A's Lease lapses: its member set becomes B alone.
+    let (stopped, resumed) = pause_past_the_lease(
+        &client,
+        &instance,
+        &a,
+        &b,
+        &format!("members={{\"{id_b}\"}}"),
+        &[
+            "its view of the members is dropped",
+            "view of the shard members is stale",
+        ],
+    )
+    .await;
+    // A writes nothing once its fence closed: not while paused, and not on resuming, until
+    // it has renewed its Lease and the member set has held for a lease (its join wait).
+    let late: Vec<String> =
+        writes_after(&cluster.kubeconfig, &id_a, stopped + LEASE_SECS * 2.0 / 3.0)
+            .into_iter()
+            .filter(|w| {
+                let at: f64 = w
+                    .split(' ')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0.0);
+                at < resumed + LEASE_SECS
+            })
+            .collect();
+    assert!(
+        late.is_empty(),
+        "the paused member wrote after its lease (resumed at {resumed:.3}):\n{}",
+        late.join("\n")
+    );
+    drop((a, b));
+    cleanup_instance(&client, &instance).await;
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_the_same_identity_stops_and_writes_nothing() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("twin");
+    let ctl_ns = format!("{instance}-ctl");
+    crate::certs::controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    write_fleet(&src, &instance, 3);
+    let src = src.display().to_string();
+    let id = format!("{instance}-same");
+    let source = ["--source", src.as_str()];
+    let args = replica_args(&["--leader-elect"], &ctl_ns, &id);
+    let first = Controller::spawn(cluster, &source, &instance, "1s", &args);
+    wait_until(
+        "the first process to lead",
+        Duration::from_secs(30),
+        &|| first.log(),
+        || async { first.log().contains("reconciled") },
+    )
+    .await;
+    let mut second = Controller::spawn(cluster, &source, &instance, "1s", &args);
+    let second_log = second.log_path();
+    let mut status = None;
+    wait_until(
+        "the second process to stop",
+        Duration::from_secs(60),
+        &|| std::fs::read_to_string(&second_log).unwrap_or_default(),
+        || {
+            status = status.or_else(|| second.exited());
+            let done = status.is_some();
+            async move { done }
+        },
+    )
+    .await;
+    let status = status.expect("an exit status");
+    let log = second.log();
+    assert!(!status.success(), "the second process exited 0:\n{log}");
+    assert!(
+        log.contains(&format!("another process with identity {id}")),
+        "it says why:\n{log}"
+    );
+    // Its own instance id, from its start line, and no write under it.
+    let instance_id = log
+        .lines()
+        .find_map(|l| l.split("; instance ").nth(1))
+        .map(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_hexdigit)
+                .collect::<String>()
+        })
+        .expect("the second process's instance id in its start line");
+    assert!(!instance_id.is_empty());
+    let theirs: Vec<_> = audited_writes(&cluster.kubeconfig)
+        .into_iter()
+        .filter(|w| w.agent.contains(&instance_id))
+        .collect();
+    assert!(theirs.is_empty(), "the second process wrote: {theirs:#?}");
+    assert!(
+        !first.log().contains("stopping"),
+        "the first process goes on leading"
+    );
+    drop(first);
+    cleanup_instance(&client, &instance).await;
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
