@@ -634,7 +634,10 @@ pub fn build(
     } else {
         None
     };
-    let allowed = prune.max_prune.allowed(live_envs.len());
+    // --max-prune is a share of what this writer writes: with sharding each replica holds its
+    // own share to it, so the fleet as a whole loses no more than that share.
+    let written = live_envs.iter().filter(|e| health.writes(e)).count();
+    let allowed = prune.max_prune.allowed(written);
     let deletable_envs: Vec<&&LiveObject> = gone_envs
         .iter()
         .filter(|l| {
@@ -667,9 +670,8 @@ pub fn build(
             ))
         } else if l.key.kind == ObjectKind::Namespace && mass {
             Some(format!(
-                "this revision would delete {} of {} environments, more than --max-prune allows ({allowed}); pass --allow-mass-prune to proceed",
+                "this revision would delete {} of the {written} environments this writer writes, more than --max-prune allows ({allowed}); pass --allow-mass-prune to proceed",
                 deletable_envs.len(),
-                live_envs.len()
             ))
         } else {
             None
@@ -1041,6 +1043,55 @@ mod tests {
         assert_eq!(plan.changes[0].action, Action::Replace);
         assert_eq!(plan.changes[0].uid.as_deref(), Some("u1"));
         assert_eq!(plan.summary.update, 1);
+    }
+
+    /// Each shard holds its own share to --max-prune: a revision that removes most of the
+    /// fleet is held by every shard, though each share's deletions are few.
+    #[test]
+    fn a_shard_measures_max_prune_against_its_own_share() {
+        let lease = std::time::Duration::from_secs(15);
+        let t0 = tokio::time::Instant::now();
+        let members: BTreeSet<String> = ["r1", "r2", "r3"].iter().map(|s| s.to_string()).collect();
+        let envs: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        let mut live = Live::default();
+        for e in &envs {
+            live.insert(
+                ObjectKind::Namespace,
+                json!({"metadata": {"name": format!("environment-{e}"), "uid": format!("u-{e}"),
+                    "labels": {ENVIRONMENT_LABEL: e}}}),
+            );
+        }
+        // The source keeps a quarter: three quarters are gone.
+        let kept: BTreeSet<String> = envs.iter().take(10).cloned().collect();
+        let prune = PrunePolicy {
+            enabled: true,
+            allow_mass_prune: false,
+            max_prune: MaxPrune::Percent(25),
+        };
+        let mut deleted = 0;
+        for me in &members {
+            let mut m = crate::shard::Membership::new(me, lease);
+            m.observe(Some(members.clone()), t0);
+            let health = SourceHealth {
+                writable: Some(m.writable(t0 + lease)),
+                environments: kept.clone(),
+                ..SourceHealth::default()
+            };
+            let plan = build(Vec::new(), &live, &BTreeMap::new(), &health, &prune, false);
+            let mine = envs.iter().filter(|e| m.owns(e)).count();
+            deleted += plan.summary.delete;
+            assert!(
+                plan.held.iter().all(|h| h.reason.contains("--max-prune")),
+                "{me}: {:?}",
+                plan.held
+            );
+            assert!(
+                plan.summary.delete <= mine.div_ceil(4),
+                "{me} deletes {} of its {mine}",
+                plan.summary.delete
+            );
+        }
+        assert_eq!(deleted, 0, "every shard held its three quarters");
     }
 
     #[test]

@@ -266,7 +266,33 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         s.push_str(&c.to_string());
         src = c.source();
     }
-    s
+    // A library's error may quote a URL whole, credentials included.
+    redact_urls(&s)
+}
+
+/// `text` with the userinfo (`user:token@`) of every URL in it replaced by `***@`.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | ')' | '"' | '\'' | '>' | ',') || c.is_whitespace()
+            })
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The phases of a long pass that report their progress.
@@ -323,5 +349,25 @@ impl ProgressHandle {
 
     pub fn finish(&self) {
         self.0.finish();
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_text_lose_their_credentials() {
+        assert_eq!(
+            redact_urls(
+                "error sending request for url (https://bot:s3cr3t@acme.example/dir): refused"
+            ),
+            "error sending request for url (https://***@acme.example/dir): refused"
+        );
+        assert_eq!(
+            redact_urls("git://h/x and https://tok@h and http://plain/"),
+            "git://h/x and https://***@h and http://plain/"
+        );
+        assert_eq!(redact_urls("no url here"), "no url here");
     }
 }

@@ -240,8 +240,9 @@ fn http_client(ca_bundle: Option<&Path>, counters: Arc<AcmeCounters>) -> Result<
     })
 }
 
-/// How to reach the ACME server.
-#[derive(Debug, Clone)]
+/// How to reach the ACME server. Its `Debug` shows the directory without credentials and
+/// never the EAB key.
+#[derive(Clone)]
 pub struct AcmeConfig {
     pub directory: String,
     pub email: Option<String>,
@@ -253,6 +254,19 @@ pub struct AcmeConfig {
     /// The certificate profile every order asks for (`--acme-profile`), unless an
     /// environment names its own.
     pub profile: Option<String>,
+}
+
+impl std::fmt::Debug for AcmeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeConfig")
+            .field("directory", &crate::vocab::redact_urls(&self.directory))
+            .field("email", &self.email)
+            .field("ca_bundle", &self.ca_bundle)
+            .field("eab", &self.eab.as_ref().map(|(kid, _)| (kid, "(masked)")))
+            .field("order_timeout", &self.order_timeout)
+            .field("profile", &self.profile)
+            .finish()
+    }
 }
 
 /// A ready account.
@@ -702,6 +716,26 @@ async fn directory_has_ari(http: &Http, directory: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eab_key_never_shows_in_debug() {
+        let config = AcmeConfig {
+            directory: "https://bot:t0ken-xyz@acme.example/dir".into(),
+            email: None,
+            ca_bundle: None,
+            eab: Some(("kid-1".into(), b"hmac-s3cret-bytes".to_vec())),
+            order_timeout: Duration::from_secs(60),
+            profile: None,
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("t0ken-xyz"), "{shown}");
+        assert!(!shown.contains("hmac"), "{shown}");
+        assert!(!shown.contains("104, 109"), "the key's bytes: {shown}");
+        assert!(
+            shown.contains("kid-1") && shown.contains("(masked)"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn rate_limit_details_name_their_limit() {

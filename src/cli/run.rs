@@ -178,12 +178,23 @@ impl RunArgs {
         let Some(p) = &self.webhook_secret_file else {
             return Ok(None);
         };
-        std::fs::read(p)
-            .map(|b| Some(String::from_utf8_lossy(&b).trim().as_bytes().to_vec()))
+        let secret = std::fs::read(p)
+            .map(|b| String::from_utf8_lossy(&b).trim().as_bytes().to_vec())
             .map_err(|source| CliError::WebhookSecret {
                 path: p.display().to_string(),
                 source,
-            })
+            })?;
+        // An empty key would make every signature computable by anyone.
+        if secret.is_empty() {
+            return Err(CliError::Setting {
+                setting: "--webhook-secret-file",
+                message: format!(
+                    "{} is empty: the webhook's HMAC key must not be empty (leave the flag out to turn the webhook off)",
+                    p.display()
+                ),
+            });
+        }
+        Ok(Some(secret))
     }
 
     /// This replica's identity: `--leader-elect-identity`, else host name and process id.

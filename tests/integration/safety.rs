@@ -979,3 +979,29 @@ async fn run_without_a_directory_reports_unconfigured_certificates() {
     );
     cleanup_instance(&client, &instance).await;
 }
+
+/// An empty webhook key would let anyone sign a webhook: `run` refuses it before it starts.
+#[test]
+fn an_empty_webhook_secret_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "\n").expect("an empty secret file");
+    let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args(["run", "--source"])
+        .arg(dir.path())
+        .arg("--webhook-secret-file")
+        .arg(&secret)
+        .args(["--kubeconfig", "/nonexistent/kubeconfig"])
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running envctl run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "run started with an empty webhook secret: {err}"
+    );
+    assert!(
+        err.contains("--webhook-secret-file") && err.contains("is empty"),
+        "{err}"
+    );
+}
