@@ -250,16 +250,28 @@ def test_ssh_key_credentials_are_wired():
 
 
 def test_admission_policy_renders_and_lints():
-    values = {**BASE, "instance": "prod", "admissionPolicy": {"enabled": True}}
+    values = {**BASE, "instance": "prod"}
     docs = render(values)
     policy = by_kind(docs, "ValidatingAdmissionPolicy")
     binding = by_kind(docs, "ValidatingAdmissionPolicyBinding")
-    assert len(policy) == 1 and len(binding) == 1
+    assert len(policy) == 1 and len(binding) == 1, "on by default"
     assert binding[0]["spec"]["policyName"] == policy[0]["metadata"]["name"]
     condition = policy[0]["spec"]["matchConditions"][0]["expression"]
     assert "system:serviceaccount:envctl-system:envctl" in condition
-    rule = policy[0]["spec"]["validations"][0]["expression"]
-    assert "'envctl.materialize.cloud/instance'] == 'prod'" in rule
+    variables = {v["name"]: v["expression"] for v in policy[0]["spec"]["variables"]}
+    assert variables["instance"] == "'prod'" and variables["own"] == "'envctl-system'"
+    rules = " ".join(v["expression"] for v in policy[0]["spec"]["validations"])
+    for needle in ["'environment-'", "'environmentd'", "'envctl-environmentd'", "'kubernetes.io/tls'",
+                   "'kubernetes.io/service-account-token'", "oldObject"]:
+        assert needle in rules or needle in " ".join(variables.values()), needle
     report = helm.lint(CHART, values, strict=True)
     assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report
-    assert not by_kind(render(), "ValidatingAdmissionPolicy")
+
+
+def test_the_chart_refuses_to_install_without_the_policy_unless_told():
+    off = {**BASE, "admissionPolicy": {"enabled": False}}
+    with pytest.raises(Exception) as refused:
+        render(off)
+    assert "acceptUnconfinedServiceAccount" in str(refused.value)
+    accepted = render({**BASE, "admissionPolicy": {"enabled": False, "acceptUnconfinedServiceAccount": True}})
+    assert not by_kind(accepted, "ValidatingAdmissionPolicy")

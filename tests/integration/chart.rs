@@ -390,6 +390,135 @@ async fn envctl_runs_as_the_charts_service_account() {
         .expect("the environmentd RoleBinding");
     assert_eq!(made.data["roleRef"]["name"], environmentd_role.as_str());
     assert_eq!(made.data["roleRef"]["kind"], "ClusterRole");
+    // The admission policy, from the attacker's side: each write below is one RBAC lets
+    // envctl's identity make; the policy refuses it (its message says so).
+    let denied = |what: &str, r: Result<serde_json::Value, kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.message.contains("denied request") => {}
+        other => panic!("{what} was not refused by the admission policy: {other:?}"),
+    };
+    let as_value = |r: Result<DynamicObject, kube::Error>| {
+        r.map(|o| serde_json::to_value(o).unwrap_or_default())
+    };
+    let sa_secrets_env: Api<DynamicObject> = Api::namespaced_with(
+        sa_client.clone(),
+        &env_ns,
+        &kube::api::ApiResource::erase::<Secret>(&()),
+    );
+    // 1. Minting a token: a service-account-token Secret the token controller would fill in.
+    let mint = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "environment-tls", "namespace": env_ns,
+            "annotations": {"kubernetes.io/service-account.name": "namespace-controller"}},
+        "type": "kubernetes.io/service-account-token"
+    });
+    denied(
+        "a service-account-token Secret named environment-tls",
+        as_value(
+            sa_secrets_env
+                .create(&PostParams::default(), &as_dynamic(&mint))
+                .await,
+        ),
+    );
+    let opaque = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "stash", "namespace": env_ns}, "stringData": {"k": "v"}
+    });
+    denied(
+        "a Secret of another name in an environment",
+        as_value(
+            sa_secrets_env
+                .create(&PostParams::default(), &as_dynamic(&opaque))
+                .await,
+        ),
+    );
+    let kube_system_secrets: Api<DynamicObject> = Api::namespaced_with(
+        sa_client.clone(),
+        "kube-system",
+        &kube::api::ApiResource::erase::<Secret>(&()),
+    );
+    let mint_there = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "environment-tls", "namespace": "kube-system",
+            "annotations": {"kubernetes.io/service-account.name": "namespace-controller"}},
+        "type": "kubernetes.io/service-account-token"
+    });
+    denied(
+        "a token Secret in kube-system",
+        as_value(
+            kube_system_secrets
+                .create(&PostParams::default(), &as_dynamic(&mint_there))
+                .await,
+        ),
+    );
+    // 2. Handing envctl's own powers to everyone: its own ClusterRole bound to
+    //    system:authenticated (RBAC allows it: envctl holds that role's permissions), and the
+    //    environmentd binding given another subject.
+    let own_role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] != environmentd_role.as_str())
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("envctl's ClusterRole")
+        .to_string();
+    let grab = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "grab", "namespace": env_ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": own_role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}]
+    });
+    denied(
+        "binding envctl's ClusterRole to system:authenticated",
+        as_value(
+            bindings
+                .create(&PostParams::default(), &as_dynamic(&grab))
+                .await,
+        ),
+    );
+    let widened = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "environmentd", "namespace": env_ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": environmentd_role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}]
+    });
+    denied(
+        "giving the environmentd binding another subject",
+        as_value(
+            bindings
+                .patch(
+                    "environmentd",
+                    &PatchParams::apply("envctl").force(),
+                    &Patch::Apply(&widened),
+                )
+                .await,
+        ),
+    );
+    let own_ns_bindings: Api<DynamicObject> = Api::namespaced_with(
+        sa_client.clone(),
+        &namespace,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::rbac::v1::RoleBinding>(&()),
+    );
+    let own_grab = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "environmentd", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": environmentd_role},
+        "subjects": [{"kind": "ServiceAccount", "name": "environmentd", "namespace": namespace}]
+    });
+    denied(
+        "a RoleBinding in envctl's own namespace",
+        as_value(
+            own_ns_bindings
+                .create(&PostParams::default(), &as_dynamic(&own_grab))
+                .await,
+        ),
+    );
+    // 3. Its own namespace's Namespace object: not to be updated or deleted.
+    let sa_namespaces: Api<Namespace> = Api::all(sa_client.clone());
+    match sa_namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.message.contains("denied request") => {}
+        other => panic!("deleting envctl's own namespace was not refused: {other:?}"),
+    }
     // A Secret in a namespace envctl does not own.
     let other_ns = format!("{id}-other");
     nsapi
@@ -400,6 +529,46 @@ async fn envctl_runs_as_the_charts_service_account() {
         )
         .await
         .expect("creating another namespace");
+    // 4. Labelling a namespace that is not its own as its own (which would open it to the
+    //    rest of the policy), and writing into it.
+    let claim = serde_json::json!({"metadata": {"labels": {
+        "app.kubernetes.io/managed-by": "envctl",
+        "envctl.materialize.cloud/instance": instance,
+    }}});
+    match sa_namespaces
+        .patch(&other_ns, &PatchParams::default(), &Patch::Merge(&claim))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.message.contains("denied request") => {}
+        other => panic!("labelling a foreign namespace as its own was not refused: {other:?}"),
+    }
+    match sa_namespaces
+        .patch(
+            "kube-system",
+            &PatchParams::default(),
+            &Patch::Merge(&claim),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.message.contains("denied request") => {}
+        other => panic!("labelling kube-system as its own was not refused: {other:?}"),
+    }
+    let foreign_services: Api<DynamicObject> = Api::namespaced_with(
+        sa_client.clone(),
+        &other_ns,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
+    );
+    let service = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "x", "namespace": other_ns},
+        "spec": {"ports": [{"port": 80, "protocol": "TCP"}]}});
+    denied(
+        "a Service in a namespace that is not the instance's",
+        as_value(
+            foreign_services
+                .create(&PostParams::default(), &as_dynamic(&service))
+                .await,
+        ),
+    );
     let admin_secrets: Api<Secret> = Api::namespaced(client.clone(), &other_ns);
     admin_secrets
         .create(
@@ -417,6 +586,33 @@ async fn envctl_runs_as_the_charts_service_account() {
         ),
     }
     let _ = nsapi.delete(&other_ns, &DeleteParams::default()).await;
+
+    // A prune as the ServiceAccount, under the policy: the removed environment's namespace
+    // (the instance's own) is deleted.
+    let gone = names.last().expect("an environment").clone();
+    let original = gone.rsplit_once('-').map_or(gone.as_str(), |(n, _)| n);
+    std::fs::remove_file(source.join(format!("{original}.yaml"))).expect("removing a manifest");
+    let out = envctl(&[
+        "apply",
+        "--source",
+        src,
+        "--instance",
+        &instance,
+        "--prune",
+        "--skip-certificates",
+    ]);
+    assert!(
+        out.status.success(),
+        "a prune as the ServiceAccount failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_namespace_gone(
+        &client,
+        &format!("environment-{gone}"),
+        Duration::from_secs(120),
+    )
+    .await;
 
     cleanup_instance(&client, &instance).await;
 
