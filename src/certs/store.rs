@@ -76,6 +76,22 @@ pub struct Pending {
     pub charged_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_url: Option<String>,
+    /// Who placed it (`CertSettings::writer`): only that writer works on the order until it
+    /// is settled or has outlived any order's time. Absent in ledgers written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+}
+
+impl Pending {
+    /// Whether `writer` may work on this order at `now`: its own, one of a ledger that did
+    /// not record writers, or one its writer has left for longer than `abandoned_after`.
+    pub fn workable_by(&self, writer: &str, now: u64, abandoned_after: u64) -> bool {
+        match &self.writer {
+            None => true,
+            Some(w) if w == writer => true,
+            Some(_) => now >= self.charged_at.saturating_add(abandoned_after),
+        }
+    }
 }
 
 /// The stored ledger: bucket state, orders in flight and the queue's arrival times.

@@ -72,6 +72,8 @@ impl LedgerArgs {
             overrides: self.overrides.iter().cloned().collect(),
             margin: self.acme_safety_margin,
             concurrency: concurrency.min(16),
+            // `envctl run` names itself the instance's controller (cli/run.rs).
+            writer: format!("apply/{}", crate::controller::leader::new_instance_id()),
         }
     }
 }

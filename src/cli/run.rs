@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use super::args::{ClusterArgs, HealthArgs, PruneArgs, SourceArgs, parse_duration};
 use super::cert_args::CertArgs;
 use super::{CliError, Exit, runtime};
+use crate::certs::reconcile::CertSettings;
 use crate::cluster;
 use crate::cluster::WriteFence;
 use crate::controller::leader::LeaseConfig;
@@ -167,10 +168,13 @@ impl RunArgs {
             shutdown_grace: self.shutdown_grace,
             progress_deadline: self.health.progress_deadline,
             certs: self.certs.mode()?,
-            cert_settings: self
-                .certs
-                .ledger
-                .settings(&policy.instance, self.cluster.concurrency),
+            cert_settings: CertSettings {
+                writer: format!("controller/{}", policy.instance),
+                ..self
+                    .certs
+                    .ledger
+                    .settings(&policy.instance, self.cluster.concurrency)
+            },
         })
     }
 

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 
 use crate::cluster::{self, TestCluster, cleanup_instance, unique, wait_namespace_gone};
-use crate::support::{repo_root, required, script_last_line};
+use crate::support::{repo_root, required, script_last_line, wait_until};
 
 /// One running pebble: its directory, the CA of its listener, its management address, log.
 pub struct Pebble {
@@ -1051,6 +1051,67 @@ async fn certificates_survive_bad_nonces() {
         pebble.orders() - before,
         1,
         "one order, however many refusals"
+    );
+    case.cleanup(&client).await;
+}
+
+/// One order per environment, one writer per order: `envctl apply` beside `envctl run` on
+/// the same 12 TLS environments. Whichever charges an environment first orders it; the other
+/// reports it in progress and leaves that order alone. The CA sees 12 orders, and apply
+/// reports no failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_beside_run_orders_once_per_environment() {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(true).await
+    else {
+        return;
+    };
+    let case = Case::new(&client, dir.path(), "both", 12).await;
+    // The objects first, so that both processes reach their certificate step at once.
+    let (code, out, err) = envctl(cluster, &case.apply(&["--skip-certificates".into()]));
+    assert_eq!(code, 0, "apply failed:\n{out}\n{err}");
+    let before = pebble.orders();
+    let log = dir.path().join("run.log");
+    let mut run = spawn_run(cluster, &case.src, &case.common, pebble, &log);
+    let (code, out, err) = envctl(cluster, &case.apply(&pebble.flags()));
+    assert_eq!(
+        code, 0,
+        "apply beside run failed (a certificate both worked on?):\n{out}\n{err}"
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(
+        "every environment's certificate",
+        Duration::from_secs(180),
+        &read_log,
+        || async {
+            for n in &case.names {
+                if tls_secret(&client, &format!("environment-{n}"))
+                    .await
+                    .is_none()
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let _ = run.kill();
+    let _ = run.wait();
+    assert_eq!(
+        pebble.orders() - before,
+        case.names.len(),
+        "one order per environment reached the CA\napply:\n{out}\nrun:\n{}",
+        read_log()
+    );
+    eprintln!(
+        "measure: apply beside run, 12 environments: {}",
+        out.lines().last().unwrap_or_default()
     );
     case.cleanup(&client).await;
 }

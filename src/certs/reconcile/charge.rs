@@ -32,6 +32,8 @@ impl ChargeError {
 pub(super) struct Queue {
     /// Orders charged and placed by an earlier pass: picked up where they are (no charge).
     pub resumes: Vec<(Request, String)>,
+    /// Environments with another writer's order in flight, and that writer: left alone.
+    pub elsewhere: Vec<(Request, String)>,
     /// Every other due order, with when it may be sent.
     pub slots: Vec<(Request, Slot)>,
     /// The ARI id of the certificate each order replaces.
@@ -63,17 +65,24 @@ impl Certs {
             .filter_map(|(r, p)| p.clone().map(|p| (r.environment.clone(), p)))
             .collect();
         let requests: Vec<Request> = orders.into_iter().map(|(r, _)| r).collect();
-        let (resumes, slots) = self
+        let (writer, abandoned) = (self.settings.writer.as_str(), self.abandoned_after());
+        let (resumes, elsewhere, slots) = self
             .ledger
             .update(|doc| {
                 // Another replica's entries (sharding) are not this one's to drop.
                 doc.queued
                     .retain(|env, _| requesting.contains(env) || !self.serves(env));
                 let mut resumes = Vec::new();
+                let mut elsewhere = Vec::new();
                 let mut fresh = Vec::new();
                 for r in &requests {
                     let since = *doc.queued.entry(r.environment.clone()).or_insert(now);
                     match doc.pending.get(&r.environment) {
+                        // Another writer's order in flight: its own to finish.
+                        Some(p) if !p.workable_by(writer, now, abandoned) => {
+                            let by = p.writer.clone().unwrap_or_default();
+                            elsewhere.push((r.clone(), by));
+                        }
                         Some(Pending {
                             order_url: Some(url),
                             names,
@@ -89,17 +98,21 @@ impl Certs {
                         _ => fresh.push(Request { since, ..r.clone() }),
                     }
                 }
-                // Orders charged but never known to be sent: their tokens stay spent.
-                doc.pending.retain(|env, _| {
-                    resumes.iter().any(|(r, _)| r.environment == *env) || !self.serves(env)
+                // Orders charged but never known to be sent: their tokens stay spent. Another
+                // writer's order in flight stays its own.
+                doc.pending.retain(|env, p| {
+                    resumes.iter().any(|(r, _)| r.environment == *env)
+                        || !self.serves(env)
+                        || !p.workable_by(writer, now, abandoned)
                 });
                 let slots = schedule(fresh, &doc.buckets, &account, now);
-                (resumes, slots)
+                (resumes, elsewhere, slots)
             })
             .await
             .map_err(ChargeError::Queue)?;
         Ok(Queue {
             resumes,
+            elsewhere,
             slots,
             replaces,
             account,
@@ -182,10 +195,20 @@ impl Certs {
             names: r.names.clone(),
             kind: r.kind,
         };
-        let waiting = self
+        let (writer, abandoned) = (self.settings.writer.as_str(), self.abandoned_after());
+        let refused = self
             .ledger
             .update(|doc| {
                 let now = unix_now();
+                // Decided on the ledger as it is now: another writer may have placed an order
+                // for this environment since the queue was read. One order, one writer.
+                if let Some(p) = doc.pending.get(&r.environment)
+                    && !p.workable_by(writer, now, abandoned)
+                {
+                    return Some(Outcome::InProgress {
+                        by: p.writer.clone().unwrap_or_default(),
+                    });
+                }
                 match doc.buckets.decide(&req, now) {
                     Decision::Allowed { charges } => {
                         doc.buckets.charge(&charges, now);
@@ -194,18 +217,25 @@ impl Certs {
                             kind: r.kind,
                             charged_at: now,
                             order_url: None,
+                            writer: Some(writer.to_string()),
                         };
                         doc.pending.insert(r.environment.clone(), pending);
                         None
                     }
-                    Decision::Wait { at, limit } => Some((at, limit)),
+                    Decision::Wait { at, limit } => Some(Outcome::Waiting {
+                        until: rfc3339(at as i64),
+                        limit,
+                    }),
                 }
             })
             .await
             .map_err(ChargeError::Charge)?;
-        Ok(waiting.map(|(at, limit)| Outcome::Waiting {
-            until: rfc3339(at as i64),
-            limit,
-        }))
+        Ok(refused)
+    }
+
+    /// How long after its charge another writer's order counts as abandoned (its writer
+    /// stopped): twice the time any order may take, and at least five minutes.
+    pub(super) fn abandoned_after(&self) -> u64 {
+        (self.acme.config.order_timeout.as_secs() * 2).max(300)
     }
 }

@@ -89,6 +89,10 @@ pub struct CertSettings {
     pub overrides: BTreeMap<String, BucketSpec>,
     pub margin: u32,
     pub concurrency: usize,
+    /// Who orders: `controller/<instance>` for `envctl run` (its replicas take turns under
+    /// their Lease, and a restarted one resumes its predecessor's orders), `apply/<id>` for
+    /// one `envctl apply`. An order in flight is worked on by its writer alone.
+    pub writer: String,
 }
 
 /// One environment that wants a certificate.
@@ -144,6 +148,9 @@ impl Certs {
     }
 
     /// Restores the account kept in the controller's namespace, or registers one and keeps it.
+    /// A process registers at most one account per directory: when keeping it fails, the next
+    /// try keeps the same account instead of registering another (Let's Encrypt allows 10
+    /// registrations per IP in 3 hours).
     pub async fn connect(
         client: &Client,
         config: AcmeConfig,
@@ -151,17 +158,28 @@ impl Certs {
         challenges: Arc<Challenges>,
     ) -> Result<Certs, CertError> {
         let accounts = AccountStore::new(client, &settings.namespace, &settings.instance);
-        let directory = config.directory.clone();
+        // Printed in errors: never with credentials.
+        let directory = crate::vocab::redact_urls(&config.directory);
         let account_err = |source| CertError::Account {
             directory: directory.clone(),
             source,
         };
         let stored = accounts.load(&config.directory).await?;
-        let (mut acme, created) = Acme::connect(config.clone(), stored.as_deref())
-            .await
-            .map_err(account_err)?;
-        if let Some(creds) = created {
+        let unsaved = if stored.is_none() {
+            registered(&config.directory)
+        } else {
+            None
+        };
+        let (mut acme, created) =
+            Acme::connect(config.clone(), stored.as_deref().or(unsaved.as_deref()))
+                .await
+                .map_err(account_err)?;
+        if let Some(creds) = &created {
+            remember_registered(&config.directory, creds);
+        }
+        if let Some(creds) = created.or(unsaved) {
             let kept = accounts.store(&config.directory, creds.clone()).await?;
+            forget_registered(&config.directory);
             if kept != creds {
                 // Another replica registered first: use its account.
                 acme = Acme::connect(config, Some(&kept))
@@ -252,6 +270,32 @@ impl Books {
             next_wake: self.next_wake,
         }
     }
+}
+
+/// Accounts this process registered and has not kept in the cluster yet, by directory.
+static REGISTERED: std::sync::Mutex<BTreeMap<String, Vec<u8>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn registered(directory: &str) -> Option<Vec<u8>> {
+    REGISTERED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(directory)
+        .cloned()
+}
+
+fn remember_registered(directory: &str, creds: &[u8]) {
+    REGISTERED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(directory.to_string(), creds.to_vec());
+}
+
+fn forget_registered(directory: &str) {
+    REGISTERED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(directory);
 }
 
 /// Runs futures, at most `n` at once. (Collecting them first keeps the borrows they hold

@@ -86,10 +86,18 @@ impl Certs {
             .collect();
         let Queue {
             resumes,
+            elsewhere,
             slots,
             replaces,
             account,
         } = queue;
+        for (r, by) in elsewhere {
+            // Looked at again soon: once that writer is done, the certificate is in place.
+            books.wake_at(unix_now() + 30);
+            books
+                .outcomes
+                .insert(r.environment.clone(), Outcome::InProgress { by });
+        }
         let jobs =
             resumes
                 .into_iter()
@@ -115,9 +123,12 @@ impl Certs {
         let results = bounded(runs.collect(), self.settings.concurrency.max(1)).await;
         for (env, sent) in results {
             books.orders_sent += usize::from(sent.new_order);
-            if let Outcome::Waiting { .. } = sent.outcome {
+            match sent.outcome {
                 // Someone else spent the token in the meantime: look again soon.
-                books.wake_at(unix_now() + 60);
+                Outcome::Waiting { .. } => books.wake_at(unix_now() + 60),
+                // Another writer placed an order meanwhile: look again once it may be done.
+                Outcome::InProgress { .. } => books.wake_at(unix_now() + 30),
+                _ => {}
             }
             if let Some(i) = &sent.info {
                 books.expiries.push(i.not_after);
@@ -222,6 +233,7 @@ impl Certs {
                     kind: r.kind,
                     charged_at: unix_now(),
                     order_url: None,
+                    writer: Some(self.settings.writer.clone()),
                 });
                 pending.order_url = Some(url.clone());
             })

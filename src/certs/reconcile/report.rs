@@ -37,6 +37,11 @@ pub enum Outcome {
     },
     /// The namespace does not exist yet (its objects were not applied).
     NoNamespace,
+    /// Another writer's order for it is in flight (the controller's, or another `apply`'s):
+    /// left to that writer, not ordered again.
+    InProgress {
+        by: String,
+    },
     Failed {
         error: String,
     },
@@ -68,6 +73,7 @@ pub struct Tally {
     pub issued: usize,
     pub waiting: usize,
     pub no_namespace: usize,
+    pub in_progress: usize,
     pub failed: usize,
 }
 
@@ -81,6 +87,7 @@ impl CertReport {
                 Outcome::Issued { .. } => &mut t.issued,
                 Outcome::Waiting { .. } => &mut t.waiting,
                 Outcome::NoNamespace => &mut t.no_namespace,
+                Outcome::InProgress { .. } => &mut t.in_progress,
                 Outcome::Failed { .. } => &mut t.failed,
             } += 1;
         }
@@ -119,14 +126,17 @@ impl CertReport {
                     format!("waiting for quota ({limit}) until {until}")
                 }
                 Outcome::NoNamespace => "skipped: its namespace does not exist".into(),
+                Outcome::InProgress { by } => {
+                    format!("in progress: {by} has an order in flight for it (not ordered again)")
+                }
                 Outcome::Failed { error } => format!("failed: {error}"),
             };
             out.push_str(&format!("certificate {}: {line}\n", e.environment));
         }
         let t = self.tally();
         out.push_str(&format!(
-            "certificates: {} current, {} reused, {} issued, {} waiting, {} failed; {} order(s) sent\n",
-            t.current, t.reused, t.issued, t.waiting, t.failed, self.orders_sent,
+            "certificates: {} current, {} reused, {} issued, {} waiting, {} in progress elsewhere, {} failed; {} order(s) sent\n",
+            t.current, t.reused, t.issued, t.waiting, t.in_progress, t.failed, self.orders_sent,
         ));
         out
     }
