@@ -72,8 +72,10 @@ impl LedgerArgs {
             overrides: self.overrides.iter().cloned().collect(),
             margin: self.acme_safety_margin,
             concurrency: concurrency.min(16),
-            // `envctl run` names itself the instance's controller (cli/run.rs).
-            writer: format!("apply/{}", crate::controller::leader::new_instance_id()),
+            // `envctl apply` runs of one instance resume each other's orders (one after the
+            // other, as a CI job runs); `envctl run` names itself the instance's controller
+            // (cli/run.rs), so the two never work on one order.
+            writer: format!("apply/{instance}"),
         }
     }
 }

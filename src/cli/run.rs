@@ -10,6 +10,8 @@ use super::cert_args::CertArgs;
 use super::{CliError, Exit, runtime};
 use crate::certs::reconcile::CertSettings;
 use crate::cluster;
+use std::path::Path;
+
 use crate::cluster::WriteFence;
 use crate::controller::leader::LeaseConfig;
 use crate::controller::run::{RunOptions, RunSource};
@@ -120,6 +122,10 @@ pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
             writer,
             leases,
             fence,
+            lease_connect: crate::controller::run::LeaseConnect {
+                kubeconfig: kubeconfig.map(Path::to_path_buf),
+                agent: identity.clone(),
+            },
         };
         crate::controller::run::run(clients, options)
             .await

@@ -164,11 +164,24 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if writes(&req) && !self.fence.is_open() {
+        let write = writes(&req);
+        if write && !self.fence.is_open() {
             return Box::pin(std::future::ready(Err(Box::new(FenceClosed) as BoxError)));
         }
-        let sent = self.inner.call(req);
-        Box::pin(async move { sent.await.map_err(Into::into) })
+        let mut sent = Box::pin(self.inner.call(req));
+        if !write {
+            return Box::pin(async move { sent.await.map_err(Into::into) });
+        }
+        // A write waits for a connection, or its turn on one, inside the client: judged again
+        // each time it is woken, and dropped (never sent, if it was still queued) once the
+        // fence has closed, as when the process was paused in between.
+        let fence = self.fence.clone();
+        Box::pin(std::future::poll_fn(move |cx| {
+            if !fence.is_open() {
+                return Poll::Ready(Err(Box::new(FenceClosed) as BoxError));
+            }
+            sent.as_mut().poll(cx).map_err(Into::into)
+        }))
     }
 }
 

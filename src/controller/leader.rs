@@ -183,8 +183,8 @@ impl Observed {
 enum Round {
     /// This process holds the lease; the write that renewed it was sent at this instant.
     Holds(Instant),
-    /// Another holds it.
-    Standby,
+    /// Another holds it (named when the record names one).
+    Standby(Option<String>),
 }
 
 /// One round: reads the Lease and, when it is ours or free, writes it (a compare-and-swap).
@@ -216,7 +216,7 @@ async fn try_acquire_or_renew(
             let sent = Instant::now();
             match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(Ok(Round::Holds(sent))),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Ok(Round::Standby)),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Ok(Round::Standby(None))),
                 Err(e) => Err(e),
             }
         }
@@ -236,7 +236,7 @@ async fn try_acquire_or_renew(
                 && holder_instance(&lease.metadata) == Some(cfg.instance_id.as_str());
             let expired = observed.expired(&lease.metadata, &spec, cfg.duration, Instant::now());
             if !held_by_me && !expired {
-                return Ok(Ok(Round::Standby));
+                return Ok(Ok(Round::Standby(spec.holder_identity.clone())));
             }
             let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!held_by_me);
             let acquired = if held_by_me {
@@ -250,7 +250,7 @@ async fn try_acquire_or_renew(
             let sent = Instant::now();
             match api.replace(&cfg.name, &PostParams::default(), &lease).await {
                 Ok(_) => Ok(Ok(Round::Holds(sent))),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Ok(Round::Standby)),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Ok(Round::Standby(None))),
                 Err(e) => Err(e),
             }
         }
@@ -267,6 +267,7 @@ pub async fn run(
 ) -> LeaseError {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut observed = Observed::default();
+    let mut standing_by_for: Option<String> = None;
     loop {
         let round = tokio::time::timeout(
             cfg.round_timeout(),
@@ -276,17 +277,22 @@ pub async fn run(
         match round {
             Ok(Ok(Ok(Round::Holds(sent)))) => {
                 fence.open_until(sent + cfg.fence_for());
+                standing_by_for = None;
                 if !*leading.borrow() {
                     tracing::info!(identity = %cfg.identity, lease = %cfg.name, "became the leader");
                 }
                 let _ = leading.send(true);
             }
-            Ok(Ok(Ok(Round::Standby))) => {
+            Ok(Ok(Ok(Round::Standby(holder)))) => {
                 fence.close();
                 if *leading.borrow() {
                     tracing::warn!(lease = %cfg.name, "lost the lease: writes stop and the pass in flight is cancelled");
                 }
                 let _ = leading.send(false);
+                if holder.is_some() && holder != standing_by_for {
+                    tracing::info!(lease = %cfg.name, leader = holder.as_deref().unwrap_or(""), "standing by: another replica leads");
+                    standing_by_for = holder;
+                }
             }
             Ok(Ok(Err(fatal))) => {
                 fence.close();

@@ -73,12 +73,73 @@ pub struct RunOptions {
 }
 
 /// The controller's clients. `writer` holds every write to `fence` (passes, prunes, status,
-/// Events, certificates); `leases` writes only the Lease(s) and the webhook relay, which a
-/// standby writes too.
+/// Events, certificates); `leases` writes only what a standby writes too (the webhook relay,
+/// releasing the Lease on shutdown). The Lease tasks connect on their own thread with
+/// `lease_connect`.
 pub struct Clients {
     pub writer: Client,
     pub leases: Client,
     pub fence: WriteFence,
+    pub lease_connect: LeaseConnect,
+}
+
+/// How the Lease thread reaches the API server: the kubeconfig and the User-Agent's replica.
+#[derive(Debug, Clone)]
+pub struct LeaseConnect {
+    pub kubeconfig: Option<PathBuf>,
+    pub agent: String,
+}
+
+/// Runs a Lease task (`task`, given a client of its own) on a thread and a runtime of its
+/// own, so that however long a pass keeps the controller's runtime busy (rendering and
+/// planning a large fleet is CPU work), renewals are sent on time. Ends when `stop` turns
+/// true; its result, if it ends for good, goes to `done`.
+fn on_lease_thread<F, Fut>(
+    connect: LeaseConnect,
+    mut stop: watch::Receiver<bool>,
+    task: F,
+) -> tokio::sync::oneshot::Receiver<leader::LeaseError>
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = leader::LeaseError>,
+{
+    let (done, result) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("envctl-lease".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "starting the Lease thread's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let client = loop {
+                    match crate::cluster::connect_as(connect.kubeconfig.as_deref(), Some(&connect.agent)).await {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "connecting the Lease client; retrying in a second");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = stop.wait_for(|s| *s) => return,
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    e = task(client) => { let _ = done.send(e); }
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "starting the Lease thread");
+    }
+    result
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -692,7 +753,10 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
         writer: client,
         leases,
         fence,
+        lease_connect,
     } = clients;
+    // Stops the Lease thread (before the Lease is released on shutdown).
+    let (lease_stop, lease_stopping) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     let (lead_tx, lead_rx) = watch::channel(opts.leader.is_none());
     let challenges = matches!(opts.certs, CertMode::Acme(_)).then(|| {
@@ -749,17 +813,16 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
     let fatal_tx = Arc::new(fatal_tx);
     let lease_error: Arc<Mutex<Option<leader::LeaseError>>> = Arc::default();
     let leader_task = opts.leader.clone().map(|cfg| {
-        let (leases, fence, fatal, slot) = (
-            leases.clone(),
-            fence.clone(),
-            fatal_tx.clone(),
-            lease_error.clone(),
-        );
+        let (fence, fatal, slot) = (fence.clone(), fatal_tx.clone(), lease_error.clone());
+        let ended = on_lease_thread(lease_connect.clone(), lease_stopping.clone(), move |c| {
+            leader::run(c, cfg, lead_tx, fence)
+        });
         tokio::spawn(async move {
-            let e = leader::run(leases, cfg, lead_tx, fence).await;
-            tracing::error!(error = %e, "stopping");
-            let _ = fatal.send(Some(e.to_string()));
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            if let Ok(e) = ended.await {
+                tracing::error!(error = %e, "stopping");
+                let _ = fatal.send(Some(e.to_string()));
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
         })
     });
     let shard_changed = Arc::new(Notify::new());
@@ -771,21 +834,21 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
     });
     let (generation_tx, generation_rx) = watch::channel(0u64);
     let shard_task = opts.shard.clone().zip(membership.clone()).map(|(cfg, m)| {
-        let member = super::shard::run(
-            leases.clone(),
-            cfg,
+        let (instance, changed, fence) = (
             opts.pass.render.instance.clone(),
-            m,
             shard_changed.clone(),
-            generation_tx,
             fence.clone(),
         );
+        let ended = on_lease_thread(lease_connect.clone(), lease_stopping.clone(), move |c| {
+            super::shard::run(c, cfg, instance, m, changed, generation_tx, fence)
+        });
         let (fatal, slot) = (fatal_tx.clone(), lease_error.clone());
         tokio::spawn(async move {
-            let e = member.await;
-            tracing::error!(error = %e, "stopping");
-            let _ = fatal.send(Some(e.to_string()));
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            if let Ok(e) = ended.await {
+                tracing::error!(error = %e, "stopping");
+                let _ = fatal.send(Some(e.to_string()));
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
         })
     });
     if let (Some(relay), true) = (relay, opts.webhook_secret.is_some()) {
@@ -900,6 +963,7 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
     let mut last_pass = Instant::now();
     let mut trigger = Trigger::Poll;
     let mut first = true;
+    let mut cancelled_pass = false;
     let mut stop = stop_rx.clone();
     let grace = state.opts.shutdown_grace;
     loop {
@@ -977,7 +1041,11 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
         };
         let resync_due = last_pass.elapsed() >= resync;
         let Some(rev) = current.clone() else { continue };
-        let why = if moved
+        let why = if cancelled_pass && !moved {
+            // The last pass was cancelled when the fence closed: done again now that it is
+            // open (nothing else would ask for it until the next resync).
+            Trigger::Retry
+        } else if moved
             || matches!(
                 trigger,
                 Trigger::Drift
@@ -985,7 +1053,8 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
                     | Trigger::Retry
                     | Trigger::Health
                     | Trigger::Shard
-            ) {
+            )
+        {
             trigger
         } else if resync_due {
             Trigger::Resync
@@ -1016,15 +1085,18 @@ pub async fn run(clients: Clients, opts: RunOptions) -> Result<(), RunError> {
             // (the fenced client); the pass stops here instead of failing request by request.
             _ = fence.wait_closed() => {
                 tracing::warn!(revision = %rev.id, "the lease is no longer current: the pass in flight is cancelled and writes nothing more");
+                cancelled_pass = true;
                 continue;
             }
         }
+        cancelled_pass = false;
         last_pass = Instant::now();
         shared.ready.store(true, Ordering::Relaxed);
     }
     if let Some(task) = &shard_task {
         task.abort();
     }
+    let _ = lease_stop.send(true);
     fence.close();
     shutdown(
         &leases,

@@ -514,7 +514,7 @@ async fn cutting_proxy(
 }
 
 /// A kubeconfig like `base` whose server is `127.0.0.1:port`.
-fn kubeconfig_via(base: &Path, port: u16, dir: &Path) -> PathBuf {
+pub fn kubeconfig_via(base: &Path, port: u16, dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(base).expect("the kubeconfig");
     let server = text
         .lines()
@@ -530,7 +530,7 @@ fn kubeconfig_via(base: &Path, port: u16, dir: &Path) -> PathBuf {
     path
 }
 
-fn api_port(kubeconfig: &Path) -> u16 {
+pub fn api_port(kubeconfig: &Path) -> u16 {
     let text = std::fs::read_to_string(kubeconfig).expect("the kubeconfig");
     text.lines()
         .find_map(|l| l.trim().strip_prefix("server: "))

@@ -28,21 +28,6 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill -{sig} {pid} failed");
 }
 
-/// `n` environments (environmentd alone) in `dir`.
-fn write_fleet(dir: &Path, prefix: &str, n: usize) {
-    std::fs::create_dir_all(dir).expect("a manifest folder");
-    for i in 0..n {
-        let name = format!("{prefix}-{i}");
-        std::fs::write(
-            dir.join(format!("{name}.yaml")),
-            format!(
-                "apiVersion: envctl.materialize.cloud/v1alpha1\nkind: Environment\nmetadata:\n  name: {name}\nspec:\n  organization: 8b7c2f0e-4f1e-4b7a-9d0c-2b1e7d7c1a11\n  region: aws/us-east-1\n  hostname: {name}.example.cloud\n  tls: {{enabled: false}}\n  environmentd:\n    image: materialize/environmentd:v0.130.0\n    cpu: 10m\n    memory: 16Mi\n"
-            ),
-        )
-        .expect("writing a manifest");
-    }
-}
-
 async fn namespaces_of(client: &kube::Client, instance: &str) -> usize {
     let api: Api<Namespace> = Api::all(client.clone());
     api.list(
@@ -151,7 +136,7 @@ async fn a_leader_paused_past_its_lease_writes_nothing_once_it_resumes() {
     crate::certs::controller_namespace(&client, &ctl_ns).await;
     let dir = tempfile::tempdir().expect("a temp dir");
     let src = dir.path().join("envs");
-    write_fleet(&src, &instance, 300);
+    crate::faults::write_fleet(&src, &instance, 300, 0);
     let src = src.display().to_string();
     let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
     let source = ["--source", src.as_str()];
@@ -223,7 +208,7 @@ async fn a_shard_paused_past_its_lease_writes_nothing_once_it_resumes() {
     crate::certs::controller_namespace(&client, &ctl_ns).await;
     let dir = tempfile::tempdir().expect("a temp dir");
     let src = dir.path().join("envs");
-    write_fleet(&src, &instance, 300);
+    crate::faults::write_fleet(&src, &instance, 300, 0);
     let src = src.display().to_string();
     let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
     let source = ["--source", src.as_str()];
@@ -302,7 +287,7 @@ async fn a_second_process_with_the_same_identity_stops_and_writes_nothing() {
     crate::certs::controller_namespace(&client, &ctl_ns).await;
     let dir = tempfile::tempdir().expect("a temp dir");
     let src = dir.path().join("envs");
-    write_fleet(&src, &instance, 3);
+    crate::faults::write_fleet(&src, &instance, 3, 0);
     let src = src.display().to_string();
     let id = format!("{instance}-same");
     let source = ["--source", src.as_str()];
@@ -357,6 +342,150 @@ async fn a_second_process_with_the_same_identity_stops_and_writes_nothing() {
         "the first process goes on leading"
     );
     drop(first);
+    cleanup_instance(&client, &instance).await;
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+}
+
+/// A TCP proxy to the API server that can stall: while stalled it forwards nothing, and the
+/// connections it held through the stall are dropped when it ends, their bytes discarded (a
+/// partition that outlives the client's connections). Returns its port and the switch.
+async fn stalling_proxy(upstream: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let port = listener.local_addr().expect("an address").port();
+    let (stall, stalled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let stalled = stalled.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let (mut ri, mut wi) = inbound.into_split();
+                let (mut ro, mut wo) = outbound.into_split();
+                // One direction: forward each chunk unless a stall came; a stall ends the
+                // connection when it is over.
+                async fn pump(
+                    from: &mut (impl AsyncReadExt + Unpin),
+                    to: &mut (impl AsyncWriteExt + Unpin),
+                    mut stalled: tokio::sync::watch::Receiver<bool>,
+                ) {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if *stalled.borrow() {
+                            let _ = stalled.wait_for(|s| !*s).await;
+                            return;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = pump(&mut ri, &mut wo, stalled.clone()) => {}
+                    _ = pump(&mut ro, &mut wi, stalled.clone()) => {}
+                }
+            });
+        }
+    });
+    (port, stall)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_whose_api_server_stalls_writes_nothing_after_its_lease() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("fstall");
+    let ctl_ns = format!("{instance}-ctl");
+    crate::certs::controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    crate::faults::write_fleet(&src, &instance, 300, 0);
+    let src = src.display().to_string();
+    let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
+    // A reaches the API server through the proxy; B directly.
+    let (port, stall) = stalling_proxy(crate::faults::api_port(&cluster.kubeconfig)).await;
+    let via = crate::faults::kubeconfig_via(&cluster.kubeconfig, port, dir.path());
+    let proxied = crate::cluster::TestCluster { kubeconfig: via };
+    let source = ["--source", src.as_str()];
+    let a = Controller::spawn(
+        &proxied,
+        &source,
+        &instance,
+        "1s",
+        &replica_args(&["--leader-elect"], &ctl_ns, &id_a),
+    );
+    wait_until(
+        "the proxied replica to lead",
+        Duration::from_secs(30),
+        &|| a.log(),
+        || async { a.log().contains("became the leader") },
+    )
+    .await;
+    let b = Controller::spawn(
+        cluster,
+        &source,
+        &instance,
+        "1s",
+        &replica_args(&["--leader-elect"], &ctl_ns, &id_b),
+    );
+    wait_until(
+        "the leader's pass to write some environments",
+        Duration::from_secs(120),
+        &|| a.log(),
+        || async { namespaces_of(&client, &instance).await >= 10 },
+    )
+    .await;
+    let stalled_at = unix_now();
+    stall.send_replace(true);
+    wait_until(
+        "the other replica to take over",
+        Duration::from_secs(60),
+        &|| b.log(),
+        || async { b.log().contains("became the leader") },
+    )
+    .await;
+    wait_until(
+        "the leader cut off to step down",
+        Duration::from_secs(30),
+        &|| a.log(),
+        || async { a.log().contains("stepping down") },
+    )
+    .await;
+    let released_at = unix_now();
+    let from = a.log().len();
+    stall.send_replace(false);
+    // Reaching the API server again, it reads the Lease and stands by.
+    wait_until(
+        "the old leader to see the new one",
+        Duration::from_secs(30),
+        &|| a.log(),
+        || async {
+            a.log()
+                .get(from..)
+                .is_some_and(|l| l.contains("standing by") && l.contains(&id_b))
+        },
+    )
+    .await;
+    let late = writes_after(
+        &cluster.kubeconfig,
+        &id_a,
+        stalled_at + LEASE_SECS * 2.0 / 3.0,
+    );
+    assert!(
+        late.is_empty(),
+        "the cut-off leader wrote after its lease (stalled at {stalled_at:.3}, released at {released_at:.3}):\n{}",
+        late.join("\n")
+    );
+    drop((a, b));
     cleanup_instance(&client, &instance).await;
     let nsapi: Api<Namespace> = Api::all(client.clone());
     let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;

@@ -405,3 +405,111 @@ async fn shards_stay_within_the_certificate_quota() {
     eprintln!("3 replicas, 60 TLS environments, limit 50: {sent} orders reached pebble");
     case.cleanup(&client).await;
 }
+
+/// Prune guards per writer: three shards, 40 environments, a revision that removes 30 (75%)
+/// under `--max-prune 25%`. Each shard measures the limit against its own share, so each
+/// holds its deletions (with the limit measured against the whole fleet, each shard's ten or
+/// so stayed under it and most of the fleet went).
+#[tokio::test(flavor = "multi_thread")]
+async fn three_shards_hold_a_mass_removal_under_max_prune() {
+    let Some(cluster) = require() else {
+        return;
+    };
+    let client = cluster.client().await;
+    let instance = unique("sprune");
+    let ctl_ns = format!("{instance}-ctl");
+    crate::certs::controller_namespace(&client, &ctl_ns).await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let src = dir.path().join("envs");
+    let names = write_fleet(&src, &instance, 40, 1);
+    let args: Vec<String> = [
+        "--source",
+        src.to_str().expect("utf-8"),
+        "--instance",
+        &instance,
+        "--controller-namespace",
+        &ctl_ns,
+        "--leader-elect-namespace",
+        &ctl_ns,
+        "--prune",
+        "--max-prune",
+        "25%",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let replicas: Vec<Replica> = (1..=3)
+        .map(|i| {
+            Replica::start(
+                &cluster.kubeconfig,
+                &format!("{instance}-r{i}"),
+                &args,
+                dir.path(),
+                &[],
+            )
+        })
+        .collect();
+    wait_until(
+        "40 environments applied by 3 replicas",
+        Duration::from_secs(120),
+        &|| logs(&replicas),
+        || async { at_scale(&client, &instance, &names, 1).await == names.len() },
+    )
+    .await;
+    wait_until(
+        "each replica to own a share of three members",
+        Duration::from_secs(30),
+        &|| logs(&replicas),
+        || {
+            let ok = replicas.iter().all(|r| {
+                r.gauge("envctl_shard_members") == Some(3)
+                    && r.gauge("envctl_shard_environments").unwrap_or(0) > 0
+            });
+            async move { ok }
+        },
+    )
+    .await;
+    let logged: Vec<usize> = replicas
+        .iter()
+        .map(|r| std::fs::read_to_string(&r.log).unwrap_or_default().len())
+        .collect();
+    for name in names.iter().skip(10) {
+        std::fs::remove_file(src.join(format!("{name}.yaml"))).expect("removing a manifest");
+    }
+    // Every replica's pass after the removal held its share's deletions.
+    wait_until(
+        "every replica to hold its deletions",
+        Duration::from_secs(60),
+        &|| logs(&replicas),
+        || {
+            let ok = replicas.iter().zip(&logged).all(|(r, from)| {
+                let text = std::fs::read_to_string(&r.log).unwrap_or_default();
+                text.get(*from..).is_some_and(|t| {
+                    t.lines()
+                        .any(|l| l.contains("held") && l.contains("--max-prune allows"))
+                })
+            });
+            async move { ok }
+        },
+    )
+    .await;
+    let nsapi: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    let mut gone = Vec::new();
+    for name in &names {
+        match nsapi.get_opt(&format!("environment-{name}")).await {
+            Ok(Some(ns)) if ns.metadata.deletion_timestamp.is_none() => {}
+            _ => gone.push(name.clone()),
+        }
+    }
+    assert!(
+        gone.is_empty(),
+        "a 75% removal under --max-prune 25% deleted {} environments: {gone:?}\n{}",
+        gone.len(),
+        logs(&replicas)
+    );
+    drop(replicas);
+    cleanup_instance(&client, &instance).await;
+    let _ = nsapi
+        .delete(&ctl_ns, &kube::api::DeleteParams::default())
+        .await;
+}

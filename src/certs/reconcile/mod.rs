@@ -90,8 +90,9 @@ pub struct CertSettings {
     pub margin: u32,
     pub concurrency: usize,
     /// Who orders: `controller/<instance>` for `envctl run` (its replicas take turns under
-    /// their Lease, and a restarted one resumes its predecessor's orders), `apply/<id>` for
-    /// one `envctl apply`. An order in flight is worked on by its writer alone.
+    /// their Lease, and a restarted one resumes its predecessor's orders), `apply/<instance>`
+    /// for `envctl apply` (one run resumes the last one's orders). An order in flight is
+    /// worked on by its writer alone.
     pub writer: String,
 }
 
