@@ -179,6 +179,22 @@ impl Observed {
     }
 }
 
+impl Observed {
+    /// `lease`, as read now, renewed by another live process of `cfg`'s identity: the error
+    /// this process stops with.
+    pub(super) fn twin(&self, lease: &Lease, cfg: &LeaseConfig) -> Option<LeaseError> {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let other =
+            self.renewed_by_twin(&lease.metadata, &spec, &cfg.identity, &cfg.instance_id)?;
+        Some(LeaseError::DuplicateIdentity {
+            identity: cfg.identity.clone(),
+            other,
+            namespace: cfg.namespace.clone(),
+            lease: lease.metadata.name.clone().unwrap_or_default(),
+        })
+    }
+}
+
 /// What one round found.
 enum Round {
     /// This process holds the lease; the write that renewed it was sent at this instant.
@@ -222,15 +238,8 @@ async fn try_acquire_or_renew(
         }
         Some(mut lease) => {
             let spec = lease.spec.clone().unwrap_or_default();
-            if let Some(other) =
-                observed.renewed_by_twin(&lease.metadata, &spec, &cfg.identity, &cfg.instance_id)
-            {
-                return Ok(Err(LeaseError::DuplicateIdentity {
-                    identity: cfg.identity.clone(),
-                    other,
-                    namespace: cfg.namespace.clone(),
-                    lease: cfg.name.clone(),
-                }));
+            if let Some(twin) = observed.twin(&lease, cfg) {
+                return Ok(Err(twin));
             }
             let held_by_me = spec.holder_identity.as_deref() == Some(cfg.identity.as_str())
                 && holder_instance(&lease.metadata) == Some(cfg.instance_id.as_str());
@@ -308,17 +317,15 @@ pub async fn run(
         }
         // Between rounds, step down the moment the fence closes (no renewal made in time).
         let wake = Instant::now() + cfg.renew_every;
+        // Biased: a fence that closed by the time the sleep ends is seen here, not missed.
         tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
+            biased;
             _ = fence.wait_closed(), if *leading.borrow() => {
                 tracing::warn!(lease = %cfg.name, "stepping down: the lease was not renewed within two thirds of its duration; writes stop and the pass in flight is cancelled");
                 let _ = leading.send(false);
                 tokio::time::sleep_until(wake).await;
             }
-        }
-        if *leading.borrow() && !fence.is_open() {
-            tracing::warn!(lease = %cfg.name, "stepping down: the lease was not renewed within two thirds of its duration");
-            let _ = leading.send(false);
+            _ = tokio::time::sleep_until(wake) => {}
         }
     }
 }

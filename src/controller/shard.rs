@@ -118,15 +118,8 @@ async fn renew(
         }
         Some(current) => {
             let spec = current.spec.clone().unwrap_or_default();
-            if let Some(other) =
-                own.renewed_by_twin(&current.metadata, &spec, &cfg.identity, &cfg.instance_id)
-            {
-                return Ok(Err(LeaseError::DuplicateIdentity {
-                    identity: cfg.identity.clone(),
-                    other,
-                    namespace: cfg.namespace.clone(),
-                    lease: name,
-                }));
+            if let Some(twin) = own.twin(&current, cfg) {
+                return Ok(Err(twin));
             }
             let lapsed = own.expired(&current.metadata, &spec, cfg.duration, Instant::now());
             let mine = holder_instance(&current.metadata) == Some(cfg.instance_id.as_str());

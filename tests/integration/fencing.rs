@@ -50,6 +50,62 @@ fn replica_args<'a>(mode: &'a [&'a str], ctl_ns: &'a str, identity: &'a str) -> 
     args
 }
 
+/// One test's world: an instance with its controller namespace and a fleet of `n`
+/// environments in a directory, and the replicas it starts.
+struct World {
+    client: kube::Client,
+    instance: String,
+    ctl_ns: String,
+    src: String,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(cluster: &crate::cluster::TestCluster, prefix: &str, n: usize) -> World {
+        let client = cluster.client().await;
+        let instance = unique(prefix);
+        let ctl_ns = format!("{instance}-ctl");
+        crate::certs::controller_namespace(&client, &ctl_ns).await;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let src = dir.path().join("envs");
+        crate::faults::write_fleet(&src, &instance, n, 0);
+        World {
+            client,
+            src: src.display().to_string(),
+            instance,
+            ctl_ns,
+            dir,
+        }
+    }
+
+    /// `envctl run` in `mode` (`--leader-elect` or `--shard`) as `identity`, on `cluster`
+    /// (which may reach the API server another way than the test does).
+    fn spawn(
+        &self,
+        cluster: &crate::cluster::TestCluster,
+        mode: &str,
+        identity: &str,
+    ) -> Controller {
+        Controller::spawn(
+            cluster,
+            &["--source", self.src.as_str()],
+            &self.instance,
+            "1s",
+            &replica_args(&[mode], &self.ctl_ns, identity),
+        )
+    }
+
+    fn id(&self, replica: &str) -> String {
+        format!("{}-{replica}", self.instance)
+    }
+
+    async fn cleanup(&self) {
+        cleanup_instance(&self.client, &self.instance).await;
+        let nsapi: Api<Namespace> = Api::all(self.client.clone());
+        let _ = nsapi.delete(&self.ctl_ns, &DeleteParams::default()).await;
+    }
+}
+
 /// Pauses `a` once its first pass has written some of `n` environments, waits until `b`
 /// writes in its place, resumes `a`, and waits until `a` has seen that its lease is gone.
 /// Returns (when `a` was stopped, when it was resumed), as unix seconds.
@@ -130,23 +186,10 @@ fn writes_after(kubeconfig: &Path, replica: &str, after: f64) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_paused_past_its_lease_writes_nothing_once_it_resumes() {
     let Some(cluster) = require() else { return };
-    let client = cluster.client().await;
-    let instance = unique("fence");
-    let ctl_ns = format!("{instance}-ctl");
-    crate::certs::controller_namespace(&client, &ctl_ns).await;
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    crate::faults::write_fleet(&src, &instance, 300, 0);
-    let src = src.display().to_string();
-    let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
-    let source = ["--source", src.as_str()];
-    let a = Controller::spawn(
-        cluster,
-        &source,
-        &instance,
-        "1s",
-        &replica_args(&["--leader-elect"], &ctl_ns, &id_a),
-    );
+    let w = World::new(cluster, "fence", 300).await;
+    let (client, instance) = (&w.client, &w.instance);
+    let (id_a, id_b) = (w.id("a"), w.id("b"));
+    let a = w.spawn(cluster, "--leader-elect", &id_a);
     wait_until(
         "the first replica to lead",
         Duration::from_secs(30),
@@ -154,16 +197,10 @@ async fn a_leader_paused_past_its_lease_writes_nothing_once_it_resumes() {
         || async { a.log().contains("became the leader") },
     )
     .await;
-    let b = Controller::spawn(
-        cluster,
-        &source,
-        &instance,
-        "1s",
-        &replica_args(&["--leader-elect"], &ctl_ns, &id_b),
-    );
+    let b = w.spawn(cluster, "--leader-elect", &id_b);
     let (stopped, resumed) = pause_past_the_lease(
-        &client,
-        &instance,
+        client,
+        instance,
         &a,
         &b,
         "became the leader",
@@ -194,38 +231,17 @@ async fn a_leader_paused_past_its_lease_writes_nothing_once_it_resumes() {
         resumed - stopped
     );
     drop((a, b));
-    cleanup_instance(&client, &instance).await;
-    let nsapi: Api<Namespace> = Api::all(client.clone());
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    w.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_paused_past_its_lease_writes_nothing_once_it_resumes() {
     let Some(cluster) = require() else { return };
-    let client = cluster.client().await;
-    let instance = unique("fshard");
-    let ctl_ns = format!("{instance}-ctl");
-    crate::certs::controller_namespace(&client, &ctl_ns).await;
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    crate::faults::write_fleet(&src, &instance, 300, 0);
-    let src = src.display().to_string();
-    let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
-    let source = ["--source", src.as_str()];
-    let b = Controller::spawn(
-        cluster,
-        &source,
-        &instance,
-        "1s",
-        &replica_args(&["--shard"], &ctl_ns, &id_b),
-    );
-    let a = Controller::spawn(
-        cluster,
-        &source,
-        &instance,
-        "1s",
-        &replica_args(&["--shard"], &ctl_ns, &id_a),
-    );
+    let w = World::new(cluster, "fshard", 300).await;
+    let (client, instance) = (&w.client, &w.instance);
+    let (id_a, id_b) = (w.id("a"), w.id("b"));
+    let b = w.spawn(cluster, "--shard", &id_b);
+    let a = w.spawn(cluster, "--shard", &id_a);
     // Both members seen by both, so that each writes its share.
     for r in [&a, &b] {
         wait_until(
@@ -242,8 +258,8 @@ async fn a_shard_paused_past_its_lease_writes_nothing_once_it_resumes() {
     }
     // B takes A's share once A's Lease lapses: its member set becomes B alone.
     let (stopped, resumed) = pause_past_the_lease(
-        &client,
-        &instance,
+        client,
+        instance,
         &a,
         &b,
         &format!("members={{\"{id_b}\"}}"),
@@ -273,26 +289,15 @@ async fn a_shard_paused_past_its_lease_writes_nothing_once_it_resumes() {
         late.join("\n")
     );
     drop((a, b));
-    cleanup_instance(&client, &instance).await;
-    let nsapi: Api<Namespace> = Api::all(client.clone());
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    w.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_process_with_the_same_identity_stops_and_writes_nothing() {
     let Some(cluster) = require() else { return };
-    let client = cluster.client().await;
-    let instance = unique("twin");
-    let ctl_ns = format!("{instance}-ctl");
-    crate::certs::controller_namespace(&client, &ctl_ns).await;
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    crate::faults::write_fleet(&src, &instance, 3, 0);
-    let src = src.display().to_string();
-    let id = format!("{instance}-same");
-    let source = ["--source", src.as_str()];
-    let args = replica_args(&["--leader-elect"], &ctl_ns, &id);
-    let first = Controller::spawn(cluster, &source, &instance, "1s", &args);
+    let w = World::new(cluster, "twin", 3).await;
+    let id = w.id("same");
+    let first = w.spawn(cluster, "--leader-elect", &id);
     wait_until(
         "the first process to lead",
         Duration::from_secs(30),
@@ -300,7 +305,7 @@ async fn a_second_process_with_the_same_identity_stops_and_writes_nothing() {
         || async { first.log().contains("reconciled") },
     )
     .await;
-    let mut second = Controller::spawn(cluster, &source, &instance, "1s", &args);
+    let mut second = w.spawn(cluster, "--leader-elect", &id);
     let second_log = second.log_path();
     let mut status = None;
     wait_until(
@@ -342,9 +347,7 @@ async fn a_second_process_with_the_same_identity_stops_and_writes_nothing() {
         "the first process goes on leading"
     );
     drop(first);
-    cleanup_instance(&client, &instance).await;
-    let nsapi: Api<Namespace> = Api::all(client.clone());
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    w.cleanup().await;
 }
 
 /// A TCP proxy to the API server that can stall: while stalled it forwards nothing, and the
@@ -402,27 +405,14 @@ async fn stalling_proxy(upstream: u16) -> (u16, tokio::sync::watch::Sender<bool>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_whose_api_server_stalls_writes_nothing_after_its_lease() {
     let Some(cluster) = require() else { return };
-    let client = cluster.client().await;
-    let instance = unique("fstall");
-    let ctl_ns = format!("{instance}-ctl");
-    crate::certs::controller_namespace(&client, &ctl_ns).await;
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let src = dir.path().join("envs");
-    crate::faults::write_fleet(&src, &instance, 300, 0);
-    let src = src.display().to_string();
+    let w = World::new(cluster, "fstall", 300).await;
+    let (client, instance) = (&w.client, &w.instance);
     let (id_a, id_b) = (format!("{instance}-a"), format!("{instance}-b"));
     // A reaches the API server through the proxy; B directly.
     let (port, stall) = stalling_proxy(crate::faults::api_port(&cluster.kubeconfig)).await;
-    let via = crate::faults::kubeconfig_via(&cluster.kubeconfig, port, dir.path());
+    let via = crate::faults::kubeconfig_via(&cluster.kubeconfig, port, w.dir.path());
     let proxied = crate::cluster::TestCluster { kubeconfig: via };
-    let source = ["--source", src.as_str()];
-    let a = Controller::spawn(
-        &proxied,
-        &source,
-        &instance,
-        "1s",
-        &replica_args(&["--leader-elect"], &ctl_ns, &id_a),
-    );
+    let a = w.spawn(&proxied, "--leader-elect", &id_a);
     wait_until(
         "the proxied replica to lead",
         Duration::from_secs(30),
@@ -430,18 +420,12 @@ async fn a_leader_whose_api_server_stalls_writes_nothing_after_its_lease() {
         || async { a.log().contains("became the leader") },
     )
     .await;
-    let b = Controller::spawn(
-        cluster,
-        &source,
-        &instance,
-        "1s",
-        &replica_args(&["--leader-elect"], &ctl_ns, &id_b),
-    );
+    let b = w.spawn(cluster, "--leader-elect", &id_b);
     wait_until(
         "the leader's pass to write some environments",
         Duration::from_secs(120),
         &|| a.log(),
-        || async { namespaces_of(&client, &instance).await >= 10 },
+        || async { namespaces_of(client, instance).await >= 10 },
     )
     .await;
     let stalled_at = unix_now();
@@ -486,7 +470,5 @@ async fn a_leader_whose_api_server_stalls_writes_nothing_after_its_lease() {
         late.join("\n")
     );
     drop((a, b));
-    cleanup_instance(&client, &instance).await;
-    let nsapi: Api<Namespace> = Api::all(client.clone());
-    let _ = nsapi.delete(&ctl_ns, &DeleteParams::default()).await;
+    w.cleanup().await;
 }
