@@ -1187,6 +1187,11 @@ async fn shutdown(
     tracing::info!("stopped");
 }
 
+/// The first wait before setting up the ACME account again after a failure; it doubles up to
+/// `ACCOUNT_RETRY_LAST`.
+const ACCOUNT_RETRY_FIRST: Duration = Duration::from_secs(5);
+const ACCOUNT_RETRY_LAST: Duration = Duration::from_secs(300);
+
 /// Keeps certificates up to date: runs the certificate step when the environments change,
 /// when a waiting order or a renewal falls due, and on every resync; only while leading.
 #[allow(clippy::too_many_arguments)]
@@ -1205,6 +1210,9 @@ async fn cert_worker(
 ) {
     let events = Events::new(client.clone(), &settings.instance);
     let mut certs: Option<Certs> = None;
+    // Setting up the account is retried with backoff: each try may register an account, and
+    // Let's Encrypt allows 10 registrations per IP in 3 hours.
+    let mut account_retry = ACCOUNT_RETRY_FIRST;
     let mut next = tokio::time::Instant::now() + resync;
     loop {
         tokio::select! {
@@ -1231,8 +1239,13 @@ async fn cert_worker(
             {
                 Ok(c) => certs = Some(c),
                 Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "setting up certificates; retrying in a minute");
-                    next = tokio::time::Instant::now() + Duration::from_secs(60);
+                    tracing::error!(
+                        error = %error_chain(&e),
+                        retry_in_s = account_retry.as_secs(),
+                        "setting up certificates failed; retrying"
+                    );
+                    next = tokio::time::Instant::now() + account_retry;
+                    account_retry = (account_retry * 2).min(ACCOUNT_RETRY_LAST);
                     continue;
                 }
             }

@@ -168,6 +168,14 @@ impl Pebble {
             .count()
     }
 
+    /// Accounts pebble has registered so far (a known key registering again is not counted).
+    pub fn accounts(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("accounts in memory")
+            .count()
+    }
+
     /// Pebble's root certificate, as a PEM file.
     pub fn root(&self, dir: &Path) -> PathBuf {
         let out = Command::new("curl")
@@ -1112,6 +1120,193 @@ async fn apply_beside_run_orders_once_per_environment() {
     eprintln!(
         "measure: apply beside run, 12 environments: {}",
         out.lines().last().unwrap_or_default()
+    );
+    case.cleanup(&client).await;
+}
+
+/// A ValidatingAdmissionPolicy (with its binding) that refuses creating or updating the
+/// Secret `name`: the API server itself refuses envctl's write, as a policy engine would.
+struct RefuseSecret {
+    client: kube::Client,
+    policy: String,
+}
+
+impl RefuseSecret {
+    fn apis(
+        client: &kube::Client,
+    ) -> (Api<kube::api::DynamicObject>, Api<kube::api::DynamicObject>) {
+        let api = |kind: &str| {
+            Api::all_with(
+                client.clone(),
+                &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+                    "admissionregistration.k8s.io",
+                    "v1",
+                    kind,
+                )),
+            )
+        };
+        (
+            api("ValidatingAdmissionPolicy"),
+            api("ValidatingAdmissionPolicyBinding"),
+        )
+    }
+
+    /// Installs the policy and waits until the API server enforces it (a dry-run create of
+    /// the Secret is refused).
+    async fn install(client: &kube::Client, namespace: &str, name: &str) -> RefuseSecret {
+        let policy = unique("refuse-secret");
+        let (policies, bindings) = Self::apis(client);
+        let p: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["secrets"],
+                }]},
+                "validations": [{
+                    "expression": format!("object.metadata.name != '{name}' || object.metadata.namespace != '{namespace}'"),
+                    "message": "test: the account store is failing",
+                }],
+            }
+        }))
+        .expect("a policy");
+        let b: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {"policyName": policy, "validationActions": ["Deny"]}
+        }))
+        .expect("a binding");
+        policies
+            .create(&PostParams::default(), &p)
+            .await
+            .expect("creating the policy");
+        bindings
+            .create(&PostParams::default(), &b)
+            .await
+            .expect("creating the binding");
+        let refuse = RefuseSecret {
+            client: client.clone(),
+            policy,
+        };
+        refuse.wait_enforced(namespace, name, true).await;
+        refuse
+    }
+
+    /// Whether a dry-run create of the Secret is refused, until it is `refused` (bounded).
+    async fn wait_enforced(&self, namespace: &str, name: &str, refused: bool) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let probe: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "stringData": {"probe": "1"}
+        }))
+        .expect("a secret");
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait_until(
+            if refused {
+                "the policy in force"
+            } else {
+                "the policy lifted"
+            },
+            Duration::from_secs(30),
+            &String::new,
+            || async {
+                let r = secrets.create(&dry, &probe).await;
+                match r {
+                    Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => refused,
+                    Err(kube::Error::Api(e)) if e.code == 409 => !refused,
+                    Ok(_) => !refused,
+                    _ => false,
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn remove(self, namespace: &str, name: &str) {
+        let (policies, bindings) = Self::apis(&self.client);
+        let _ = bindings
+            .delete(&self.policy, &DeleteParams::default())
+            .await;
+        let _ = policies
+            .delete(&self.policy, &DeleteParams::default())
+            .await;
+        self.wait_enforced(namespace, name, false).await;
+    }
+}
+
+/// An account store that fails (the API server refuses to keep the account's Secret):
+/// the controller retries with backoff and registers one account at the CA, not one per try;
+/// once the store works again the account it registered is kept and certificates follow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_account_store_registers_one_account() {
+    let Some(Setup {
+        cluster,
+        pebble,
+        _guard,
+        client,
+        dir,
+    }) = setup(true).await
+    else {
+        return;
+    };
+    let case = Case::new(&client, dir.path(), "acct", 2).await;
+    let account = format!("envctl-{}-acme-account", case.instance);
+    let refuse = RefuseSecret::install(&client, &case.ctl_ns, &account).await;
+    let before = pebble.accounts();
+    let log = dir.path().join("run.log");
+    let mut run = spawn_run(cluster, &case.src, &case.common, pebble, &log);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let failures = || read_log().matches("setting up certificates failed").count();
+    // Three failed tries (at about 0, 5 and 15 s): each would have registered an account.
+    wait_until(
+        "three failed tries to keep the account",
+        Duration::from_secs(90),
+        &read_log,
+        || async { failures() >= 3 },
+    )
+    .await;
+    assert!(
+        read_log().contains("test: the account store is failing"),
+        "the refusal's message is in the log:\n{}",
+        read_log()
+    );
+    refuse.remove(&case.ctl_ns, &account).await;
+    wait_until(
+        "every environment's certificate after the store recovers",
+        Duration::from_secs(120),
+        &read_log,
+        || async {
+            for n in &case.names {
+                if tls_secret(&client, &format!("environment-{n}"))
+                    .await
+                    .is_none()
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let _ = run.kill();
+    let _ = run.wait();
+    assert_eq!(
+        pebble.accounts() - before,
+        1,
+        "one account registered across {} failed tries\n{}",
+        failures(),
+        read_log()
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &case.ctl_ns);
+    assert!(
+        secrets.get_opt(&account).await.expect("reading").is_some(),
+        "the registered account is kept"
     );
     case.cleanup(&client).await;
 }
