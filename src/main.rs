@@ -34,7 +34,13 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {cause}");
                 source = cause.source();
             }
-            err.exit_code().into()
+            let code = err.exit_code();
+            if code == envctl::cli::Exit::Cluster
+                && let Some(hint) = envctl::cluster::unreachable_hint()
+            {
+                eprintln!("  hint: {hint}");
+            }
+            code.into()
         }
     }
 }

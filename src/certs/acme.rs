@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -62,6 +63,10 @@ pub enum AcmeError {
         "publishing the HTTP-01 answer for {name} (the CA was not asked to validate): {message}"
     )]
     Challenge { name: String, message: String },
+    #[error(
+        "the order was finalized with a key this instance does not hold (its certificate is of no use): it is abandoned, and the next round places a new order"
+    )]
+    FinalizedWithAnotherKey,
     #[error("the order ended as {status}")]
     OrderFailed { status: String },
     #[error("making the order's key or certificate request: {message}")]
@@ -150,9 +155,10 @@ pub struct AcmeCounters {
     pub rate_limited: AtomicU64,
 }
 
-/// Longest the ACME server may take to answer one request (connecting: `CONNECT_TIMEOUT`).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the ACME server may take to accept a connection (answering: `--acme-request-timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer read from the ACME server (a certificate chain is a few KiB).
+const MAX_RESPONSE: usize = 1 << 20;
 
 type Hyper = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
 
@@ -161,6 +167,8 @@ type Hyper = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrappe
 struct Http {
     inner: Hyper,
     counters: Arc<AcmeCounters>,
+    /// Longest one request may take, its answer's body included.
+    timeout: Duration,
 }
 
 impl HttpClient for Http {
@@ -168,18 +176,44 @@ impl HttpClient for Http {
         &self,
         req: Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let fut = self.fetch(req);
+        Box::pin(async move {
+            let rsp = fut.await?;
+            Ok(BytesResponse::from(rsp))
+        })
+    }
+}
+
+impl Http {
+    /// Sends one request and reads the whole answer, all within `timeout` (a server
+    /// that accepts and then goes silent, before or during the body, is given up on).
+    fn fetch(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> impl Future<Output = Result<http::Response<Full<Bytes>>, instant_acme::Error>> + Send + 'static
+    {
         let fut = self.inner.request(req);
         let counters = self.counters.clone();
-        Box::pin(async move {
+        let timeout = self.timeout;
+        async move {
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            let rsp = tokio::time::timeout(REQUEST_TIMEOUT, fut)
-                .await
-                .map_err(|_| {
-                    instant_acme::Error::Other(
-                        format!("the ACME server did not answer within {REQUEST_TIMEOUT:?}").into(),
-                    )
-                })?
-                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            let whole = async {
+                let rsp = fut
+                    .await
+                    .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+                let (parts, body) = rsp.into_parts();
+                let body = Limited::new(body, MAX_RESPONSE)
+                    .collect()
+                    .await
+                    .map_err(instant_acme::Error::Other)?
+                    .to_bytes();
+                Ok::<_, instant_acme::Error>(http::Response::from_parts(parts, Full::new(body)))
+            };
+            let rsp = tokio::time::timeout(timeout, whole).await.map_err(|_| {
+                instant_acme::Error::Other(
+                    format!("the ACME server did not answer within {timeout:?}").into(),
+                )
+            })??;
             if rsp.status() == http::StatusCode::TOO_MANY_REQUESTS {
                 counters.rate_limited.fetch_add(1, Ordering::Relaxed);
                 let at = rsp
@@ -189,12 +223,16 @@ impl HttpClient for Http {
                     .and_then(|v| parse_retry_after(v, super::unix_now()));
                 let _ = RETRY_AFTER.try_with(|r| *r.borrow_mut() = at);
             }
-            Ok(BytesResponse::from(rsp))
-        })
+            Ok(rsp)
+        }
     }
 }
 
-fn http_client(ca_bundle: Option<&Path>, counters: Arc<AcmeCounters>) -> Result<Http, AcmeError> {
+fn http_client(
+    ca_bundle: Option<&Path>,
+    counters: Arc<AcmeCounters>,
+    timeout: Duration,
+) -> Result<Http, AcmeError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
@@ -237,6 +275,7 @@ fn http_client(ca_bundle: Option<&Path>, counters: Arc<AcmeCounters>) -> Result<
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector),
         counters,
+        timeout,
     })
 }
 
@@ -251,6 +290,8 @@ pub struct AcmeConfig {
     pub eab: Option<(String, Vec<u8>)>,
     /// How long an order may take from challenge to certificate.
     pub order_timeout: Duration,
+    /// How long the server may take to answer one request, its body included.
+    pub request_timeout: Duration,
     /// The certificate profile every order asks for (`--acme-profile`), unless an
     /// environment names its own.
     pub profile: Option<String>,
@@ -264,6 +305,7 @@ impl std::fmt::Debug for AcmeConfig {
             .field("ca_bundle", &self.ca_bundle)
             .field("eab", &self.eab.as_ref().map(|(kid, _)| (kid, "(masked)")))
             .field("order_timeout", &self.order_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("profile", &self.profile)
             .finish()
     }
@@ -302,7 +344,11 @@ impl Acme {
         let counters = Arc::new(AcmeCounters::default());
         // One client (the system roots are read once), shared by the account and the
         // directory lookup below.
-        let http = http_client(config.ca_bundle.as_deref(), counters.clone())?;
+        let http = http_client(
+            config.ca_bundle.as_deref(),
+            counters.clone(),
+            config.request_timeout,
+        )?;
         let builder =
             || -> Result<_, AcmeError> { Ok(Account::builder_with_http(Box::new(http.clone()))) };
         let restored = match stored.map(serde_json::from_slice::<AccountCredentials>) {
@@ -461,17 +507,17 @@ impl Acme {
             .map_err(|e| AcmeError::from_acme("resuming the order", e))
     }
 
-    /// Answers the order's HTTP-01 challenges, finalizes it and downloads the chain.
     /// Sees a placed order through to its certificate, with `key` (PEM) as the certificate's
-    /// key. `key_kept_before` says the key was kept for this very order before an earlier
-    /// process may have finalized it: then a finalized order's certificate is downloaded, not
-    /// lost.
+    /// key, whatever state the CA returns it in: `pending` is authorized (HTTP-01) and
+    /// finalized, `ready` finalized, `processing` or `valid` downloaded, and kept only if
+    /// the certificate is for `key` (the caller keeps an order's key before it is finalized,
+    /// so an order finalized by an earlier process, or by this call before a retry, was
+    /// finalized with it).
     pub async fn complete(
         &self,
         order: &mut Order,
         challenges: &Challenges,
         key: &str,
-        key_kept_before: bool,
     ) -> Result<Issued, AcmeError> {
         let mut served = Vec::new();
         let mut attempt = 0;
@@ -479,7 +525,7 @@ impl Acme {
             let result = RETRY_AFTER
                 .scope(
                     RefCell::new(None),
-                    self.complete_inner(order, challenges, &mut served, key, key_kept_before),
+                    self.complete_inner(order, challenges, &mut served, key),
                 )
                 .await;
             attempt += 1;
@@ -507,24 +553,25 @@ impl Acme {
         challenges: &Challenges,
         served: &mut Vec<String>,
         key: &str,
-        key_kept_before: bool,
     ) -> Result<Issued, AcmeError> {
         let retries = RetryPolicy::new()
             .initial_delay(Duration::from_millis(100))
             .backoff(1.5)
             .timeout(self.config.order_timeout);
-        // Finalized already, by a process that stopped before storing the result: its key was
-        // kept first, so the certificate is only downloaded (no new order, no quota).
-        if key_kept_before
-            && matches!(
-                order.state().status,
-                OrderStatus::Processing | OrderStatus::Valid
-            )
-        {
+        // Finalized already (by a process that stopped before storing the result, or by this
+        // call before a badNonce retry): the certificate is only downloaded (no new order, no
+        // quota), and used only if it is for the key kept for this order.
+        if matches!(
+            order.state().status,
+            OrderStatus::Processing | OrderStatus::Valid
+        ) {
             let chain_pem = order
                 .poll_certificate(&retries)
                 .await
                 .map_err(|e| AcmeError::from_acme("downloading the certificate", e))?;
+            if !super::chain_matches_key(chain_pem.as_bytes(), key) {
+                return Err(AcmeError::FinalizedWithAnotherKey);
+            }
             return Ok(Issued {
                 chain_pem,
                 key_pem: key.to_string(),
@@ -545,13 +592,6 @@ impl Acme {
         retries: &RetryPolicy,
     ) -> Result<(), AcmeError> {
         let fail = |what| move |e| AcmeError::from_acme(what, e);
-        // Finalized already (by a process that stopped before storing the result): the
-        // certificate's key went with it, so this order cannot give us a usable certificate.
-        if let status @ (OrderStatus::Processing | OrderStatus::Valid) = order.state().status {
-            return Err(AcmeError::OrderFailed {
-                status: format!("{status:?}, finalized by an earlier process whose key is lost"),
-            });
-        }
         if order.state().status == OrderStatus::Pending {
             let mut authorizations = order.authorizations();
             while let Some(result) = authorizations.next().await {
@@ -700,13 +740,10 @@ async fn directory_has_ari(http: &Http, directory: &str) -> bool {
     else {
         return false;
     };
-    let Ok(rsp) = http.inner.request(req).await else {
+    let Ok(rsp) = http.fetch(req).await else {
         return false;
     };
-    use http_body_util::BodyExt;
-    let Ok(body) = rsp.into_body().collect().await else {
-        return false;
-    };
+    let Ok(body) = rsp.into_body().collect().await;
     serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
         .ok()
         .and_then(|v| v.get("renewalInfo").map(|u| u.is_string()))
@@ -725,6 +762,7 @@ mod tests {
             ca_bundle: None,
             eab: Some(("kid-1".into(), b"hmac-s3cret-bytes".to_vec())),
             order_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
             profile: None,
         };
         let shown = format!("{config:?}");
@@ -735,6 +773,226 @@ mod tests {
             shown.contains("kid-1") && shown.contains("(masked)"),
             "{shown}"
         );
+    }
+
+    type Answer = http::Response<Full<Bytes>>;
+
+    /// A server on loopback that accepts connections: `answer` says what to send back for a
+    /// method and path, `None` meaning never to answer (the request hangs).
+    async fn server(answer: fn(&http::Method, &str, u16) -> Option<Answer>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            match answer(req.method(), req.uri().path(), port) {
+                                Some(rsp) => Ok::<_, std::convert::Infallible>(rsp),
+                                None => std::future::pending().await,
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    fn config(port: u16) -> AcmeConfig {
+        AcmeConfig {
+            directory: format!("http://127.0.0.1:{port}/dir"),
+            email: None,
+            ca_bundle: None,
+            eab: None,
+            order_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(1),
+            profile: None,
+        }
+    }
+
+    /// Answers the directory, nonces and account registration; never orders or ARI.
+    fn registers_only(method: &http::Method, path: &str, port: u16) -> Option<Answer> {
+        let base = format!("http://127.0.0.1:{port}");
+        let rsp = http::Response::builder().header("Replay-Nonce", "bm9uY2U");
+        let json = |status: u16, v: serde_json::Value| {
+            rsp.status(status)
+                .header("Content-Type", "application/json")
+                .header("Location", format!("{base}/acct/1"))
+                .body(Full::new(Bytes::from(v.to_string())))
+                .ok()
+        };
+        match (method.as_str(), path) {
+            ("GET", "/dir") => json(
+                200,
+                serde_json::json!({
+                    "newNonce": format!("{base}/nonce"),
+                    "newAccount": format!("{base}/account"),
+                    "newOrder": format!("{base}/order"),
+                    "revokeCert": format!("{base}/revoke"),
+                    "keyChange": format!("{base}/key-change"),
+                    "renewalInfo": format!("{base}/ari"),
+                }),
+            ),
+            ("HEAD" | "GET", "/nonce") => json(200, serde_json::json!({})),
+            ("POST", "/account") => json(201, serde_json::json!({"status": "valid"})),
+            _ => None,
+        }
+    }
+
+    /// Every request to the ACME server has a bound: a directory that is never answered, an
+    /// order POST and an ARI lookup that are never answered each end within the request
+    /// timeout, with an error that says so (ARI: no renewal time).
+    #[tokio::test]
+    async fn requests_to_a_server_that_never_answers_are_bounded() {
+        let silent = server(|_, _, _| None).await;
+        let started = std::time::Instant::now();
+        let Err(e) = Acme::connect(config(silent), None).await else {
+            panic!("connected to a server that never answers");
+        };
+        assert!(started.elapsed() < Duration::from_secs(5), "{e:?}");
+        assert!(
+            crate::vocab::error_chain(&e).contains("did not answer within 1s"),
+            "{}",
+            crate::vocab::error_chain(&e)
+        );
+
+        let port = server(registers_only).await;
+        let (acme, created) = Acme::connect(config(port), None).await.expect("an account");
+        assert!(created.is_some() && acme.ari, "registered, ARI offered");
+        let started = std::time::Instant::now();
+        let Err(e) = acme
+            .new_order(&["a.example.cloud".into()], None, None)
+            .await
+        else {
+            panic!("an order from a server that never answers orders");
+        };
+        assert!(started.elapsed() < Duration::from_secs(5), "{e:?}");
+        assert!(
+            crate::vocab::error_chain(&e).contains("did not answer within 1s"),
+            "{}",
+            crate::vocab::error_chain(&e)
+        );
+        let started = std::time::Instant::now();
+        assert_eq!(acme.renewal_time("YWtp.AQID").await, None);
+        // It asked, and gave up at the bound.
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
+
+    /// The chain the fake CA below hands out for its finalized orders.
+    static CHAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    /// How many times the fake CA was asked for order 2 (`processing` the first time).
+    static ORDER2_ASKED: AtomicU64 = AtomicU64::new(0);
+
+    /// A CA whose orders 1 (`valid`) and 2 (`processing`, then `valid`) were finalized
+    /// before this process picked them up; it never finalizes or orders anew.
+    fn finalized_orders(method: &http::Method, path: &str, port: u16) -> Option<Answer> {
+        let base = format!("http://127.0.0.1:{port}");
+        let order = |status: &str| {
+            serde_json::json!({
+                "status": status,
+                "identifiers": [{"type": "dns", "value": "a.example.cloud"}],
+                "authorizations": [],
+                "finalize": format!("{base}/finalize"),
+                "certificate": format!("{base}/cert"),
+            })
+        };
+        let json = |v: serde_json::Value| {
+            http::Response::builder()
+                .header("Replay-Nonce", "bm9uY2U")
+                .header("Content-Type", "application/json")
+                .body(Full::new(Bytes::from(v.to_string())))
+                .ok()
+        };
+        match (method.as_str(), path) {
+            ("POST", "/order/1") => json(order("valid")),
+            ("POST", "/order/2") => {
+                let asked = ORDER2_ASKED.fetch_add(1, Ordering::SeqCst);
+                json(order(if asked == 0 { "processing" } else { "valid" }))
+            }
+            ("POST", "/cert") => http::Response::builder()
+                .header("Replay-Nonce", "bm9uY2U")
+                .header("Content-Type", "application/pem-certificate-chain")
+                .body(Full::new(Bytes::from(CHAIN.get()?.clone())))
+                .ok(),
+            ("POST", "/finalize") => None,
+            _ => registers_only(method, path, port),
+        }
+    }
+
+    /// An order the CA returns already finalized (`valid`, or `processing` until it is) is
+    /// downloaded, not finalized again, and its certificate is used only if it is for the key
+    /// this process holds for the order; otherwise the order is abandoned.
+    #[tokio::test]
+    async fn a_finalized_order_is_used_only_with_its_own_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example.cloud".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let _ = CHAIN.set(cert.pem());
+        let port = server(finalized_orders).await;
+        let (acme, _) = Acme::connect(config(port), None).await.expect("an account");
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        // Never used: no challenge is answered for a finalized order.
+        let challenges = Challenges::new(&client, "unused", "unused");
+        let base = format!("http://127.0.0.1:{port}");
+
+        let mut valid = acme.resume(&format!("{base}/order/1")).await.unwrap();
+        let issued = acme
+            .complete(&mut valid, &challenges, &key.serialize_pem())
+            .await
+            .expect("the certificate of a valid order, for our key");
+        assert_eq!(issued.chain_pem, cert.pem());
+
+        let mut processing = acme.resume(&format!("{base}/order/2")).await.unwrap();
+        assert_eq!(processing.state().status, OrderStatus::Processing);
+        acme.complete(&mut processing, &challenges, &key.serialize_pem())
+            .await
+            .expect("the certificate of a processing order, once valid");
+
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let mut valid = acme.resume(&format!("{base}/order/1")).await.unwrap();
+        let err = acme
+            .complete(&mut valid, &challenges, &other)
+            .await
+            .expect_err("a certificate for a key this process does not hold");
+        assert!(matches!(err, AcmeError::FinalizedWithAnotherKey), "{err:?}");
+    }
+
+    #[test]
+    fn a_chain_matches_only_its_own_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example.cloud".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let chain = cert.pem();
+        assert!(super::super::chain_matches_key(
+            chain.as_bytes(),
+            &key.serialize_pem()
+        ));
+        assert!(!super::super::chain_matches_key(
+            chain.as_bytes(),
+            &other.serialize_pem()
+        ));
+        assert!(!super::super::chain_matches_key(
+            b"not a chain",
+            &key.serialize_pem()
+        ));
     }
 
     #[test]

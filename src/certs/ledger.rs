@@ -5,6 +5,11 @@
 //! Charging follows DESIGN.md: a new order spends the account's order token; an issuance
 //! spends the registered domain's token (not for renewals of the same name set) and the exact
 //! name set's token; ARI-guided renewals are exempt from all of these.
+//!
+//! Let's Encrypt counts an issuance when the certificate is issued, not when it is ordered.
+//! So an order holds its issuance tokens as a reservation, charged (and persisted) before it
+//! is sent, so that a crash can only leave the ledger above what the CA counted; an order
+//! that ends without a certificate `release`s them, and only the order token stays spent.
 
 use std::collections::BTreeMap;
 
@@ -307,6 +312,27 @@ impl Ledger {
         }
     }
 
+    /// An order ended without a certificate (its validation failed, or the CA refused or
+    /// invalidated it): the issuance tokens it reserved are given back, as if never charged.
+    /// The order token stays spent (the CA counted the order).
+    pub fn release(&mut self, req: &OrderRequest, now: u64) {
+        for c in self.charges(req) {
+            if c.limit == Limit::NewOrdersPerAccount {
+                continue;
+            }
+            let interval = self.spec(&c).interval();
+            let k = storage_key(&c);
+            if let Some(tat) = self.tat.get(&k).copied() {
+                let back = tat - interval;
+                if back > now as f64 {
+                    self.tat.insert(k, back);
+                } else {
+                    self.tat.remove(&k);
+                }
+            }
+        }
+    }
+
     /// Books failed authorizations of an order's identifiers at `now`: a token of each
     /// failure bucket, and one more consecutive failure each.
     pub fn authorization_failed(&mut self, req: &OrderRequest, now: u64) {
@@ -457,6 +483,80 @@ mod tests {
         let s = ledger.status(&key, now);
         assert_eq!((s.used, s.remaining), (50, 0));
         assert_eq!(ledger.status(&key, now + 12_096).remaining, 1);
+    }
+
+    /// Five orders whose validations fail: the name set's and the registered domain's
+    /// reservations are released, the failures are booked (the identifier waits for the
+    /// hourly failure limit, about 12 minutes, not for the name set's week), and once that
+    /// limit allows another try the fixed name's order goes.
+    #[test]
+    fn failed_orders_release_their_issuance_tokens() {
+        let mut ledger = Ledger::default();
+        let req = new_order("a.example.cloud");
+        let now = 1_000_000;
+        for i in 0..5 {
+            let Decision::Allowed { charges } = ledger.decide(&req, now) else {
+                panic!("try {i} refused")
+            };
+            ledger.charge(&charges, now);
+            ledger.authorization_failed(&req, now);
+            ledger.release(&req, now);
+        }
+        let used = |l: &Ledger, limit, key: &str| {
+            l.status(
+                &BucketKey {
+                    limit,
+                    key: key.into(),
+                },
+                now,
+            )
+            .used
+        };
+        assert_eq!(
+            used(
+                &ledger,
+                Limit::NewCertificatesPerExactSet,
+                "a.example.cloud"
+            ),
+            0
+        );
+        assert_eq!(
+            used(
+                &ledger,
+                Limit::NewCertificatesPerRegisteredDomain,
+                "example.cloud"
+            ),
+            0
+        );
+        assert_eq!(used(&ledger, Limit::NewOrdersPerAccount, "acct"), 5);
+        assert_eq!(
+            used(
+                &ledger,
+                Limit::AuthorizationFailuresPerIdentifier,
+                "acct/a.example.cloud"
+            ),
+            5
+        );
+        let Decision::Wait { at, limit } = ledger.decide(&req, now) else {
+            panic!("a sixth try at once")
+        };
+        assert_eq!(limit, Limit::AuthorizationFailuresPerIdentifier);
+        assert_eq!(at, now + 720);
+        // Fixed: the next try goes once one failure token is back, and its issuance spends.
+        let Decision::Allowed { charges } = ledger.decide(&req, at) else {
+            panic!("no try after the failure limit refilled")
+        };
+        ledger.charge(&charges, at);
+        ledger.authorized(&req);
+        let set = BucketKey {
+            limit: Limit::NewCertificatesPerExactSet,
+            key: "a.example.cloud".into(),
+        };
+        assert_eq!(ledger.status(&set, at).used, 1);
+        // A release never frees a token that was not reserved.
+        let mut fresh = Ledger::default();
+        fresh.release(&req, now);
+        assert!(fresh.tat.is_empty());
     }
 
     #[test]

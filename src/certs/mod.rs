@@ -89,6 +89,22 @@ pub fn sorted_names(names: &[String]) -> Vec<String> {
     v
 }
 
+/// Whether the leaf (first certificate) of a PEM chain is for the private key `key_pem`
+/// (their public keys are the same). False when either cannot be read.
+pub fn chain_matches_key(chain_pem: &[u8], key_pem: &str) -> bool {
+    use rcgen::PublicKeyData;
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(chain_pem) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    let Ok(key) = rcgen::KeyPair::from_pem(key_pem) else {
+        return false;
+    };
+    cert.public_key().raw == key.subject_public_key_info().as_slice()
+}
+
 /// Reads the leaf (first certificate) of a PEM chain.
 pub fn inspect(chain_pem: &[u8]) -> Result<CertInfo, InspectError> {
     use x509_parser::extensions::{GeneralName, ParsedExtension};

@@ -116,6 +116,9 @@ pub struct CertArgs {
     /// Longest one order may take, from answering its challenges to the certificate.
     #[arg(long, env = "ENVCTL_CERTIFICATE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub certificate_timeout: std::time::Duration,
+    /// Longest the ACME server may take to answer one request, its body included.
+    #[arg(long, env = "ENVCTL_ACME_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub acme_request_timeout: std::time::Duration,
     /// `apply` only: answer HTTP-01 challenges on this address while it runs (`run` answers
     /// on --listen).
     #[arg(long, env = "ENVCTL_ACME_HTTP01_LISTEN")]
@@ -181,6 +184,7 @@ impl CertArgs {
             ca_bundle: self.acme_ca_bundle.clone(),
             eab,
             order_timeout: self.certificate_timeout,
+            request_timeout: self.acme_request_timeout,
             profile: self
                 .acme_profile
                 .as_deref()

@@ -71,6 +71,26 @@ pub async fn connect_fenced(
         .build())
 }
 
+/// Longest a connection to the API server may take to open (TLS included).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest the API server may stay silent while sending or answering one request.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The API server this process connected to first (credentials redacted).
+static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// What to tell someone whose API server could not be reached: which server, and how long
+/// each request was given. `None` before any connection was set up.
+pub fn unreachable_hint() -> Option<String> {
+    SERVER.get().map(|server| {
+        format!(
+            "the API server was {server}; each request is given {}s to connect and {}s to answer, and is tried {ATTEMPTS} times",
+            CONNECT_TIMEOUT.as_secs(),
+            ANSWER_TIMEOUT.as_secs()
+        )
+    })
+}
+
 async fn config(kubeconfig: Option<&Path>, identity: Option<&str>) -> Result<Config, ConnectError> {
     install_crypto_provider();
     let mut config = match kubeconfig {
@@ -90,9 +110,10 @@ async fn config(kubeconfig: Option<&Path>, identity: Option<&str>) -> Result<Con
         }
         None => Config::infer().await.map_err(ConnectError::Infer)?,
     };
-    config.connect_timeout = Some(std::time::Duration::from_secs(10));
-    config.read_timeout = Some(std::time::Duration::from_secs(60));
-    config.write_timeout = Some(std::time::Duration::from_secs(60));
+    let _ = SERVER.set(crate::vocab::redact_urls(&config.cluster_url.to_string()));
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(ANSWER_TIMEOUT);
+    config.write_timeout = Some(ANSWER_TIMEOUT);
     let agent = match identity {
         Some(id) => format!("envctl/{} ({id})", env!("CARGO_PKG_VERSION")),
         None => format!("envctl/{}", env!("CARGO_PKG_VERSION")),

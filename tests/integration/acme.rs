@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use crate::certs::{
-    Case, EAB_ACCOUNT, Pebble, bucket, chain_of, envctl, now, pebble_with_eab,
+    Case, EAB_ACCOUNT, Pebble, bucket, bucket_if_any, chain_of, envctl, now, pebble_with_eab,
     pebble_with_profiles, quota, serial_of, setup, setup_on, tls_secret,
 };
 
@@ -404,13 +404,35 @@ async fn failing_validation_backs_off_and_places_no_more_orders() {
         assert!(out.contains("failed: authorization for"), "{out}");
     }
     assert_eq!(s.pebble.orders() - before, 5, "one order per failing pass");
+    // Let's Encrypt counts certificates issued, not orders: the five failed orders gave
+    // their name set's and registered domain's reservations back; their failures are booked.
+    let q = quota(s.cluster, &case.common);
+    let host = format!("{}.us-east-1.{}", case.names[0], case.domain);
+    let used = |limit: &str, key: &str| bucket_if_any(&q, limit, key).map_or(0, |(u, _)| u);
+    assert_eq!(used("new-certificates-per-exact-set", &host), 0, "{q}");
+    assert_eq!(
+        used("new-certificates-per-registered-domain", &case.domain),
+        0,
+        "{q}"
+    );
+    let failures = q["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .find(|b| {
+            b["limit"] == "authorization-failures-per-identifier"
+                && b["key"]
+                    .as_str()
+                    .is_some_and(|k| k.ends_with(&format!("/{host}")))
+        })
+        .unwrap_or_else(|| panic!("no failure bucket for {host}: {q}"));
+    assert_eq!(failures["used"], 5, "{q}");
     let (code, out, err) = envctl(s.cluster, &apply);
     assert_eq!(code, 0, "a wait is not a failure:\n{out}\n{err}");
-    // Each failed order spent its name set's token too (charged before sending), so which
-    // limit it waits for first may be either; what matters is that it waits.
+    // The wait is the hourly failure limit's (a token back in 12 minutes), not the name
+    // set's week.
     assert!(
-        out.contains("waiting for quota (authorization-failures-per-identifier) until")
-            || out.contains("waiting for quota (new-certificates-per-exact-set) until"),
+        out.contains("waiting for quota (authorization-failures-per-identifier) until"),
         "{out}"
     );
     assert_eq!(

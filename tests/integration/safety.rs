@@ -804,6 +804,50 @@ async fn quickstart_runs_as_written() {
     }
 }
 
+/// An API server that accepts connections and never answers: `diff` gives up within its
+/// bound (each request: 10 s to connect, 5 tries), exits 3, and names the server.
+#[test]
+fn a_silent_api_server_is_given_up_on() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let port = listener.local_addr().expect("an address").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let kubeconfig = dir.path().join("silent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: silent\n  cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}\nusers:\n- name: u\n  user: {{token: not-a-token}}\ncontexts:\n- name: c\n  context: {{cluster: silent, user: u}}\ncurrent-context: c\n"
+        ),
+    )
+    .expect("writing a kubeconfig");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args(["diff", "--source"])
+        .arg(repo_root().join("examples/environments"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running envctl");
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!(
+        "silent API server: exit {:?} after {took:?}",
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(took < Duration::from_secs(120), "took {took:?}: {text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")) && text.contains("10s to connect"),
+        "the error names the server and its bound: {text}"
+    );
+}
+
 /// A Git server that accepts the connection and never answers: `diff` gives a clear error
 /// within `--git-timeout`, for git:// and http://, instead of hanging.
 #[test]

@@ -171,14 +171,16 @@ impl Certs {
         // The certificate's key is kept before the order can be finalized, so a stop between
         // finalizing and storing costs no second order. Without it the order waits (it stays
         // pending in the ledger and is resumed next time).
-        let (key, kept_before) = match self.order_key(r, order.url()).await {
+        let key = match self.order_key(r, order.url()).await {
             Ok(k) => k,
             Err(e) => return failed(Outcome::failed(&e)),
         };
-        let issued = match self.complete(&mut order, &key, kept_before).await {
+        let issued = match self.complete(&mut order, &key).await {
             Ok(i) => i,
             // A protocol or network failure leaves the placed order to be resumed next time
-            // (no new order, no new charge).
+            // (no new order, no new charge). An order finalized with a key envctl does not
+            // hold is abandoned: the CA counted its certificate, so its charge stays spent,
+            // and the next round orders anew under the ledger's limits.
             Err(CompleteError::Acme(e)) => {
                 let resumable = matches!(e, AcmeError::Acme { .. });
                 return failed(self.refused(t, r, account, e, resumable, events).await);
@@ -244,28 +246,22 @@ impl Certs {
         Ok(order)
     }
 
-    /// The key of `r`'s order `url`: the one kept for it (`true`), or a new one, kept now.
-    async fn order_key(&self, r: &Request, url: &str) -> Result<(String, bool), KeyError> {
+    /// The key of `r`'s order `url`: the one kept for it, or a new one, kept now (before the
+    /// order can be finalized).
+    async fn order_key(&self, r: &Request, url: &str) -> Result<String, KeyError> {
         let env = &r.environment;
         if let Some(pem) = self.store.order_key(env, url).await? {
-            return Ok((String::from_utf8_lossy(&pem).into_owned(), true));
+            return Ok(String::from_utf8_lossy(&pem).into_owned());
         }
         let pem = crate::certs::acme::new_order_key()?;
         self.store.keep_order_key(env, url, pem.as_bytes()).await?;
-        Ok((pem, false))
+        Ok(pem)
     }
 
     /// Authorizes (HTTP-01) and finalizes a placed order, within the order timeout.
-    async fn complete(
-        &self,
-        order: &mut Order,
-        key: &str,
-        kept_before: bool,
-    ) -> Result<Issued, CompleteError> {
+    async fn complete(&self, order: &mut Order, key: &str) -> Result<Issued, CompleteError> {
         let timeout = self.acme.config.order_timeout;
-        let completing = self
-            .acme
-            .complete(order, &self.challenges, key, kept_before);
+        let completing = self.acme.complete(order, &self.challenges, key);
         match tokio::time::timeout(timeout + Duration::from_secs(30), completing).await {
             Ok(result) => result.map_err(CompleteError::Acme),
             Err(_) => Err(CompleteError::TimedOut(timeout)),

@@ -1,6 +1,7 @@
-//! Step 4, record: book each order's outcome — in the quota ledger (settled; or what a
-//! refusal costs: a 429 resynchronises its bucket, a failed validation spends the
-//! identifiers' failure tokens), on the namespace (wait annotations), as Events, and in the
+//! Step 4, record: book each order's outcome — in the quota ledger (settled: the issuance
+//! tokens reserved at the charge stay spent; or what a refusal costs: the reservation is
+//! released, a 429 resynchronises its bucket, a failed validation spends the identifiers'
+//! failure tokens), on the namespace (wait annotations), as Events, and in the
 //! metrics. Sends nothing to the CA.
 
 use std::collections::BTreeMap;
@@ -99,13 +100,21 @@ impl Certs {
             }
             AcmeError::AuthorizationFailed { .. } => {
                 let now = unix_now();
-                self.book(r, |doc| doc.buckets.authorization_failed(&req, now))
-                    .await;
+                self.book(r, &req, Issuance::None, |doc| {
+                    doc.buckets.authorization_failed(&req, now)
+                })
+                .await;
+                Outcome::failed(&e)
+            }
+            // The CA issued the order's certificate (for a key envctl does not hold): it
+            // counted the issuance, and so does the ledger.
+            AcmeError::FinalizedWithAnotherKey => {
+                self.book(r, &req, Issuance::Counted, |_| {}).await;
                 Outcome::failed(&e)
             }
             _ => {
                 if !resumable {
-                    self.book(r, |_| {}).await;
+                    self.book(r, &req, Issuance::None, |_| {}).await;
                 }
                 Outcome::failed(&e)
             }
@@ -140,7 +149,9 @@ impl Certs {
             keys.retain(|k| limit.is_none_or(|l| k.limit == l));
             keys
         };
-        self.book(r, |doc| {
+        // Refused: nothing was issued, so the reservation is released, then the refused
+        // limit's buckets are resynchronised from the CA's answer.
+        self.book(r, req, Issuance::None, |doc| {
             for k in keys(&doc.buckets) {
                 doc.buckets.exhausted_until(&k, until);
             }
@@ -173,12 +184,32 @@ impl Certs {
     }
 
     /// Ends an order in the ledger (it leaves `pending`) and applies `cost` to the buckets.
-    async fn book(&self, r: &Request, cost: impl Fn(&mut crate::certs::store::LedgerDoc)) {
+    /// An order that ends without an issuance gives back the issuance tokens it reserved
+    /// (once: only while it is still pending, in the same write that ends it).
+    async fn book(
+        &self,
+        r: &Request,
+        req: &OrderRequest,
+        issuance: Issuance,
+        cost: impl Fn(&mut crate::certs::store::LedgerDoc),
+    ) {
         let env = &r.environment;
+        let now = unix_now();
         if let Err(e) = self
             .ledger
             .update(|doc| {
-                doc.pending.remove(env);
+                if let Some(p) = doc.pending.remove(env)
+                    && issuance == Issuance::None
+                {
+                    doc.buckets.release(
+                        &OrderRequest {
+                            account: req.account.clone(),
+                            names: p.names,
+                            kind: p.kind,
+                        },
+                        now,
+                    );
+                }
                 cost(doc);
             })
             .await
@@ -231,6 +262,15 @@ impl Certs {
                 .set(count);
         }
     }
+}
+
+/// Whether the CA issued a certificate for an order that ends without one in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Issuance {
+    /// No certificate was issued: the order's reservation is released.
+    None,
+    /// The CA issued one (and counted it), though envctl cannot use it: the charge stays.
+    Counted,
 }
 
 /// A ledger write after an order's outcome could not be made: the order itself is over, so
