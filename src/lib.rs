@@ -1,7 +1,8 @@
 //! envctl: a GitOps controller for Materialize-style cloud environments.
 //!
 //! Layers, bottom to top; a module uses only the ones below it (checked by the integration
-//! test `layers::no_import_runs_back_up`):
+//! test `layers::no_import_runs_back_up`; inside each folder, `layers::no_cycle_inside_a_folder`
+//! holds the files to an order too):
 //!
 //! - `vocab`: names and small shared types (labels, annotations, object keys, limit names);
 //!   `duration`, `diagnostic`, `yaml`: formats; `cluster`: the API client and its retries;

@@ -279,6 +279,17 @@ fn http_client(
     })
 }
 
+/// What the certificate step of `apply` and `run` does.
+#[derive(Debug, Clone)]
+pub enum CertMode {
+    /// `--skip-certificates`: certificates are left alone.
+    Skip,
+    /// No ACME directory: TLS environments are applied without certificates, and reported so.
+    Unconfigured,
+    /// Certificates from this ACME directory.
+    Acme(AcmeConfig),
+}
+
 /// How to reach the ACME server. Its `Debug` shows the directory without credentials and
 /// never the EAB key.
 #[derive(Clone)]
@@ -671,6 +682,14 @@ impl Acme {
                         }
                     }
                 }
+                if name.is_empty() {
+                    let mut identifiers = order.identifiers();
+                    let mut names = Vec::new();
+                    while let Some(Ok(i)) = identifiers.next().await {
+                        names.push(i.to_string());
+                    }
+                    name = names.join(",");
+                }
                 return Err(AcmeError::AuthorizationFailed { name, detail });
             }
             other => {
@@ -893,9 +912,13 @@ mod tests {
     static CHAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     /// How many times the fake CA was asked for order 2 (`processing` the first time).
     static ORDER2_ASKED: AtomicU64 = AtomicU64::new(0);
+    /// How many times an order was finalized at the fake CA (order 3: `ready` until then).
+    static FINALIZED: AtomicU64 = AtomicU64::new(0);
 
     /// A CA whose orders 1 (`valid`) and 2 (`processing`, then `valid`) were finalized
-    /// before this process picked them up; it never finalizes or orders anew.
+    /// before this process picked them up, whose order 3 is `ready` (valid once finalized:
+    /// its certificate is `CHAIN`, made for the key the test finalizes with), and whose
+    /// order 4 is `invalid`. It never orders anew.
     fn finalized_orders(method: &http::Method, path: &str, port: u16) -> Option<Answer> {
         let base = format!("http://127.0.0.1:{port}");
         let order = |status: &str| {
@@ -920,21 +943,33 @@ mod tests {
                 let asked = ORDER2_ASKED.fetch_add(1, Ordering::SeqCst);
                 json(order(if asked == 0 { "processing" } else { "valid" }))
             }
+            ("POST", "/order/3") => json(order(if FINALIZED.load(Ordering::SeqCst) == 0 {
+                "ready"
+            } else {
+                "valid"
+            })),
+            ("POST", "/order/4") => json(order("invalid")),
+            ("POST", "/finalize") => {
+                FINALIZED.fetch_add(1, Ordering::SeqCst);
+                json(order("valid"))
+            }
             ("POST", "/cert") => http::Response::builder()
                 .header("Replay-Nonce", "bm9uY2U")
                 .header("Content-Type", "application/pem-certificate-chain")
                 .body(Full::new(Bytes::from(CHAIN.get()?.clone())))
                 .ok(),
-            ("POST", "/finalize") => None,
             _ => registers_only(method, path, port),
         }
     }
 
-    /// An order the CA returns already finalized (`valid`, or `processing` until it is) is
+    /// Every order state the CA may hand back (pebble cannot be made to return most of them
+    /// on demand): an order already finalized (`valid`, or `processing` until it is) is
     /// downloaded, not finalized again, and its certificate is used only if it is for the key
-    /// this process holds for the order; otherwise the order is abandoned.
+    /// this process holds for the order, else the order is abandoned; a `ready` order is
+    /// finalized once, with the key given; an `invalid` one fails. (`pending` is every
+    /// pebble test's.)
     #[tokio::test]
-    async fn a_finalized_order_is_used_only_with_its_own_key() {
+    async fn every_order_state_is_taken_from_where_it_is() {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["a.example.cloud".to_string()])
             .unwrap()
@@ -970,6 +1005,33 @@ mod tests {
             .await
             .expect_err("a certificate for a key this process does not hold");
         assert!(matches!(err, AcmeError::FinalizedWithAnotherKey), "{err:?}");
+        assert_eq!(
+            FINALIZED.load(Ordering::SeqCst),
+            0,
+            "nothing finalized again"
+        );
+
+        let mut ready = acme.resume(&format!("{base}/order/3")).await.unwrap();
+        assert_eq!(ready.state().status, OrderStatus::Ready);
+        let issued = acme
+            .complete(&mut ready, &challenges, &key.serialize_pem())
+            .await
+            .expect("a ready order, finalized");
+        assert_eq!(issued.chain_pem, cert.pem());
+        assert_eq!(FINALIZED.load(Ordering::SeqCst), 1, "finalized once");
+
+        let mut invalid = acme.resume(&format!("{base}/order/4")).await.unwrap();
+        let err = acme
+            .complete(&mut invalid, &challenges, &key.serialize_pem())
+            .await
+            .expect_err("an invalid order");
+        assert!(
+            matches!(
+                err,
+                AcmeError::AuthorizationFailed { .. } | AcmeError::OrderFailed { .. }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -18,16 +18,7 @@ pub mod store;
 
 use ledger::{BucketKey, Decision, Ledger, Limit, OrderKind, OrderRequest};
 
-/// What the certificate step of `apply` and `run` does.
-#[derive(Debug, Clone)]
-pub enum CertMode {
-    /// `--skip-certificates`: certificates are left alone.
-    Skip,
-    /// No ACME directory: TLS environments are applied without certificates, and reported so.
-    Unconfigured,
-    /// Certificates from this ACME directory.
-    Acme(acme::AcmeConfig),
-}
+pub use acme::CertMode;
 
 pub use crate::vocab::{CERTIFICATE_ANNOTATION, WAIT_REASON_ANNOTATION, WAIT_UNTIL_ANNOTATION};
 

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::run::{Loop, POLL_TIMEOUT, Revision};
+use super::run::{HISTORY, Loop, POLL_TIMEOUT, Revision};
 use crate::health::{self, Health};
 use crate::manifest;
 use crate::plan::{Action, Change};
@@ -19,9 +19,6 @@ use crate::vocab::{HASH_ANNOTATION, ObjectKind};
 /// With sharding, the rollout's status is recorded by the replica that owns this name (it
 /// is no environment's: environment names are DNS labels, without a colon).
 pub(super) const ROLLOUT_RECORDER: &str = "rollout:status";
-
-/// How many source revisions `Loop::history` keeps.
-pub(super) const HISTORY: usize = 8;
 
 /// What the rollout made of a revision for one pass.
 pub(super) struct Rolled {

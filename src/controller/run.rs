@@ -21,7 +21,6 @@ use super::health::HealthMap;
 use super::http::{self, Shared};
 use super::leader::{self, LeaseConfig};
 use super::relay::Relay;
-use super::rollout::HISTORY;
 use super::shard::SharedMembership;
 use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
@@ -176,6 +175,9 @@ pub(super) type SharedGit = Arc<Mutex<Box<dyn GitBackend>>>;
 
 /// Longest the first list of every owned kind may take before `run` gives up.
 const CACHE_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How many source revisions `Loop::history` keeps.
+pub(super) const HISTORY: usize = 8;
 
 /// Longest a poll (ls-remote, fetch and read) may take before the loop goes on without it.
 pub(super) const POLL_TIMEOUT: Duration = Duration::from_secs(90);

@@ -168,6 +168,14 @@ impl Pebble {
             .count()
     }
 
+    /// Certificates pebble has issued so far.
+    pub fn issued(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("Issued certificate serial")
+            .count()
+    }
+
     /// Accounts pebble has registered so far (a known key registering again is not counted).
     pub fn accounts(&self) -> usize {
         std::fs::read_to_string(&self.log)
@@ -710,14 +718,26 @@ async fn certificates_quota_holds_through_crash_loops() {
     let (src, domain, common) = (&case.src, &case.domain, &case.common);
     let log = dir.path().join("run.log");
     let before = pebble.orders();
+    let issued_before = pebble.issued();
     let kills = [1500u64, 700, 1200, 400, 900, 1600, 300, 1100];
     for ms in kills {
         let mut child = spawn_run(cluster, src, common, pebble, &log);
         std::thread::sleep(Duration::from_millis(ms));
+        // SIGKILL, wherever the process is: charging, ordering, finalizing or recording.
         let _ = child.kill();
         let _ = child.wait();
         let sent = pebble.orders() - before;
         assert!(sent <= 50, "{sent} orders reached pebble after a restart");
+        // The ledger never ends below what the CA counted (reservations released only by
+        // an outcome that was recorded).
+        let issued = pebble.issued() - issued_before;
+        let q = quota(cluster, common);
+        let used = bucket_if_any(&q, "new-certificates-per-registered-domain", domain)
+            .map_or(0, |(used, _)| used);
+        assert!(
+            used >= issued as u64,
+            "after a kill: {issued} certificates issued, the ledger counts {used}\n{q}"
+        );
     }
     // Finally let it settle: 10 wait, and never more than 50 orders in all.
     let mut child = spawn_run(cluster, src, common, pebble, &log);
