@@ -296,6 +296,33 @@ impl Case {
         a
     }
 
+    /// Waits (at most `timeout`) until every environment of the case has its certificate;
+    /// `log` is shown if it does not. Returns how long it took.
+    pub async fn wait_certificates(
+        &self,
+        client: &kube::Client,
+        timeout: Duration,
+        log: &dyn Fn() -> String,
+    ) -> Duration {
+        wait_until(
+            "a certificate for every environment",
+            timeout,
+            log,
+            || async {
+                for n in &self.names {
+                    if tls_secret(client, &format!("environment-{n}"))
+                        .await
+                        .is_none()
+                    {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await
+    }
+
     pub async fn cleanup(&self, client: &kube::Client) {
         cleanup_instance(client, &self.instance).await;
         let nsapi: Api<Namespace> = Api::all(client.clone());
@@ -1112,23 +1139,8 @@ async fn apply_beside_run_orders_once_per_environment() {
         "apply beside run failed (a certificate both worked on?):\n{out}\n{err}"
     );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_until(
-        "every environment's certificate",
-        Duration::from_secs(180),
-        &read_log,
-        || async {
-            for n in &case.names {
-                if tls_secret(&client, &format!("environment-{n}"))
-                    .await
-                    .is_none()
-                {
-                    return false;
-                }
-            }
-            true
-        },
-    )
-    .await;
+    case.wait_certificates(&client, Duration::from_secs(180), &read_log)
+        .await;
     let _ = run.kill();
     let _ = run.wait();
     assert_eq!(
@@ -1297,23 +1309,8 @@ async fn a_failing_account_store_registers_one_account() {
         read_log()
     );
     refuse.remove(&case.ctl_ns, &account).await;
-    wait_until(
-        "every environment's certificate after the store recovers",
-        Duration::from_secs(120),
-        &read_log,
-        || async {
-            for n in &case.names {
-                if tls_secret(&client, &format!("environment-{n}"))
-                    .await
-                    .is_none()
-                {
-                    return false;
-                }
-            }
-            true
-        },
-    )
-    .await;
+    case.wait_certificates(&client, Duration::from_secs(120), &read_log)
+        .await;
     let _ = run.kill();
     let _ = run.wait();
     assert_eq!(

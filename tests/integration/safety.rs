@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
-use crate::certs::{Case, Setup, setup, tls_secret};
+use crate::certs::{Case, Setup, setup};
 use crate::cluster::{TestCluster, cleanup_instance, require, unique, wait_namespace_gone};
 use crate::support::{examples_renamed, git, repo_root, wait_until};
 
@@ -162,21 +162,9 @@ async fn http01_is_answered_by_every_replica() {
     let b = Replica::start(cluster, "b", &args, dir.path());
     let (proxy, counts) = round_robin(pebble.http_port, vec![a.port, b.port]).await;
     let log = || format!("--- a ---\n{}\n--- b ---\n{}", a.log(), b.log());
-    let took = wait_until(
-        "a certificate for every TLS environment",
-        Duration::from_secs(150),
-        &log,
-        || async {
-            let mut all = true;
-            for n in &case.names {
-                all &= tls_secret(&client, &format!("environment-{n}"))
-                    .await
-                    .is_some();
-            }
-            all
-        },
-    )
-    .await;
+    let took = case
+        .wait_certificates(&client, Duration::from_secs(150), &log)
+        .await;
     proxy.abort();
     let served: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let failures = failed_validations(&pebble.log, log_start);
@@ -804,10 +792,8 @@ async fn quickstart_runs_as_written() {
     }
 }
 
-/// An API server that accepts connections and never answers: `diff` gives up within its
-/// bound (each request: 10 s to connect, 5 tries), exits 3, and names the server.
-#[test]
-fn a_silent_api_server_is_given_up_on() {
+/// A server on loopback that accepts every connection and never answers; its port.
+fn silent_server() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
     let port = listener.local_addr().expect("an address").port();
     std::thread::spawn(move || {
@@ -816,6 +802,14 @@ fn a_silent_api_server_is_given_up_on() {
             held.push(s);
         }
     });
+    port
+}
+
+/// An API server that accepts connections and never answers: `diff` gives up within its
+/// bound (each request: 10 s to connect, 5 tries), exits 3, and names the server.
+#[test]
+fn a_silent_api_server_is_given_up_on() {
+    let port = silent_server();
     let dir = tempfile::tempdir().expect("a temp dir");
     let kubeconfig = dir.path().join("silent.kubeconfig");
     std::fs::write(
@@ -852,15 +846,7 @@ fn a_silent_api_server_is_given_up_on() {
 /// within `--git-timeout`, for git:// and http://, instead of hanging.
 #[test]
 fn a_hung_git_server_times_out() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
-    let port = listener.local_addr().expect("an address").port();
-    // Accept and hold every connection, answering nothing.
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in listener.incoming().flatten() {
-            held.push(s);
-        }
-    });
+    let port = silent_server();
     let dir = tempfile::tempdir().expect("a temp dir");
     for url in [
         format!("git://127.0.0.1:{port}/envs.git"),
