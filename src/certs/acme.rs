@@ -162,13 +162,16 @@ const MAX_RESPONSE: usize = 1 << 20;
 
 type Hyper = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
 
-/// Cheap to clone: clones share the connection pool and the counters.
+/// Cheap to clone: clones share the connection pool, the counters and the turn.
 #[derive(Clone)]
 struct Http {
     inner: Hyper,
     counters: Arc<AcmeCounters>,
     /// Longest one request may take, its answer's body included.
     timeout: Duration,
+    /// One request in flight per account and process: orders proceed side by side, their
+    /// requests take turns (see `fetch`).
+    turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl HttpClient for Http {
@@ -187,6 +190,14 @@ impl HttpClient for Http {
 impl Http {
     /// Sends one request and reads the whole answer, all within `timeout` (a server
     /// that accepts and then goes silent, before or during the body, is given up on).
+    ///
+    /// Requests take turns: the next is sent when the last answer is read (or given up
+    /// on), so a wait for a turn is bounded by the requests ahead of it, each by `timeout`.
+    /// Issuance is bounded by the CA's limits (300 new orders per 3 hours per account at
+    /// Let's Encrypt), not by round trips, so taking turns costs nothing that counts; and
+    /// Let's Encrypt's test CA (pebble 2.10) can deadlock under concurrent requests from
+    /// one client: a new order scans every authorization under its store's read lock while
+    /// an authorization fetch, holding that authorization, waits behind a queued writer.
     fn fetch(
         &self,
         req: Request<BodyWrapper<Bytes>>,
@@ -195,7 +206,10 @@ impl Http {
         let fut = self.inner.request(req);
         let counters = self.counters.clone();
         let timeout = self.timeout;
+        let turn = self.turn.clone();
         async move {
+            // Never closed, so acquiring only waits.
+            let _turn = turn.acquire_owned().await.ok();
             counters.requests.fetch_add(1, Ordering::Relaxed);
             let whole = async {
                 let rsp = fut
@@ -276,6 +290,7 @@ fn http_client(
             .build(connector),
         counters,
         timeout,
+        turn: Arc::new(tokio::sync::Semaphore::new(1)),
     })
 }
 
@@ -905,6 +920,27 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
             "{waited:?}"
+        );
+    }
+
+    /// Requests take turns: three orders sent at once to a CA that never answers orders
+    /// end one request timeout apart (side by side, all three would end after one).
+    #[tokio::test]
+    async fn requests_take_turns() {
+        let port = server(registers_only).await;
+        let (acme, _) = Acme::connect(config(port), None).await.expect("an account");
+        let started = std::time::Instant::now();
+        let names = ["a.example.cloud".to_string()];
+        let order = || acme.new_order(&names, None, None);
+        let (a, b, c) = tokio::join!(order(), order(), order());
+        let waited = started.elapsed();
+        assert!(
+            a.is_err() && b.is_err() && c.is_err(),
+            "orders never answered"
+        );
+        assert!(
+            waited >= Duration::from_millis(2900) && waited < Duration::from_secs(10),
+            "three requests of at most 1 s each, in turn: {waited:?}"
         );
     }
 
