@@ -6,6 +6,12 @@
 //! anything is sent, so a replica that was paused past its lease, or whose renewals stall,
 //! writes nothing however far its pass had got. Leases themselves are written through an
 //! unfenced client.
+//!
+//! The fence is checked twice: by `FenceLayer` before a write is handed to the HTTP client,
+//! and by `FencedConnector`'s connections as a request's first bytes are written to the
+//! socket. The second catches a write handed over just before the process was paused: the
+//! connection's own task may run before anything wakes the request, and would otherwise
+//! send it once the process resumes, past its lease.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -106,7 +112,12 @@ pub struct FenceClosed;
 pub fn is_fenced(err: &kube::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
-        if e.is::<FenceClosed>() {
+        // A connection's refusal is an I/O error carrying `FenceClosed`.
+        let carried = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|inner| inner.is::<FenceClosed>());
+        if e.is::<FenceClosed>() || carried {
             return true;
         }
         source = e.source();
@@ -124,6 +135,127 @@ fn writes<B>(req: &Request<B>) -> bool {
         *req.method(),
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
     ) && !dry_run
+}
+
+/// Whether `bytes`, written at the start of an HTTP/1 request, begin a write: a request line
+/// of POST, PUT, PATCH or DELETE without `dryRun=`.
+fn begins_a_write(bytes: &[u8]) -> bool {
+    let writing = [&b"POST "[..], b"PUT ", b"PATCH ", b"DELETE "]
+        .iter()
+        .any(|m| bytes.starts_with(m));
+    let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    writing && !line.windows(7).any(|w| w == b"dryRun=")
+}
+
+/// A connector whose connections refuse to put a write's request line on the wire while
+/// the fence is closed (see the module's comment).
+#[derive(Debug, Clone)]
+pub struct FencedConnector<C> {
+    inner: C,
+    fence: WriteFence,
+}
+
+impl<C> FencedConnector<C> {
+    pub fn new(inner: C, fence: WriteFence) -> FencedConnector<C> {
+        FencedConnector { inner, fence }
+    }
+}
+
+impl<C> tower_service::Service<http::Uri> for FencedConnector<C>
+where
+    C: tower_service::Service<http::Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = FencedIo<C::Response>;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, C::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let fence = self.fence.clone();
+        Box::pin(async move {
+            Ok(FencedIo {
+                inner: connecting.await?,
+                fence,
+            })
+        })
+    }
+}
+
+/// One connection of a `FencedConnector`.
+#[derive(Debug)]
+pub struct FencedIo<T> {
+    inner: T,
+    fence: WriteFence,
+}
+
+impl<T> FencedIo<T> {
+    fn refuses(&self, first: &[u8]) -> bool {
+        !self.fence.is_open() && begins_a_write(first)
+    }
+}
+
+fn refused() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, FenceClosed)
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for FencedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for FencedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.refuses(buf) {
+            return Poll::Ready(Err(refused()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let first = bufs.iter().find(|b| !b.is_empty()).map(|b| &b[..]);
+        if first.is_some_and(|b| self.refuses(b)) {
+            return Poll::Ready(Err(refused()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for FencedIo<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
 }
 
 /// The tower layer that puts a fence in front of a client's requests.
@@ -189,6 +321,53 @@ where
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_connection_refuses_a_write_request_line_while_closed() {
+        assert!(begins_a_write(
+            b"PATCH /api/v1/namespaces/a?fieldManager=envctl HTTP/1.1\r\nhost: x\r\n"
+        ));
+        assert!(begins_a_write(b"DELETE /api/v1/namespaces/a HTTP/1.1\r\n"));
+        assert!(!begins_a_write(b"GET /api/v1/namespaces HTTP/1.1\r\n"));
+        assert!(!begins_a_write(
+            b"PATCH /api/v1/namespaces/a?dryRun=All HTTP/1.1\r\n"
+        ));
+        assert!(!begins_a_write(b"{\"kind\":\"Namespace\"}"));
+    }
+
+    /// A write handed to a connection while the fence was open, and written after it closed
+    /// (the process was paused in between), never reaches the server; a read still does.
+    #[tokio::test]
+    async fn a_write_written_after_the_fence_closed_is_refused_at_the_socket() {
+        use hyper::rt::Write as _;
+        let fence = WriteFence::new_closed();
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut io = FencedIo {
+            inner: hyper_util::rt::TokioIo::new(near),
+            fence: fence.clone(),
+        };
+        let write = b"PATCH /api/v1/namespaces/a HTTP/1.1\r\n\r\n";
+        let sent = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, write)).await;
+        let err = sent.expect_err("refused");
+        assert!(
+            err.get_ref().is_some_and(|e| e.is::<FenceClosed>()),
+            "{err}"
+        );
+        let read = b"GET /api/v1/namespaces HTTP/1.1\r\n\r\n";
+        let sent = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, read)).await;
+        assert_eq!(sent.expect("a read passes"), read.len());
+        fence.open_until(Instant::now() + Duration::from_secs(60));
+        let sent = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, write)).await;
+        assert_eq!(sent.expect("open: sent"), write.len());
+        let mut got = vec![0u8; read.len() + write.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
+            .await
+            .unwrap();
+        assert!(
+            got.starts_with(b"GET "),
+            "only the read and the later write arrived"
+        );
+    }
 
     #[test]
     fn only_writes_are_fenced_and_dry_runs_pass() {

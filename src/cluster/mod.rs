@@ -12,7 +12,7 @@ use kube::{Client, Config};
 use crate::vocab::ObjectKind;
 
 pub mod fence;
-pub use fence::{FenceLayer, WriteFence};
+pub use fence::{FenceLayer, FencedConnector, WriteFence};
 
 /// The one server-side apply field manager envctl uses.
 pub const FIELD_MANAGER: &str = "envctl";
@@ -64,11 +64,33 @@ pub async fn connect_fenced(
     identity: Option<&str>,
     fence: WriteFence,
 ) -> Result<Client, ConnectError> {
+    use kube::client::ConfigExt;
     let config = config(kubeconfig, identity).await?;
-    Ok(kube::client::ClientBuilder::try_from(config)
-        .map_err(ConnectError::Client)?
-        .with_layer(&FenceLayer(fence))
-        .build())
+    // kube's own stack (`ClientBuilder::try_from`), with a fenced connector under it.
+    let mut plain = hyper_util::client::legacy::connect::HttpConnector::new();
+    plain.enforce_http(false);
+    let tls = config
+        .rustls_https_connector_with_connector(plain)
+        .map_err(ConnectError::Client)?;
+    let mut connector =
+        hyper_timeout::TimeoutConnector::new(FencedConnector::new(tls, fence.clone()));
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(retry)
+        .option_layer(config.auth_layer().map_err(ConnectError::Client)?)
+        .layer(config.extra_headers_layer().map_err(ConnectError::Client)?)
+        .layer(FenceLayer(fence))
+        .service(http);
+    Ok(Client::new(service, config.default_namespace.clone()))
 }
 
 /// Longest a connection to the API server may take to open (TLS included).

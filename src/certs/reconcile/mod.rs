@@ -222,11 +222,22 @@ impl Certs {
             .await;
         self.keep_copies(selection.keep).await;
         let queue = self.queue(selection.orders, now).await?;
-        let waits = self
-            .announce_waits(targets, &queue.slots, events, &mut books)
+        // Waits are announced at once, and again once this pass's orders are charged and
+        // done (`requeue`): only the ones that moved are written again.
+        self.announce_waits(targets, &queue.slots, events, &mut Books::default())
             .await;
+        let waiting: Vec<_> = queue
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, super::Slot::Later { .. }))
+            .cloned()
+            .collect();
         let account = queue.account.clone();
         self.order_all(targets, queue, events, metrics, &mut books)
+            .await;
+        let waiting = self.requeue(waiting, &account).await;
+        let waits = self
+            .announce_waits(targets, &waiting, events, &mut books)
             .await;
         self.record_metrics(metrics, &waits, &books, &account, now)
             .await;
