@@ -119,43 +119,47 @@ impl Certs {
         })
     }
 
-    /// The waits again, decided on the ledger as this pass's charges and outcomes left it:
-    /// a charge lands a moment after `queue` decided (on its own clock), so a bucket that
-    /// still had room frees its next token a second or two later than first estimated, and
-    /// an order that ended without a certificate gave its tokens back. A request that fits
-    /// now waits until now (the next pass orders it). On a failed read, `waiting` stands.
+    /// The waits among `slots` again, decided on the ledger as this pass's charges and
+    /// outcomes left it: a charge lands a moment after `queue` decided (on its own clock), so
+    /// a bucket that still had room frees its next token a second or two later than first
+    /// estimated, and an order that ended without a certificate gave its tokens back. A
+    /// request that fits now waits until now (the next pass orders it). On a failed read,
+    /// the waits stand as `queue` decided them.
     pub(super) async fn requeue(
         &self,
-        waiting: Vec<(Request, Slot)>,
+        slots: &[(Request, Slot)],
         account: &str,
     ) -> Vec<(Request, Slot)> {
+        let waiting: BTreeMap<&str, (&Request, Limit)> = slots
+            .iter()
+            .filter_map(|(r, s)| match s {
+                Slot::Later { limit, .. } => Some((r.environment.as_str(), (r, *limit))),
+                Slot::Now(_) => None,
+            })
+            .collect();
         if waiting.is_empty() {
-            return waiting;
+            return Vec::new();
         }
         let doc = match self.ledger.load().await {
             Ok((doc, _)) => doc,
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "reading the ledger again for the waits");
-                return waiting;
+                let first = slots
+                    .iter()
+                    .filter(|(_, s)| matches!(s, Slot::Later { .. }));
+                return first.cloned().collect();
             }
         };
-        let limits: BTreeMap<String, Limit> = waiting
-            .iter()
-            .filter_map(|(r, s)| match s {
-                Slot::Later { limit, .. } => Some((r.environment.clone(), *limit)),
-                Slot::Now(_) => None,
-            })
-            .collect();
-        let requests = waiting.into_iter().map(|(r, _)| r).collect();
+        let requests = waiting.values().map(|(r, _)| (*r).clone()).collect();
         let now = unix_now();
         schedule(requests, &doc.buckets, account, now)
             .into_iter()
-            .filter_map(|(r, slot)| match slot {
+            .map(|(r, slot)| match slot {
                 Slot::Now(_) => {
-                    let limit = *limits.get(&r.environment)?;
-                    Some((r, Slot::Later { at: now, limit }))
+                    let limit = waiting[r.environment.as_str()].1;
+                    (r, Slot::Later { at: now, limit })
                 }
-                later => Some((r, later)),
+                later => (r, later),
             })
             .collect()
     }

@@ -226,16 +226,10 @@ impl Certs {
         // done (`requeue`): only the ones that moved are written again.
         self.announce_waits(targets, &queue.slots, events, &mut Books::default())
             .await;
-        let waiting: Vec<_> = queue
-            .slots
-            .iter()
-            .filter(|(_, s)| matches!(s, super::Slot::Later { .. }))
-            .cloned()
-            .collect();
-        let account = queue.account.clone();
+        let (account, slots) = (queue.account.clone(), queue.slots.clone());
         self.order_all(targets, queue, events, metrics, &mut books)
             .await;
-        let waiting = self.requeue(waiting, &account).await;
+        let waiting = self.requeue(&slots, &account).await;
         let waits = self
             .announce_waits(targets, &waiting, events, &mut books)
             .await;
