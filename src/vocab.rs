@@ -123,6 +123,45 @@ impl ObjectKind {
     pub fn namespaced(self) -> bool {
         self != ObjectKind::Namespace
     }
+
+    /// Whether the controller watches this kind (its watch cache, and so drift and every
+    /// pass's reads). A new kind must say: the match has no catch-all.
+    pub const fn watched(self) -> bool {
+        match self {
+            ObjectKind::Namespace
+            | ObjectKind::ServiceAccount
+            | ObjectKind::RoleBinding
+            | ObjectKind::Service
+            | ObjectKind::StatefulSet => true,
+            // TLS Secrets are the certificate step's: it reads them itself.
+            ObjectKind::Secret => false,
+        }
+    }
+
+    /// The kinds of `ALL` that are `watched`, in that order.
+    pub const WATCHED: [ObjectKind; Self::count_watched()] = {
+        let mut out = [ObjectKind::Namespace; Self::count_watched()];
+        let (mut i, mut n) = (0, 0);
+        while i < Self::ALL.len() {
+            if Self::ALL[i].watched() {
+                out[n] = Self::ALL[i];
+                n += 1;
+            }
+            i += 1;
+        }
+        out
+    };
+
+    const fn count_watched() -> usize {
+        let (mut i, mut n) = (0, 0);
+        while i < Self::ALL.len() {
+            if Self::ALL[i].watched() {
+                n += 1;
+            }
+            i += 1;
+        }
+        n
+    }
 }
 
 /// Identity of one object.
