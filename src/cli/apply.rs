@@ -2,21 +2,20 @@
 //! (revision, state, time), then the certificate step; with `--wait`, waits until every
 //! environment it changed is Ready.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use clap::Args;
 
 use super::args::{HealthArgs, PassArgs, parse_duration};
 use super::cert_args::CertArgs;
-use super::output::{PlanFormat, failed_environments, print_plan};
+use super::output::{PlanFormat, print_plan};
 use super::{CliError, Exit, runtime};
 use crate::certs::CertMode;
 use crate::certs::acme::AcmeConfig;
 use crate::certs::reconcile::Target;
 use crate::cluster;
 use crate::manifest::Loaded;
-use crate::pass::{self, PassOptions, PassPlan};
+use crate::pass::{self, Outcome, PassOptions, PassPlan};
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
@@ -51,7 +50,8 @@ pub fn handle(args: &ApplyArgs) -> Result<Exit, CliError> {
     })
 }
 
-/// The pass that writes, then the certificate step for every environment that got through.
+/// The pass that writes, then the certificate step for the environments `pass::Outcome`
+/// certifies.
 async fn apply_then_certify(
     args: &ApplyArgs,
     loaded: &Loaded,
@@ -77,26 +77,27 @@ async fn apply_then_certify(
             unreachable: true,
         });
     }
-    // Every environment that failed, with its reason; the others were applied.
-    let failed = failed_environments(&planned.plan, &report);
-    let changed = record_status(&client, loaded, revision, &planned, &failed, options).await;
-    let targets = certificate_targets(loaded, &planned, &failed);
+    // What the pass came to: every environment that failed (with its reason), the refused
+    // ones, and those to certify (see `pass::Outcome`).
+    let outcome = Outcome::of(loaded, &planned, &report, options);
+    let changed = record_status(&client, loaded, revision, &planned, &outcome, options).await;
+    let targets = &outcome.certificates;
     if let (Some(p), CertMode::Acme(_), false) = (&options.progress, &mode, targets.is_empty()) {
         p.phase(crate::vocab::Phase::Certificates, targets.len(), 0);
     }
-    certificate_step(&client, args, mode, &targets, &mut out, options).await?;
-    if args.wait && failed.is_empty() {
+    certificate_step(&client, args, mode, targets, &mut out, options).await?;
+    if args.wait && outcome.failed.is_empty() {
         wait_until_ready(&client, args, &changed).await?;
     }
-    if !failed.is_empty() {
+    if !outcome.failed.is_empty() {
         return Err(CliError::EnvironmentsFailed {
-            count: failed.len(),
-            names: failed.keys().cloned().collect::<Vec<_>>().join(", "),
+            count: outcome.failed.len(),
+            names: outcome.failed.keys().cloned().collect::<Vec<_>>().join(", "),
         });
     }
-    if !planned.plan.refused.is_empty() {
+    if !outcome.refused.is_empty() {
         return Err(CliError::Refused {
-            count: planned.plan.refused.len(),
+            count: outcome.refused.len(),
         });
     }
     Ok(())
@@ -110,42 +111,31 @@ async fn record_status(
     loaded: &Loaded,
     revision: &str,
     planned: &PassPlan,
-    failed: &BTreeMap<String, String>,
+    outcome: &Outcome,
     options: &PassOptions,
 ) -> Vec<String> {
     use crate::status::{EnvState, EnvStatus};
-    let refused: BTreeSet<&str> = planned
-        .plan
-        .refused
-        .iter()
-        .map(|r| r.environment.as_str())
-        .collect();
-    let touched: BTreeSet<&str> = planned
-        .plan
-        .changes
-        .iter()
-        .filter(|c| c.action != crate::plan::Action::Delete)
-        .map(|c| c.environment.as_str())
-        .collect();
+    let touched = |name: &str| outcome.touched.get(name).is_some_and(|t| t.applied > 0);
     let mut statuses = Vec::new();
     for env in loaded.environments.iter().map(|e| &e.environment) {
         let name = env.metadata.name.as_str();
-        if refused.contains(name) {
+        if outcome.refused.contains_key(name) {
             continue;
         }
         let namespace = env.namespace();
         let recorded = planned.live_namespaces.get(&namespace);
-        let state = if failed.contains_key(name) {
+        let failure = outcome.failed.get(name);
+        let state = if failure.is_some() {
             EnvState::Failed
         } else {
             EnvState::Applied
         };
         let at = |k: &str| recorded.and_then(|a| a.get(k)).cloned();
-        let unchanged = !touched.contains(name)
+        let unchanged = !touched(name)
             && at(crate::status::STATE_ANNOTATION).as_deref() == Some(state.as_str())
             && at(crate::status::REVISION_ANNOTATION).is_some()
             && state == EnvState::Applied;
-        if unchanged || (recorded.is_none() && !touched.contains(name)) {
+        if unchanged || (recorded.is_none() && !touched(name)) {
             continue;
         }
         statuses.push(EnvStatus {
@@ -153,7 +143,7 @@ async fn record_status(
             namespace,
             revision: revision.to_string(),
             state,
-            error: failed.get(name).cloned(),
+            error: failure.map(|f| f.message.clone()),
             certificate: None,
         });
     }
@@ -174,10 +164,11 @@ async fn record_status(
             crate::vocab::error_chain(&e).replace('\n', " ")
         );
     }
-    touched
-        .into_iter()
-        .filter(|n| !failed.contains_key(*n))
-        .map(str::to_string)
+    outcome
+        .touched
+        .iter()
+        .filter(|(n, t)| t.applied > 0 && !outcome.failed.contains_key(*n))
+        .map(|(n, _)| n.clone())
         .collect()
 }
 
@@ -264,28 +255,6 @@ async fn wait_until_ready(
         )
         .await;
     }
-}
-
-/// The TLS environments to certify: a refused or failed environment gets nothing more, its
-/// certificate included.
-fn certificate_targets(
-    loaded: &Loaded,
-    planned: &PassPlan,
-    failed: &BTreeMap<String, String>,
-) -> Vec<Target> {
-    let skip: BTreeSet<&str> = planned
-        .plan
-        .refused
-        .iter()
-        .map(|r| r.environment.as_str())
-        .chain(failed.keys().map(String::as_str))
-        .collect();
-    let envs = loaded
-        .environments
-        .iter()
-        .map(|e| &e.environment)
-        .filter(|e| !skip.contains(e.metadata.name.as_str()));
-    crate::certs::reconcile::targets(envs)
 }
 
 /// Orders, reports or skips certificates as `mode` says; prints the outcome.

@@ -1,7 +1,7 @@
 //! How commands print: diagnostics, summaries, plans (text or JSON) and rendered objects.
 //! Writes to the streams it is given; decides no exit code.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 
 use clap::ValueEnum;
@@ -71,25 +71,6 @@ pub(super) fn encode_json<T: serde::Serialize>(
         })
 }
 
-/// Each environment that failed in a pass, with the first reason: a read or dry-run the
-/// server refused or left unanswered, or an object that could not be written.
-pub(super) fn failed_environments(
-    plan: &crate::plan::Plan,
-    report: &crate::apply::Report,
-) -> BTreeMap<String, String> {
-    let mut failed: BTreeMap<String, String> = plan
-        .failed
-        .iter()
-        .map(|f| (f.environment.clone(), f.reason.clone()))
-        .collect();
-    for f in &report.failures {
-        failed
-            .entry(f.environment.clone())
-            .or_insert_with(|| format!("{} {}: {}", f.action.as_str(), f.object, f.error));
-    }
-    failed
-}
-
 /// The plan as `-o json` prints it (documented in the README).
 #[derive(serde::Serialize)]
 struct PlanDocument<'a> {
@@ -134,8 +115,8 @@ pub(super) fn print_plan(
                     )
                     .map_err(CliError::Output)?;
                 }
-                for (env, reason) in failed_environments(&pass.plan, r) {
-                    writeln!(err, "environment {env} failed: {reason}")
+                for (env, failure) in crate::pass::Outcome::failures(pass, r) {
+                    writeln!(err, "environment {env} failed: {}", failure.message)
                         .map_err(CliError::Output)?;
                 }
                 writeln!(

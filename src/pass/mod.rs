@@ -1,10 +1,15 @@
 //! The reconcile pass shared by `envctl diff`, `envctl apply` and `envctl run`: loaded
-//! manifests -> render -> observe -> plan, and optionally -> apply. (The certificate step
-//! and status bookkeeping follow it in `cli::apply` and `controller::run`.)
+//! manifests -> render -> observe -> plan, and optionally -> apply; then `outcome` (pure):
+//! what the pass came to per environment, and which environments get certificates. (Status
+//! bookkeeping and the certificate step follow it in `cli::apply` and the controller's
+//! `reconcile`.)
 //!
 //! Owns the order of the named steps and their timings, nothing else: each step's logic
 //! lives in its module. Never loops, sleeps or keeps state between passes (the controller
 //! does).
+
+mod outcome;
+pub use outcome::{Failure, Outcome, Touched};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -91,6 +96,37 @@ impl InSync {
     /// Forgets every environment: the next pass plans all of them in full.
     pub fn forget(&self) {
         self.lock().clear();
+    }
+
+    /// After a chunk of environments was planned: remembers the ones found in sync (nothing
+    /// to write, no dry-run, live objects as `digests` has them), forgets the others.
+    fn note(
+        &self,
+        chunk: &[(&Environment, u64)],
+        not_in_sync: &HashSet<String>,
+        digests: &observe::NamespaceDigests,
+        objects: &HashMap<String, usize>,
+    ) {
+        let mut known = self.lock();
+        for (e, d) in chunk {
+            let name = &e.metadata.name;
+            let ns = e.namespace();
+            match digests.get(&ns) {
+                Some(live) if !not_in_sync.contains(name) && !not_in_sync.contains(&ns) => {
+                    known.insert(
+                        name.clone(),
+                        Remembered {
+                            desired: *d,
+                            live: *live,
+                            objects: objects.get(name).copied().unwrap_or(0),
+                        },
+                    );
+                }
+                _ => {
+                    known.remove(name);
+                }
+            }
+        }
     }
 }
 
@@ -180,52 +216,7 @@ async fn plan_from_cache(
 ) -> Result<PassPlan, ObserveError> {
     let t = Instant::now();
     let remember = options.in_sync.as_deref();
-    let render_digest = {
-        let mut h = Fnv64::new();
-        h.write(format!("{:?}", options.render).as_bytes());
-        h.finish()
-    };
-    let desired_digest = |e: &Environment| {
-        let mut h = Fnv64::new();
-        h.write(&render_digest.to_le_bytes());
-        h.write(&serde_json::to_vec(e).unwrap_or_default());
-        h.mixed()
-    };
-    let live_digests = match remember {
-        Some(_) => cache.digests(),
-        None => observe::NamespaceDigests::new(),
-    };
-    let mut unchanged = 0;
-    let mut stale: Vec<(&Environment, u64)> = Vec::new();
-    {
-        let mut known = remember.map(InSync::lock);
-        if let Some(known) = known.as_mut() {
-            let names: HashSet<&str> = loaded
-                .environments
-                .iter()
-                .map(|e| e.environment.metadata.name.as_str())
-                .collect();
-            known.retain(|name, _| names.contains(name.as_str()));
-        }
-        for e in loaded
-            .environments
-            .iter()
-            .map(|e| &e.environment)
-            .filter(|e| options.plans(&e.metadata.name))
-        {
-            let Some(known) = known.as_ref() else {
-                stale.push((e, 0));
-                continue;
-            };
-            let d = desired_digest(e);
-            match known.get(&e.metadata.name) {
-                Some(r) if r.desired == d && live_digests.get(&e.namespace()) == Some(&r.live) => {
-                    unchanged += r.objects;
-                }
-                _ => stale.push((e, d)),
-            }
-        }
-    }
+    let (unchanged, stale) = in_sync_or_stale(cache, loaded, options);
     let mut pass = PassPlan::default();
     let mut plans = vec![Plan::default()];
     plans[0].summary.unchanged = unchanged;
@@ -250,26 +241,7 @@ async fn plan_from_cache(
         if let Some(remember) = remember {
             let mut not_in_sync = part.plan.touched();
             not_in_sync.extend(dry_run);
-            let mut known = remember.lock();
-            for (e, d) in chunk {
-                let name = &e.metadata.name;
-                let ns = e.namespace();
-                match digests.get(&ns) {
-                    Some(live) if !not_in_sync.contains(name) && !not_in_sync.contains(&ns) => {
-                        known.insert(
-                            name.clone(),
-                            Remembered {
-                                desired: *d,
-                                live: *live,
-                                objects: objects.get(name).copied().unwrap_or(0),
-                            },
-                        );
-                    }
-                    _ => {
-                        known.remove(name);
-                    }
-                }
-            }
+            remember.note(chunk, &not_in_sync, &digests, &objects);
         }
         plans.push(pass.absorb(part));
     }
@@ -297,6 +269,62 @@ async fn plan_from_cache(
     plans.push(pass.absorb(gone));
     pass.plan = Plan::join(plans);
     Ok(pass)
+}
+
+/// The environments this pass plans, split: the ones remembered in sync (`InSync`: counted
+/// by their objects, returned as that count) and the others, each with the digest of its
+/// desired state (0 when nothing is remembered).
+fn in_sync_or_stale<'a>(
+    cache: &observe::Cache,
+    loaded: &'a Loaded,
+    options: &PassOptions,
+) -> (usize, Vec<(&'a Environment, u64)>) {
+    let remember = options.in_sync.as_deref();
+    let render_digest = {
+        let mut h = Fnv64::new();
+        h.write(format!("{:?}", options.render).as_bytes());
+        h.finish()
+    };
+    let desired_digest = |e: &Environment| {
+        let mut h = Fnv64::new();
+        h.write(&render_digest.to_le_bytes());
+        h.write(&serde_json::to_vec(e).unwrap_or_default());
+        h.mixed()
+    };
+    let live_digests = match remember {
+        Some(_) => cache.digests(),
+        None => observe::NamespaceDigests::new(),
+    };
+    let mut unchanged = 0;
+    let mut stale: Vec<(&Environment, u64)> = Vec::new();
+    let mut known = remember.map(InSync::lock);
+    if let Some(known) = known.as_mut() {
+        let names: HashSet<&str> = loaded
+            .environments
+            .iter()
+            .map(|e| e.environment.metadata.name.as_str())
+            .collect();
+        known.retain(|name, _| names.contains(name.as_str()));
+    }
+    for e in loaded
+        .environments
+        .iter()
+        .map(|e| &e.environment)
+        .filter(|e| options.plans(&e.metadata.name))
+    {
+        let Some(known) = known.as_ref() else {
+            stale.push((e, 0));
+            continue;
+        };
+        let d = desired_digest(e);
+        match known.get(&e.metadata.name) {
+            Some(r) if r.desired == d && live_digests.get(&e.namespace()) == Some(&r.live) => {
+                unchanged += r.objects;
+            }
+            _ => stale.push((e, d)),
+        }
+    }
+    (unchanged, stale)
 }
 
 /// The annotations of the live namespaces, by namespace name.
