@@ -1,5 +1,7 @@
 //! The `envctl` binary: parses arguments, calls `envctl::run`, prints the error chain.
 
+#![warn(clippy::too_many_lines)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -234,148 +234,155 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut owned_registry = Registry::with_prefix("envctl");
+        let mut registry = Registry::with_prefix("envctl");
         let mut described = Vec::new();
-        let mut registry = Described {
-            registry: &mut owned_registry,
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            described: Vec::new(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            reconciles: Family::default(),
+            environments: Family::default(),
+            polls: Family::default(),
+            api_requests: Family::default(),
+            applied_revision: Family::default(),
+            environment_failures: Family::default(),
+            watch_errors: Family::default(),
+            certs: CertMetrics::default(),
+            environment_health: Family::default(),
+            rollout_environments: Family::default(),
+            rollout_wave: Gauge::default(),
+            rollout_halted: Gauge::default(),
+            shard_environments: Gauge::default(),
+            shard_members: Gauge::default(),
+            last_revision: Mutex::new(None),
+        };
+        let mut r = Described {
+            registry: &mut registry,
             described: &mut described,
         };
-        let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        let reconciles = Family::<TriggerLabels, Counter>::default();
-        let environments = Family::<StateLabels, Gauge>::default();
-        let polls = Family::<PollLabels, Counter>::default();
-        let api_requests = Family::<ApiLabels, Counter>::default();
-        let applied_revision = Family::<RevisionLabels, Gauge>::default();
-        registry.register(
+        metrics.register_passes(&mut r);
+        metrics.register_certificates(&mut r);
+        metrics.register_fleet(&mut r);
+        metrics.registry = registry;
+        metrics.described = described;
+        metrics
+    }
+
+    /// The passes: their triggers, durations, polls, requests, outcomes and watches.
+    fn register_passes(&self, r: &mut Described<'_>) {
+        r.register(
             "reconcile_duration_seconds",
             "Duration of reconcile passes",
-            reconcile_seconds.clone(),
+            self.reconcile_seconds.clone(),
         );
-        registry.register(
+        r.register(
             "reconciles",
             "Reconcile passes by what triggered them",
-            reconciles.clone(),
+            self.reconciles.clone(),
         );
-        registry.register(
+        r.register(
             "environments",
             "Environments by state after the last pass",
-            environments.clone(),
+            self.environments.clone(),
         );
-        registry.register("polls", "Source polls by result", polls.clone());
-        registry.register(
+        r.register(
+            "polls",
+            "Source polls by result",
+            self.polls.clone(),
+        );
+        r.register(
             "api_requests",
             "Requests to the Kubernetes API by kind of request",
-            api_requests.clone(),
+            self.api_requests.clone(),
         );
-        registry.register(
+        r.register(
             "applied_revision",
             "The source revision last applied (value 1)",
-            applied_revision.clone(),
+            self.applied_revision.clone(),
         );
-        let environment_failures = Family::<FailureLabels, Counter>::default();
-        registry.register(
+        r.register(
             "environment_failures",
             "Environments that failed in a pass (each alone; the others went on), by reason",
-            environment_failures.clone(),
+            self.environment_failures.clone(),
         );
-        registry.register(
+        r.register(
             "api_retries",
             "Requests to the Kubernetes API sent again after a transient error, by reason",
             crate::cluster::RETRIES.clone(),
         );
-        let watch_errors = Family::<KindLabels, Counter>::default();
-        registry.register(
+        r.register(
             "watch_errors",
             "Watch streams of owned objects that broke and were re-established, by kind",
-            watch_errors.clone(),
+            self.watch_errors.clone(),
         );
-        let certs = CertMetrics::default();
-        registry.register(
+    }
+
+    /// Certificates: outcomes, quota, waits, expiry.
+    fn register_certificates(&self, r: &mut Described<'_>) {
+        r.register(
             "certificate_orders",
             "Certificate outcomes by kind: issued, reused (no order), failed, rate limited by the server, deferred by the quota ledger",
-            certs.orders.clone(),
+            self.certs.orders.clone(),
         );
-        registry.register(
+        r.register(
             "certificate_quota_remaining",
             "Smallest remaining count among the quota ledger's buckets of each limit",
-            certs.quota_remaining.clone(),
+            self.certs.quota_remaining.clone(),
         );
-        registry.register(
+        r.register(
             "certificates_waiting",
             "Certificates waiting for quota, by the limit they wait for",
-            certs.waiting.clone(),
+            self.certs.waiting.clone(),
         );
-        registry.register(
+        r.register(
             "certificate_queue_served_at_seconds",
             "When the last waiting certificate will be ordered (unix seconds, 0 when none waits)",
-            certs.queue_served_at.clone(),
+            self.certs.queue_served_at.clone(),
         );
-        registry.register(
+        r.register(
             "certificates_unconfigured",
             "TLS environments applied without a certificate because no ACME directory is configured",
-            certs.unconfigured.clone(),
+            self.certs.unconfigured.clone(),
         );
-        registry.register(
+        r.register(
             "certificates_by_days_to_expiry",
             "Environments' certificates by days to expiry",
-            certs.by_expiry.clone(),
+            self.certs.by_expiry.clone(),
         );
-        let environment_health = Family::<HealthLabels, Gauge>::default();
-        registry.register(
+    }
+
+    /// The fleet: health, rollouts and shards.
+    fn register_fleet(&self, r: &mut Described<'_>) {
+        r.register(
             "environment_health",
             "Each environment's health (value 1 on its current state: Ready, Progressing, Degraded or Unknown)",
-            environment_health.clone(),
+            self.environment_health.clone(),
         );
-        let rollout_environments = Family::<RolloutLabels, Gauge>::default();
-        registry.register(
+        r.register(
             "rollout_environments",
             "Environments of the rollout in progress by phase: done, in flight, waiting for their wave",
-            rollout_environments.clone(),
+            self.rollout_environments.clone(),
         );
-        let rollout_wave = Gauge::default();
-        registry.register(
+        r.register(
             "rollout_wave",
             "The rollout's current wave (1-based; 0 when no rollout is in progress)",
-            rollout_wave.clone(),
+            self.rollout_wave.clone(),
         );
-        let rollout_halted = Gauge::default();
-        registry.register(
+        r.register(
             "rollout_halted",
             "1 while the rollout is halted by a Degraded environment",
-            rollout_halted.clone(),
+            self.rollout_halted.clone(),
         );
-        let shard_environments = Gauge::default();
-        registry.register(
+        r.register(
             "shard_environments",
             "Environments this replica owns (envctl run --shard; 0 without sharding)",
-            shard_environments.clone(),
+            self.shard_environments.clone(),
         );
-        let shard_members = Gauge::default();
-        registry.register(
+        r.register(
             "shard_members",
             "Live shard members this replica sees, itself included (0 without sharding)",
-            shard_members.clone(),
+            self.shard_members.clone(),
         );
-        Metrics {
-            registry: owned_registry,
-            environment_health,
-            rollout_environments,
-            rollout_wave,
-            rollout_halted,
-            shard_environments,
-            shard_members,
-            described,
-            certs,
-            reconcile_seconds,
-            reconciles,
-            environments,
-            polls,
-            api_requests,
-            applied_revision,
-            environment_failures,
-            watch_errors,
-            last_revision: Mutex::new(None),
-        }
     }
 
     pub fn set_revision(&self, revision: &str) {

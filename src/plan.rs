@@ -452,11 +452,10 @@ fn unified(key: &ObjectKey, old: &Value, new: &Value) -> String {
         .to_string()
 }
 
-/// Builds the plan. `dry_run` holds the server's would-be object for every object
-/// `needs_dry_run` returned.
 /// Builds the plan, taking the desired objects (they move into the changes that apply
-/// them). `with_diffs`: render the unified diff of every change (for people; a controller
-/// skips it).
+/// them). `dry_run` holds the server's would-be object for every object `needs_dry_run`
+/// returned. `with_diffs`: render the unified diff of every change (for people; a
+/// controller skips it).
 pub fn build(
     desired: Vec<DesiredObject>,
     live: &Live,
@@ -470,40 +469,8 @@ pub fn build(
         desired.iter().map(|d| d.environment.clone()).collect();
     desired_envs.extend(health.environments.iter().cloned());
     let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(ObjectKey::of).collect();
-    let nothing_desired = desired_envs.is_empty();
-    let unified = |key: &ObjectKey, old: &Value, new: &Value| {
-        if with_diffs {
-            unified(key, old, new)
-        } else {
-            String::new()
-        }
-    };
-
-    // Environments whose namespace is being deleted: nothing can be created in it until it
-    // is gone, so the whole environment waits.
-    let terminating_envs: BTreeSet<&str> = live
-        .objects
-        .values()
-        .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
-        .filter_map(|l| l.environment.as_deref())
-        .collect();
-    // Environments whose namespace exists but is not ours to write.
-    let mut refused: BTreeMap<String, String> = BTreeMap::new();
-    for d in desired
-        .iter()
-        .filter(|d| d.kind == ObjectKind::Namespace && health.in_scope(&d.environment))
-    {
-        if live.objects.contains_key(&ObjectKey::of(d)) {
-            continue;
-        }
-        if let Some(reason) = health
-            .existing_namespaces
-            .get(&d.name)
-            .and_then(|labels| ownership(&d.name, labels, &health.instance, health.adopt))
-        {
-            refused.insert(d.environment.clone(), reason);
-        }
-    }
+    let diffs = Diffs(with_diffs);
+    let refused = refusals(&desired, live, health);
     let listed = |m: &BTreeMap<String, String>| -> Vec<EnvironmentError> {
         m.iter()
             .map(|(environment, reason)| EnvironmentError {
@@ -521,11 +488,76 @@ pub fn build(
             .map(|(e, r)| (e.clone(), r.clone()))
             .collect(),
     );
-    for d in desired.into_iter().filter(|d| {
+    let planned = desired.into_iter().filter(|d| {
         health.in_scope(&d.environment)
             && !refused.contains_key(&d.environment)
             && !health.failed.contains_key(&d.environment)
-    }) {
+    });
+    plan_desired(&mut plan, planned, live, dry_run, diffs);
+    let gone = Gone::find(live, &desired_keys, &desired_envs, health, &refused);
+    let deletes = gone.prune(&mut plan, health, prune, desired_envs.is_empty(), diffs);
+    plan.changes.extend(deletes);
+    plan.count();
+    plan
+}
+
+/// Whether changes carry their unified diff.
+#[derive(Clone, Copy)]
+struct Diffs(bool);
+
+impl Diffs {
+    fn of(self, key: &ObjectKey, old: &Value, new: &Value) -> String {
+        if self.0 {
+            unified(key, old, new)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Environments whose namespace exists but is not ours to write, with why.
+fn refusals(
+    desired: &[DesiredObject],
+    live: &Live,
+    health: &SourceHealth,
+) -> BTreeMap<String, String> {
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    for d in desired
+        .iter()
+        .filter(|d| d.kind == ObjectKind::Namespace && health.in_scope(&d.environment))
+    {
+        if live.objects.contains_key(&ObjectKey::of(d)) {
+            continue;
+        }
+        if let Some(reason) = health
+            .existing_namespaces
+            .get(&d.name)
+            .and_then(|labels| ownership(&d.name, labels, &health.instance, health.adopt))
+        {
+            refused.insert(d.environment.clone(), reason);
+        }
+    }
+    refused
+}
+
+/// Creates, replaces and updates for the desired objects planned in this pass; what is
+/// unchanged is counted; what is being deleted waits.
+fn plan_desired(
+    plan: &mut Plan,
+    planned: impl Iterator<Item = DesiredObject>,
+    live: &Live,
+    dry_run: &BTreeMap<ObjectKey, Value>,
+    diffs: Diffs,
+) {
+    // Environments whose namespace is being deleted: nothing can be created in it until it
+    // is gone, so the whole environment waits.
+    let terminating_envs: BTreeSet<&str> = live
+        .objects
+        .values()
+        .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
+        .filter_map(|l| l.environment.as_deref())
+        .collect();
+    for d in planned {
         let key = ObjectKey::of(&d);
         let terminating = terminating_envs.contains(d.environment.as_str())
             || live
@@ -547,7 +579,7 @@ pub fn build(
         match live.objects.get(&key) {
             None => plan.changes.push(Change {
                 action: Action::Create,
-                diff: unified(&key, &Value::Null, &normalize(&d.object)),
+                diff: diffs.of(&key, &Value::Null, &normalize(&d.object)),
                 key,
                 environment: d.environment,
                 object: Some(d.object),
@@ -555,7 +587,7 @@ pub fn build(
             }),
             Some(l) if needs_replace(d.kind, &d.object, &l.object) => plan.changes.push(Change {
                 action: Action::Replace,
-                diff: unified(&key, &normalize(&l.object), &normalize(&d.object)),
+                diff: diffs.of(&key, &normalize(&l.object), &normalize(&d.object)),
                 key,
                 environment: d.environment,
                 object: Some(d.object),
@@ -578,7 +610,7 @@ pub fn build(
                 } else {
                     plan.changes.push(Change {
                         action: Action::Update,
-                        diff: unified(&key, &old, &new),
+                        diff: diffs.of(&key, &old, &new),
                         key,
                         environment: d.environment,
                         object: Some(d.object),
@@ -588,114 +620,145 @@ pub fn build(
             }
         }
     }
+}
 
-    // Owned live objects that are no longer desired.
-    let live_envs = live.environments();
-    let mut gone_envs: Vec<&LiveObject> = Vec::new();
-    let mut gone_objects: Vec<&LiveObject> = Vec::new();
-    for l in live.objects.values() {
-        if desired_keys.contains(&l.key) || is_terminating(&l.object) {
-            continue;
+/// Owned live objects that are no longer desired: whole environments (their namespace), and
+/// objects on their own.
+struct Gone<'a> {
+    envs: Vec<&'a LiveObject>,
+    objects: Vec<&'a LiveObject>,
+    /// Environments that have a live namespace.
+    live_envs: BTreeSet<String>,
+}
+
+impl<'a> Gone<'a> {
+    fn find(
+        live: &'a Live,
+        desired_keys: &BTreeSet<ObjectKey>,
+        desired_envs: &BTreeSet<String>,
+        health: &SourceHealth,
+        refused: &BTreeMap<String, String>,
+    ) -> Gone<'a> {
+        let live_envs = live.environments();
+        let mut envs: Vec<&LiveObject> = Vec::new();
+        let mut objects: Vec<&LiveObject> = Vec::new();
+        for l in live.objects.values() {
+            if desired_keys.contains(&l.key) || is_terminating(&l.object) {
+                continue;
+            }
+            let env = l.environment.as_deref().unwrap_or("");
+            if !health.writes(env) {
+                continue; // another replica's (sharding)
+            }
+            if desired_envs.contains(env)
+                && (!health.in_scope(env)
+                    || refused.contains_key(env)
+                    || health.failed.contains_key(env))
+            {
+                continue; // in the source but not planned this time: leave it as it is
+            }
+            if desired_envs.contains(env) {
+                objects.push(l);
+            } else if l.key.kind == ObjectKind::Namespace {
+                envs.push(l);
+            } else if !live_envs.contains(env) {
+                // An owned object whose environment has no namespace of ours: delete it alone.
+                objects.push(l);
+            }
+            // Objects inside a namespace that goes away go with it.
         }
-        let env = l.environment.as_deref().unwrap_or("");
-        if !health.writes(env) {
-            continue; // another replica's (sharding)
+        Gone {
+            envs,
+            objects,
+            live_envs,
         }
-        if desired_envs.contains(env)
-            && (!health.in_scope(env)
-                || refused.contains_key(env)
-                || health.failed.contains_key(env))
-        {
-            continue; // in the source but not planned this time: leave it as it is
-        }
-        if desired_envs.contains(env) {
-            gone_objects.push(l);
-        } else if l.key.kind == ObjectKind::Namespace {
-            gone_envs.push(l);
-        } else if !live_envs.contains(env) {
-            // An owned object whose environment has no namespace of ours: delete it alone.
-            gone_objects.push(l);
-        }
-        // Objects inside a namespace that goes away go with it.
     }
 
-    let blanket_refusal = if nothing_desired {
-        Some("the source has no valid environment; nothing is pruned".to_string())
-    } else if !health.unattributed_files.is_empty() {
-        Some(format!(
-            "{} could not be read, so the environments it holds are unknown; nothing is pruned",
-            health
-                .unattributed_files
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    } else {
-        None
-    };
-    // --max-prune is a share of what this writer writes: with sharding each replica holds its
-    // own share to it, so the fleet as a whole loses no more than that share.
-    let written = live_envs.iter().filter(|e| health.writes(e)).count();
-    let allowed = prune.max_prune.allowed(written);
-    let deletable_envs: Vec<&&LiveObject> = gone_envs
-        .iter()
-        .filter(|l| {
-            !health
-                .invalid_environments
-                .contains(l.environment.as_deref().unwrap_or(""))
-                && annotation(&l.object, PROTECT_ANNOTATION) != Some("true")
-        })
-        .collect();
-    let mass = deletable_envs.len() > allowed && !prune.allow_mass_prune;
-
-    let mut deletes: Vec<Change> = Vec::new();
-    for l in gone_envs.iter().chain(gone_objects.iter()) {
-        let env = l.environment.clone();
-        let env_name = env.as_deref().unwrap_or("");
-        let reason = if !prune.enabled {
-            plan.orphaned.push(l.key.clone());
-            continue;
-        } else if let Some(r) = &blanket_refusal {
-            Some(r.clone())
-        } else if health.invalid_environments.contains(env_name) {
+    /// The deletes, in delete order; what may not be deleted is held (or, with pruning off,
+    /// orphaned), with why.
+    fn prune(
+        &self,
+        plan: &mut Plan,
+        health: &SourceHealth,
+        prune: &PrunePolicy,
+        nothing_desired: bool,
+        diffs: Diffs,
+    ) -> Vec<Change> {
+        let blanket_refusal = if nothing_desired {
+            Some("the source has no valid environment; nothing is pruned".to_string())
+        } else if !health.unattributed_files.is_empty() {
             Some(format!(
-                "environment {env_name:?} has an invalid manifest; it keeps its last applied state"
-            ))
-        } else if l.key.kind == ObjectKind::Namespace
-            && annotation(&l.object, PROTECT_ANNOTATION) == Some("true")
-        {
-            Some(format!(
-                "namespace is annotated {PROTECT_ANNOTATION}: \"true\""
-            ))
-        } else if l.key.kind == ObjectKind::Namespace && mass {
-            Some(format!(
-                "this revision would delete {} of the {written} environments this writer writes, more than --max-prune allows ({allowed}); pass --allow-mass-prune to proceed",
-                deletable_envs.len(),
+                "{} could not be read, so the environments it holds are unknown; nothing is pruned",
+                health
+                    .unattributed_files
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         } else {
             None
         };
-        match reason {
-            Some(reason) => plan.held.push(Held {
-                key: l.key.clone(),
-                environment: env,
-                reason: format!("not deleted: {reason}"),
-            }),
-            None => deletes.push(Change {
-                action: Action::Delete,
-                diff: unified(&l.key, &normalize(&l.object), &Value::Null),
-                key: l.key.clone(),
-                environment: env.unwrap_or_default(),
-                object: None,
-                uid: live_uid(&l.object),
-            }),
+        // --max-prune is a share of what this writer writes: with sharding each replica holds
+        // its own share to it, so the fleet as a whole loses no more than that share.
+        let written = self.live_envs.iter().filter(|e| health.writes(e)).count();
+        let allowed = prune.max_prune.allowed(written);
+        let deletable_envs = self
+            .envs
+            .iter()
+            .filter(|l| {
+                !health
+                    .invalid_environments
+                    .contains(l.environment.as_deref().unwrap_or(""))
+                    && annotation(&l.object, PROTECT_ANNOTATION) != Some("true")
+            })
+            .count();
+        let mass = deletable_envs > allowed && !prune.allow_mass_prune;
+        let mut deletes: Vec<Change> = Vec::new();
+        for l in self.envs.iter().chain(self.objects.iter()) {
+            let env = l.environment.clone();
+            let env_name = env.as_deref().unwrap_or("");
+            let reason = if !prune.enabled {
+                plan.orphaned.push(l.key.clone());
+                continue;
+            } else if let Some(r) = &blanket_refusal {
+                Some(r.clone())
+            } else if health.invalid_environments.contains(env_name) {
+                Some(format!(
+                    "environment {env_name:?} has an invalid manifest; it keeps its last applied state"
+                ))
+            } else if l.key.kind == ObjectKind::Namespace
+                && annotation(&l.object, PROTECT_ANNOTATION) == Some("true")
+            {
+                Some(format!(
+                    "namespace is annotated {PROTECT_ANNOTATION}: \"true\""
+                ))
+            } else if l.key.kind == ObjectKind::Namespace && mass {
+                Some(format!(
+                    "this revision would delete {deletable_envs} of the {written} environments this writer writes, more than --max-prune allows ({allowed}); pass --allow-mass-prune to proceed",
+                ))
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => plan.held.push(Held {
+                    key: l.key.clone(),
+                    environment: env,
+                    reason: format!("not deleted: {reason}"),
+                }),
+                None => deletes.push(Change {
+                    action: Action::Delete,
+                    diff: diffs.of(&l.key, &normalize(&l.object), &Value::Null),
+                    key: l.key.clone(),
+                    environment: env.unwrap_or_default(),
+                    object: None,
+                    uid: live_uid(&l.object),
+                }),
+            }
         }
+        deletes.sort_by(delete_order);
+        deletes
     }
-    deletes.sort_by(delete_order);
-    plan.changes.extend(deletes);
-    plan.count();
-    plan
 }
 
 /// The plan as text: a unified diff per change, then notes and the summary line.
@@ -826,35 +889,40 @@ mod tests {
             .collect()
     }
 
+    /// Environment `env`'s namespace, as rendered and as live.
+    fn namespace_of(env: &str) -> Value {
+        let mut ns = object(env, ObjectKind::Namespace, &format!("environment-{env}"), 0);
+        if let Some(m) = ns["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        ns
+    }
+
+    /// Environment `env`'s desired objects: its namespace and a StatefulSet `s` of scale 2.
+    fn desired_of(env: &str) -> Vec<DesiredObject> {
+        vec![
+            DesiredObject {
+                environment: env.into(),
+                kind: ObjectKind::Namespace,
+                namespace: None,
+                name: format!("environment-{env}"),
+                object: namespace_of(env),
+            },
+            DesiredObject {
+                environment: env.into(),
+                kind: ObjectKind::StatefulSet,
+                namespace: Some(format!("environment-{env}")),
+                name: "s".into(),
+                object: object(env, ObjectKind::StatefulSet, "s", 2),
+            },
+        ]
+    }
+
     #[test]
     fn plans_of_parts_joined_are_the_plan_of_the_whole() {
         // As a controller's pass plans: each environment against its own namespace's objects,
         // then the environments gone from the source against every namespace.
-        let namespace = |env: &str| {
-            let mut ns = object(env, ObjectKind::Namespace, &format!("environment-{env}"), 0);
-            if let Some(m) = ns["metadata"].as_object_mut() {
-                m.remove("namespace");
-            }
-            ns
-        };
-        let desired = |env: &str| {
-            vec![
-                DesiredObject {
-                    environment: env.into(),
-                    kind: ObjectKind::Namespace,
-                    namespace: None,
-                    name: format!("environment-{env}"),
-                    object: namespace(env),
-                },
-                DesiredObject {
-                    environment: env.into(),
-                    kind: ObjectKind::StatefulSet,
-                    namespace: Some(format!("environment-{env}")),
-                    name: "s".into(),
-                    object: object(env, ObjectKind::StatefulSet, "s", 2),
-                },
-            ]
-        };
+        let (namespace, desired) = (namespace_of, desired_of);
         let mut live = Live::default();
         for (env, name) in [("a", "s"), ("b", "s"), ("b", "old"), ("c", "s")] {
             live.insert(

@@ -216,13 +216,47 @@ fn pod_and_service_labels(env: &Environment, options: &RenderOptions) -> BTreeMa
 
 /// The desired objects of one environment, in apply order.
 pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<DesiredObject> {
-    let name = &env.metadata.name;
     let ns = env.namespace();
     let owner = ownership(env, options);
     let shared = pod_and_service_labels(env, options);
-    let mut out: Vec<(ObjectKind, String, Value)> = Vec::new();
+    let mut out: Vec<(ObjectKind, String, Value)> = vec![(
+        ObjectKind::Namespace,
+        ns.clone(),
+        to_value(ObjectKind::Namespace, &namespace(env, &owner)),
+    )];
+    out.extend(environmentd_identity(env, &owner, options));
+    // environmentd, then the clusterd services, with the orchestrator's label scheme.
+    let mut workloads = vec![environmentd(env, &owner, &shared)];
+    workloads.extend(
+        env.spec
+            .services
+            .iter()
+            .map(|(orch, _, svc)| clusterd(env, &owner, &shared, orch.as_str(), svc)),
+    );
+    workloads.sort_by(|a, b| a.name.cmp(&b.name));
+    for w in &mut workloads {
+        out.push((ObjectKind::Service, w.name.clone(), std::mem::take(&mut w.service)));
+    }
+    for w in workloads {
+        out.push((ObjectKind::StatefulSet, w.name, w.stateful_set));
+    }
+    out.into_iter()
+        .map(|(kind, obj_name, mut object)| {
+            stamp_hash(&mut object);
+            DesiredObject {
+                environment: env.metadata.name.clone(),
+                kind,
+                namespace: kind.namespaced().then(|| ns.clone()),
+                name: obj_name,
+                object,
+            }
+        })
+        .collect()
+}
 
-    // Namespace.
+/// The environment's namespace: its labels (ownership, the manifest's, the cloud's) and
+/// annotations (region, organization, hostname).
+fn namespace(env: &Environment, owner: &BTreeMap<String, String>) -> Namespace {
     let mut ns_labels = env.metadata.labels.clone();
     ns_labels.extend(owner.clone());
     if let Some((provider, region)) = env.spec.region.split_once('/') {
@@ -236,31 +270,27 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
         env.spec.organization.clone(),
     );
     ns_annotations.insert(HOSTNAME_ANNOTATION.into(), env.spec.hostname.clone());
-    let namespace = Namespace {
+    Namespace {
         metadata: ObjectMeta {
-            name: Some(ns.clone()),
+            name: Some(env.namespace()),
             labels: Some(ns_labels),
             annotations: Some(ns_annotations),
             ..ObjectMeta::default()
         },
         ..Namespace::default()
-    };
-    out.push((
-        ObjectKind::Namespace,
-        ns.clone(),
-        to_value(ObjectKind::Namespace, &namespace),
-    ));
+    }
+}
 
-    // environmentd's identity: it orchestrates clusterd in its own namespace.
+/// environmentd's identity: it orchestrates clusterd in its own namespace.
+fn environmentd_identity(
+    env: &Environment,
+    owner: &BTreeMap<String, String>,
+    options: &RenderOptions,
+) -> [(ObjectKind, String, Value); 2] {
     let sa = ServiceAccount {
         metadata: meta(env, ENVIRONMENTD, owner.clone()),
         ..ServiceAccount::default()
     };
-    out.push((
-        ObjectKind::ServiceAccount,
-        ENVIRONMENTD.into(),
-        to_value(ObjectKind::ServiceAccount, &sa),
-    ));
     let binding = RoleBinding {
         metadata: meta(env, ENVIRONMENTD, owner.clone()),
         // environmentd's powers are a fixed ClusterRole that the platform installs (the
@@ -274,17 +304,37 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
             name: ENVIRONMENTD.into(),
-            namespace: Some(ns.clone()),
+            namespace: Some(env.namespace()),
             ..Subject::default()
         }]),
     };
-    out.push((
-        ObjectKind::RoleBinding,
-        ENVIRONMENTD.into(),
-        to_value(ObjectKind::RoleBinding, &binding),
-    ));
+    [
+        (
+            ObjectKind::ServiceAccount,
+            ENVIRONMENTD.into(),
+            to_value(ObjectKind::ServiceAccount, &sa),
+        ),
+        (
+            ObjectKind::RoleBinding,
+            ENVIRONMENTD.into(),
+            to_value(ObjectKind::RoleBinding, &binding),
+        ),
+    ]
+}
 
-    // environmentd.
+/// A workload: its headless Service and its StatefulSet, under one name.
+struct Workload {
+    name: String,
+    service: Value,
+    stateful_set: Value,
+}
+
+/// environmentd's Service and StatefulSet.
+fn environmentd(
+    env: &Environment,
+    owner: &BTreeMap<String, String>,
+    shared: &BTreeMap<String, String>,
+) -> Workload {
     let envd_ports: Vec<(String, u16)> = ENVIRONMENTD_PORTS
         .iter()
         .map(|(n, p)| ((*n).to_string(), *p))
@@ -294,7 +344,7 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
             "app.kubernetes.io/name".to_string(),
             ENVIRONMENTD.to_string(),
         ),
-        (ENVIRONMENT_LABEL.to_string(), name.clone()),
+        (ENVIRONMENT_LABEL.to_string(), env.metadata.name.clone()),
     ]);
     let mut envd_labels = shared.clone();
     envd_labels.extend(owner.clone());
@@ -324,98 +374,74 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
         }],
         ..PodSpec::default()
     };
-    let mut services = vec![(
-        ENVIRONMENTD.to_string(),
-        to_value(
+    Workload {
+        name: ENVIRONMENTD.to_string(),
+        service: to_value(
             ObjectKind::Service,
             &headless_service(env, ENVIRONMENTD, &envd_labels, &envd_selector, &envd_ports),
         ),
-    )];
-    let mut sets = vec![(
-        ENVIRONMENTD.to_string(),
-        to_value(
+        stateful_set: to_value(
             ObjectKind::StatefulSet,
             &stateful_set(env, ENVIRONMENTD, &envd_labels, &envd_selector, 1, envd_pod),
         ),
-    )];
-
-    // clusterd services, with the orchestrator's label scheme.
-    for (orch, _, svc) in env.spec.services.iter() {
-        let svc_name = format!("{}-{}", orch.as_str(), svc.id);
-        let ports = svc.effective_ports();
-        let selector = BTreeMap::from([
-            (ORCH_NAMESPACE_LABEL.to_string(), orch.as_str().to_string()),
-            (ORCH_SERVICE_ID_LABEL.to_string(), svc.id.clone()),
-        ]);
-        let mut labels = shared.clone();
-        labels.extend(owner.clone());
-        labels.extend(selector.clone());
-        for (port_name, _) in &ports {
-            labels.insert(
-                format!("environmentd.materialize.cloud/port-{port_name}"),
-                "true".into(),
-            );
-        }
-        for (k, v) in &svc.labels {
-            labels.insert(
-                format!("{}.environmentd.materialize.cloud/{k}", orch.as_str()),
-                v.clone(),
-            );
-        }
-        let pod = PodSpec {
-            automount_service_account_token: Some(false),
-            containers: vec![Container {
-                name: "clusterd".into(),
-                image: Some(svc.image.clone()),
-                image_pull_policy: svc.image_pull_policy.map(|p| p.as_str().to_string()),
-                args: (!svc.args.is_empty()).then(|| svc.args.clone()),
-                env: env_vars(&svc.env),
-                ports: Some(container_ports(&ports)),
-                resources: resources(&svc.cpu, &svc.memory),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        };
-        let replicas = i32::try_from(svc.scale).unwrap_or(i32::MAX);
-        services.push((
-            svc_name.clone(),
-            to_value(
-                ObjectKind::Service,
-                &headless_service(env, &svc_name, &labels, &selector, &ports),
-            ),
-        ));
-        sets.push((
-            svc_name.clone(),
-            to_value(
-                ObjectKind::StatefulSet,
-                &stateful_set(env, &svc_name, &labels, &selector, replicas, pod),
-            ),
-        ));
     }
-    services.sort_by(|a, b| a.0.cmp(&b.0));
-    sets.sort_by(|a, b| a.0.cmp(&b.0));
-    out.extend(
-        services
-            .into_iter()
-            .map(|(n, v)| (ObjectKind::Service, n, v)),
-    );
-    out.extend(
-        sets.into_iter()
-            .map(|(n, v)| (ObjectKind::StatefulSet, n, v)),
-    );
+}
 
-    out.into_iter()
-        .map(|(kind, obj_name, mut object)| {
-            stamp_hash(&mut object);
-            DesiredObject {
-                environment: name.clone(),
-                kind,
-                namespace: kind.namespaced().then(|| ns.clone()),
-                name: obj_name,
-                object,
-            }
-        })
-        .collect()
+/// One clusterd service's Service and StatefulSet, with the orchestrator's label scheme.
+fn clusterd(
+    env: &Environment,
+    owner: &BTreeMap<String, String>,
+    shared: &BTreeMap<String, String>,
+    orch: &str,
+    svc: &crate::manifest::Service,
+) -> Workload {
+    let svc_name = format!("{orch}-{}", svc.id);
+    let ports = svc.effective_ports();
+    let selector = BTreeMap::from([
+        (ORCH_NAMESPACE_LABEL.to_string(), orch.to_string()),
+        (ORCH_SERVICE_ID_LABEL.to_string(), svc.id.clone()),
+    ]);
+    let mut labels = shared.clone();
+    labels.extend(owner.clone());
+    labels.extend(selector.clone());
+    for (port_name, _) in &ports {
+        labels.insert(
+            format!("environmentd.materialize.cloud/port-{port_name}"),
+            "true".into(),
+        );
+    }
+    for (k, v) in &svc.labels {
+        labels.insert(
+            format!("{orch}.environmentd.materialize.cloud/{k}"),
+            v.clone(),
+        );
+    }
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        containers: vec![Container {
+            name: "clusterd".into(),
+            image: Some(svc.image.clone()),
+            image_pull_policy: svc.image_pull_policy.map(|p| p.as_str().to_string()),
+            args: (!svc.args.is_empty()).then(|| svc.args.clone()),
+            env: env_vars(&svc.env),
+            ports: Some(container_ports(&ports)),
+            resources: resources(&svc.cpu, &svc.memory),
+            ..Container::default()
+        }],
+        ..PodSpec::default()
+    };
+    let replicas = i32::try_from(svc.scale).unwrap_or(i32::MAX);
+    Workload {
+        service: to_value(
+            ObjectKind::Service,
+            &headless_service(env, &svc_name, &labels, &selector, &ports),
+        ),
+        stateful_set: to_value(
+            ObjectKind::StatefulSet,
+            &stateful_set(env, &svc_name, &labels, &selector, replicas, pod),
+        ),
+        name: svc_name,
+    }
 }
 
 /// The value of `HASH_ANNOTATION`: `Fnv64` of the object's compact JSON.

@@ -240,77 +240,94 @@ pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> 
 
     let mut ids: BTreeSet<(OrchestratorNamespace, String)> = BTreeSet::new();
     for (ns, i, svc) in services(doc) {
-        let base = format!("/spec/services/{}/{i}", ns.as_str());
-        if let Some(id) = svc.get("id").and_then(Value::as_str) {
-            if !ids.insert((ns, id.to_string())) {
-                out.push((
-                    format!("{base}/id"),
-                    format!("duplicate service id {id:?} in {}", ns.as_str()),
-                ));
-            }
-            let sts_name = format!("{}-{id}", ns.as_str());
-            if sts_name.len() > MAX_STATEFULSET_NAME {
-                out.push((
-                    format!("{base}/id"),
-                    format!(
-                        "service name {sts_name:?} is {} characters; at most {MAX_STATEFULSET_NAME} are allowed",
-                        sts_name.len()
-                    ),
-                ));
-            }
-        }
-        if let Some(scale) = svc.get("scale").and_then(Value::as_u64)
-            && scale > u64::from(limits.max_scale)
-        {
+        check_service(ns, i, svc, limits, &mut ids, &mut out);
+    }
+    out
+}
+
+/// The problems of one clusterd service (`ids` holds the ids seen so far, per namespace).
+fn check_service(
+    ns: OrchestratorNamespace,
+    i: usize,
+    svc: &Value,
+    limits: &Limits,
+    ids: &mut BTreeSet<(OrchestratorNamespace, String)>,
+    out: &mut Vec<(String, String)>,
+) {
+    let base = format!("/spec/services/{}/{i}", ns.as_str());
+    if let Some(id) = svc.get("id").and_then(Value::as_str) {
+        if !ids.insert((ns, id.to_string())) {
             out.push((
-                format!("{base}/scale"),
+                format!("{base}/id"),
+                format!("duplicate service id {id:?} in {}", ns.as_str()),
+            ));
+        }
+        let sts_name = format!("{}-{id}", ns.as_str());
+        if sts_name.len() > MAX_STATEFULSET_NAME {
+            out.push((
+                format!("{base}/id"),
                 format!(
-                    "scale {scale} is above the configured maximum of {} (--max-scale)",
-                    limits.max_scale
+                    "service name {sts_name:?} is {} characters; at most {MAX_STATEFULSET_NAME} are allowed",
+                    sts_name.len()
                 ),
             ));
         }
-        for (k, v) in &string_map(svc.get("labels")) {
-            let p = format!("{base}/labels/{}", escape_segment(k));
-            if k.contains('/') {
-                out.push((
-                    p,
-                    format!(
-                        "service label key {k:?} must not have a prefix: it becomes {}.environmentd.materialize.cloud/<key>",
-                        ns.as_str()
-                    ),
-                ));
-            } else if let Some(m) = label_key_problem(k).or_else(|| label_value_problem(k, v)) {
-                out.push((p, m));
-            }
-        }
-        let ports = svc.get("ports").and_then(Value::as_array);
-        let mut names = BTreeSet::new();
-        let mut numbers = BTreeSet::new();
-        for (j, port) in ports.into_iter().flatten().enumerate() {
-            let pp = format!("{base}/ports/{j}");
-            if let Some(name) = port.get("name").and_then(Value::as_str) {
-                if let Some(m) = port_name_problem(name) {
-                    out.push((format!("{pp}/name"), m));
-                } else if !names.insert(name.to_string()) {
-                    out.push((
-                        format!("{pp}/name"),
-                        format!("duplicate port name {name:?} in this service"),
-                    ));
-                }
-            }
-            if let Some(number) = port.get("port").and_then(Value::as_u64)
-                && !numbers.insert(number)
-            {
-                out.push((
-                    format!("{pp}/port"),
-                    format!("duplicate port number {number} in this service"),
-                ));
-            }
-        }
-        check_env_vars(&format!("{base}/env"), svc.get("env"), &mut out);
     }
-    out
+    if let Some(scale) = svc.get("scale").and_then(Value::as_u64)
+        && scale > u64::from(limits.max_scale)
+    {
+        out.push((
+            format!("{base}/scale"),
+            format!(
+                "scale {scale} is above the configured maximum of {} (--max-scale)",
+                limits.max_scale
+            ),
+        ));
+    }
+    for (k, v) in &string_map(svc.get("labels")) {
+        let p = format!("{base}/labels/{}", escape_segment(k));
+        if k.contains('/') {
+            out.push((
+                p,
+                format!(
+                    "service label key {k:?} must not have a prefix: it becomes {}.environmentd.materialize.cloud/<key>",
+                    ns.as_str()
+                ),
+            ));
+        } else if let Some(m) = label_key_problem(k).or_else(|| label_value_problem(k, v)) {
+            out.push((p, m));
+        }
+    }
+    check_ports(&base, svc, out);
+    check_env_vars(&format!("{base}/env"), svc.get("env"), out);
+}
+
+/// Port names and numbers of one service: valid and unique.
+fn check_ports(base: &str, svc: &Value, out: &mut Vec<(String, String)>) {
+    let ports = svc.get("ports").and_then(Value::as_array);
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for (j, port) in ports.into_iter().flatten().enumerate() {
+        let pp = format!("{base}/ports/{j}");
+        if let Some(name) = port.get("name").and_then(Value::as_str) {
+            if let Some(m) = port_name_problem(name) {
+                out.push((format!("{pp}/name"), m));
+            } else if !names.insert(name.to_string()) {
+                out.push((
+                    format!("{pp}/name"),
+                    format!("duplicate port name {name:?} in this service"),
+                ));
+            }
+        }
+        if let Some(number) = port.get("port").and_then(Value::as_u64)
+            && !numbers.insert(number)
+        {
+            out.push((
+                format!("{pp}/port"),
+                format!("duplicate port number {number} in this service"),
+            ));
+        }
+    }
 }
 
 fn is_env_var_name(k: &str) -> bool {

@@ -284,71 +284,10 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
             pos: None,
         };
         if doc.value.get("kind").and_then(Value::as_str) == Some(types::POLICY_KIND) {
-            let mut found = Vec::new();
-            schema_problems_with(compiled_policy_schema(), &doc.value, &mut found);
-            for (pointer, message) in found {
-                out.diagnostics.push(Diagnostic {
-                    file: file.path.clone(),
-                    pos: index.lookup(doc.index, &pointer),
-                    pointer: Some(pointer),
-                    message,
-                });
-            }
-            let first = out.diagnostics.get(before);
-            let origin = Origin {
-                pos: index.lookup(doc.index, ""),
-                ..origin
-            };
-            let policy = match first {
-                Some(d) => Err(d.to_string()),
-                None => serde_json::from_value::<RolloutPolicy>(doc.value)
-                    .map_err(|e| format!("{origin}: decoding the RolloutPolicy: {e}")),
-            };
-            if let Err(e) = &policy
-                && out.diagnostics.len() == before
-            {
-                out.diagnostics
-                    .push(Diagnostic::at(&file.path, origin.pos, e.clone()));
-            }
-            out.policies.push((origin, policy));
+            load_policy(&mut out, file, &mut index, doc, origin);
             continue;
         }
-        if !doc.value.is_object() {
-            let pos = index.lookup(doc.index, "");
-            out.diagnostics.push(Diagnostic::at(
-                &file.path,
-                pos,
-                format!(
-                    "expected an Environment mapping, found {}",
-                    json_type(&doc.value)
-                ),
-            ));
-        } else {
-            let mut found = Vec::new();
-            schema_problems(&doc.value, &mut found);
-            found.extend(check::check_environment(&doc.value, &options.limits));
-            for (pointer, message) in found {
-                out.diagnostics.push(Diagnostic {
-                    file: file.path.clone(),
-                    pos: index.lookup(doc.index, &pointer),
-                    pointer: Some(pointer),
-                    message,
-                });
-            }
-            if out.diagnostics.len() == before {
-                match serde_json::from_value::<Environment>(doc.value) {
-                    Err(e) => out.diagnostics.push(Diagnostic::at(
-                        &file.path,
-                        index.lookup(doc.index, ""),
-                        format!("decoding the environment: {e}"),
-                    )),
-                    Ok(environment) => out.environments.push(Arc::new(LoadedEnvironment {
-                        origin,
-                        environment,
-                    })),
-                }
-            }
-        }
+        load_environment(&mut out, file, &mut index, doc, origin, options);
         if out.diagnostics.len() > before {
             match name {
                 Some(n) => {
@@ -362,6 +301,97 @@ fn load_file(file: &SourceFile, options: &LoadOptions) -> FileOutcome {
         }
     }
     out
+}
+
+/// Reports each schema problem of a document at its position.
+fn report(
+    out: &mut FileOutcome,
+    file: &SourceFile,
+    index: &mut LazyIndex,
+    doc: usize,
+    found: Vec<(String, String)>,
+) {
+    for (pointer, message) in found {
+        out.diagnostics.push(Diagnostic {
+            file: file.path.clone(),
+            pos: index.lookup(doc, &pointer),
+            pointer: Some(pointer),
+            message,
+        });
+    }
+}
+
+/// A RolloutPolicy document: checked against its schema, then decoded.
+fn load_policy(
+    out: &mut FileOutcome,
+    file: &SourceFile,
+    index: &mut LazyIndex,
+    doc: Document,
+    origin: Origin,
+) {
+    let before = out.diagnostics.len();
+    let mut found = Vec::new();
+    schema_problems_with(compiled_policy_schema(), &doc.value, &mut found);
+    report(out, file, index, doc.index, found);
+    let first = out.diagnostics.get(before);
+    let origin = Origin {
+        pos: index.lookup(doc.index, ""),
+        ..origin
+    };
+    let policy = match first {
+        Some(d) => Err(d.to_string()),
+        None => serde_json::from_value::<RolloutPolicy>(doc.value)
+            .map_err(|e| format!("{origin}: decoding the RolloutPolicy: {e}")),
+    };
+    if let Err(e) = &policy
+        && out.diagnostics.len() == before
+    {
+        out.diagnostics
+            .push(Diagnostic::at(&file.path, origin.pos, e.clone()));
+    }
+    out.policies.push((origin, policy));
+}
+
+/// An Environment document: checked against the schema and envctl's own rules, then
+/// decoded.
+fn load_environment(
+    out: &mut FileOutcome,
+    file: &SourceFile,
+    index: &mut LazyIndex,
+    doc: Document,
+    origin: Origin,
+    options: &LoadOptions,
+) {
+    if !doc.value.is_object() {
+        let pos = index.lookup(doc.index, "");
+        out.diagnostics.push(Diagnostic::at(
+            &file.path,
+            pos,
+            format!(
+                "expected an Environment mapping, found {}",
+                json_type(&doc.value)
+            ),
+        ));
+        return;
+    }
+    let before = out.diagnostics.len();
+    let mut found = Vec::new();
+    schema_problems(&doc.value, &mut found);
+    found.extend(check::check_environment(&doc.value, &options.limits));
+    report(out, file, index, doc.index, found);
+    if out.diagnostics.len() == before {
+        match serde_json::from_value::<Environment>(doc.value) {
+            Err(e) => out.diagnostics.push(Diagnostic::at(
+                &file.path,
+                index.lookup(doc.index, ""),
+                format!("decoding the environment: {e}"),
+            )),
+            Ok(environment) => out.environments.push(Arc::new(LoadedEnvironment {
+                origin,
+                environment,
+            })),
+        }
+    }
 }
 
 /// Schema violations of one document as (JSON pointer, message).
@@ -471,40 +501,7 @@ pub fn load_reusing(files: &[SourceFile], options: &LoadOptions, known: &mut Val
         .filter(|(f, d)| known.0.get(&f.path).is_none_or(|(k, _)| k != *d))
         .map(|(f, _)| f)
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = todo.len().div_ceil(threads).max(64);
-    let validated: Vec<FileOutcome> = std::thread::scope(|scope| {
-        let handles: Vec<_> = todo
-            .chunks(chunk)
-            .map(|part| {
-                let handle = scope.spawn(move || {
-                    part.iter()
-                        .map(|f| load_file(f, options))
-                        .collect::<Vec<_>>()
-                });
-                (part, handle)
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|(part, h)| {
-                // A panic (a bug) fails each file of its chunk: they are reported, and nothing
-                // is pruned while any file is unattributed.
-                h.join().unwrap_or_else(|_| {
-                    part.iter()
-                        .map(|f| FileOutcome {
-                            diagnostics: vec![Diagnostic::file(
-                                &f.path,
-                                "internal error while validating this file (a bug; please report it)",
-                            )],
-                            unattributed: true,
-                            ..FileOutcome::default()
-                        })
-                        .collect()
-                })
-            })
-            .collect()
-    });
+    let validated = validate_all(&todo, options);
     let mut fresh: HashMap<&str, Arc<FileOutcome>> = todo
         .iter()
         .map(|f| f.path.as_str())
@@ -524,6 +521,63 @@ pub fn load_reusing(files: &[SourceFile], options: &LoadOptions, known: &mut Val
         outcomes.push((file, outcome));
     }
     known.0 = now;
+    let (by_name, policies) = gather(&mut loaded, outcomes);
+    keep_unique(&mut loaded, by_name, files);
+    loaded.rollout = rollout_of(&mut loaded, policies);
+    loaded.diagnostics.sort();
+    loaded.diagnostics.dedup();
+    loaded
+}
+
+/// Validates `todo` on every core. A panic (a bug) fails each file of its chunk: they are
+/// reported, and nothing is pruned while any file is unattributed.
+fn validate_all(todo: &[&SourceFile], options: &LoadOptions) -> Vec<FileOutcome> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = todo.len().div_ceil(threads).max(64);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = todo
+            .chunks(chunk)
+            .map(|part| {
+                let handle = scope.spawn(move || {
+                    part.iter()
+                        .map(|f| load_file(f, options))
+                        .collect::<Vec<_>>()
+                });
+                (part, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(part, h)| {
+                h.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|f| FileOutcome {
+                            diagnostics: vec![Diagnostic::file(
+                                &f.path,
+                                "internal error while validating this file (a bug; please report it)",
+                            )],
+                            unattributed: true,
+                            ..FileOutcome::default()
+                        })
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
+/// Environments by name, each with every definition found.
+type ByName = BTreeMap<String, Vec<Arc<LoadedEnvironment>>>;
+/// Rollout policies, each where it was found.
+type Policies = Vec<(Origin, Result<RolloutPolicy, String>)>;
+
+/// Every file's outcome, merged into `loaded`: its diagnostics, invalid names and
+/// unattributed files; the environments by name, and the rollout policies, to be checked
+/// across files.
+fn gather(
+    loaded: &mut Loaded,
+    outcomes: Vec<(&SourceFile, Arc<FileOutcome>)>,
+) -> (ByName, Policies) {
     let mut by_name: BTreeMap<String, Vec<Arc<LoadedEnvironment>>> = BTreeMap::new();
     let mut policies = Vec::new();
     for (file, outcome) in outcomes {
@@ -550,6 +604,16 @@ pub fn load_reusing(files: &[SourceFile], options: &LoadOptions, known: &mut Val
                 .push(env);
         }
     }
+    (by_name, policies)
+}
+
+/// Keeps the environments whose name and hostname no other environment has; the others are
+/// invalid, each duplicate reported where it stands.
+fn keep_unique(
+    loaded: &mut Loaded,
+    by_name: ByName,
+    files: &[SourceFile],
+) {
     // Positions are only needed when a duplicate is reported.
     let locate = |origin: &Origin| -> Origin {
         let pos = files
@@ -604,7 +668,15 @@ pub fn load_reusing(files: &[SourceFile], options: &LoadOptions, known: &mut Val
         hostnames.insert(host, def.origin.clone());
         loaded.environments.push(def);
     }
-    loaded.rollout = match policies.len() {
+}
+
+/// The source's rollout: none, its one RolloutPolicy, or invalid (more than one is
+/// reported at each).
+fn rollout_of(
+    loaded: &mut Loaded,
+    mut policies: Policies,
+) -> Rollout {
+    match policies.len() {
         0 => Rollout::None,
         1 => match policies.remove(0) {
             (origin, Ok(policy)) => Rollout::Policy { origin, policy },
@@ -629,10 +701,7 @@ pub fn load_reusing(files: &[SourceFile], options: &LoadOptions, known: &mut Val
                     .join(", ")
             ))
         }
-    };
-    loaded.diagnostics.sort();
-    loaded.diagnostics.dedup();
-    loaded
+    }
 }
 
 #[cfg(test)]

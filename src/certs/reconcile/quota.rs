@@ -120,8 +120,32 @@ pub fn quota_report(doc: &LedgerDoc, store: &LedgerStore, json: bool) -> Result<
             .map_err(|e| e.to_string());
     }
     let mut out = format!("ledger {}\nlimits: {}\n", q.ledger, q.limits.describe());
-    let rows: Vec<[String; 6]> = q
-        .buckets
+    out.push_str(&bucket_table(&q.buckets));
+    if q.buckets.is_empty() {
+        out.push_str("(no bucket has been charged yet)\n");
+    }
+    if !q.pending.is_empty() {
+        out.push_str(&format!("{} order(s) in flight\n", q.pending.len()));
+    }
+    for (id, f) in &q.consecutive_failures {
+        out.push_str(&format!(
+            "{id}: {} failed authorization(s) in a row, the last at {}; next try not before {}\n",
+            f.failures, f.last, f.next_try
+        ));
+    }
+    if !q.queued.is_empty() {
+        out.push_str(&format!(
+            "{} environment(s) waiting for a certificate\n",
+            q.queued.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// The buckets as an aligned table, one line each, with a header.
+fn bucket_table(buckets: &[BucketRow]) -> String {
+    let mut out = String::new();
+    let rows: Vec<[String; 6]> = buckets
         .iter()
         .map(|b| {
             [
@@ -158,23 +182,5 @@ pub fn quota_report(doc: &LedgerDoc, store: &LedgerStore, json: bool) -> Result<
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    if rows.is_empty() {
-        out.push_str("(no bucket has been charged yet)\n");
-    }
-    if !q.pending.is_empty() {
-        out.push_str(&format!("{} order(s) in flight\n", q.pending.len()));
-    }
-    for (id, f) in &q.consecutive_failures {
-        out.push_str(&format!(
-            "{id}: {} failed authorization(s) in a row, the last at {}; next try not before {}\n",
-            f.failures, f.last, f.next_try
-        ));
-    }
-    if !q.queued.is_empty() {
-        out.push_str(&format!(
-            "{} environment(s) waiting for a certificate\n",
-            q.queued.len()
-        ));
-    }
-    Ok(out)
+    out
 }
