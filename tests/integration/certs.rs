@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 
 use crate::cluster::{self, TestCluster, cleanup_instance, unique, wait_namespace_gone};
-use crate::support::{repo_root, required, script_last_line, wait_until};
+use crate::support::{Controller, repo_root, required, script_last_line, wait_until};
 
 /// One running pebble: its directory, the CA of its listener, its management address, log.
 pub struct Pebble {
@@ -639,38 +639,23 @@ async fn certificates_real_http01() {
     case.cleanup(&client).await;
 }
 
+/// `envctl run` on `src` against `pebble`, polling every second, appending to `log`.
 fn spawn_run(
     cluster: &TestCluster,
     src: &Path,
     common: &[String],
     pebble: &Pebble,
     log: &Path,
-) -> Child {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("a log file");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .arg("run")
-        .arg("--source")
-        .arg(src)
-        .args(["--interval", "1s", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(common)
-        .args(pebble.flags())
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .env_remove("ENVCTL_SKIP_CERTIFICATES")
-        .env("ENVCTL_LOG", "info")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("starting envctl run")
+) -> Controller {
+    let mut args = vec![
+        "--source".to_string(),
+        src.display().to_string(),
+        "--interval".into(),
+        "1s".into(),
+    ];
+    args.extend(common.iter().cloned());
+    args.extend(pebble.flags());
+    Controller::run(&cluster.kubeconfig, args).log(log).start()
 }
 
 /// The quota acceptance: 60 TLS environments under one registered domain with Let's
@@ -751,7 +736,7 @@ async fn certificates_quota_holds_through_crash_loops() {
         let mut child = spawn_run(cluster, src, common, pebble, &log);
         std::thread::sleep(Duration::from_millis(ms));
         // SIGKILL, wherever the process is: charging, ordering, finalizing or recording.
-        let _ = child.kill();
+        child.kill();
         let _ = child.wait();
         let sent = pebble.orders() - before;
         assert!(sent <= 50, "{sent} orders reached pebble after a restart");
@@ -784,7 +769,7 @@ async fn certificates_quota_holds_through_crash_loops() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let _ = child.kill();
+    child.kill();
     let _ = child.wait();
     let sent = pebble.orders() - before;
     assert!(
@@ -1141,7 +1126,7 @@ async fn apply_beside_run_orders_once_per_environment() {
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     case.wait_certificates(&client, Duration::from_secs(180), &read_log)
         .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     assert_eq!(
         pebble.orders() - before,
@@ -1311,7 +1296,7 @@ async fn a_failing_account_store_registers_one_account() {
     refuse.remove(&case.ctl_ns, &account).await;
     case.wait_certificates(&client, Duration::from_secs(120), &read_log)
         .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     assert_eq!(
         pebble.accounts() - before,

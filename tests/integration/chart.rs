@@ -11,7 +11,7 @@ use kube::config::Kubeconfig;
 use kube::discovery::Discovery;
 
 use crate::cluster::{cleanup_instance, require, unique, wait_namespace_gone};
-use crate::support::{examples_renamed, repo_root};
+use crate::support::{Controller, examples_renamed, repo_root};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn envctl_runs_as_the_charts_service_account() {
@@ -173,33 +173,24 @@ async fn envctl_runs_as_the_charts_service_account() {
 
     // `envctl run` with leader election in the release namespace, as the ServiceAccount.
     let log = dir.path().join("run.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .args([
-            "run",
-            "--source",
-            src,
-            "--instance",
-            &instance,
-            "--interval",
-            "1s",
-            "--leader-elect",
-        ])
-        .args(&acme)
-        .args([
-            "--leader-elect-namespace",
-            &namespace,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--kubeconfig")
-        .arg(&sa_kubeconfig)
+    let mut args: Vec<String> = [
+        "--source",
+        src,
+        "--instance",
+        &instance,
+        "--interval",
+        "1s",
+        "--leader-elect",
+        "--leader-elect-namespace",
+        &namespace,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(acme.iter().map(|a| a.to_string()));
+    let mut run = Controller::run(&sa_kubeconfig, args)
+        .log(&log)
         .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
-        .env("ENVCTL_LOG", "info")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("envctl run");
+        .start();
     let mut led = false;
     for _ in 0..100 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -212,7 +203,7 @@ async fn envctl_runs_as_the_charts_service_account() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -227,40 +218,27 @@ async fn envctl_runs_as_the_charts_service_account() {
     // `envctl run --shard` as the ServiceAccount: its member Lease created, renewed and
     // listed, a pass once the membership held, and the Lease deleted on SIGTERM.
     let log = dir.path().join("shard.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .args([
-            "run",
-            "--source",
-            src,
-            "--instance",
-            &instance,
-            "--interval",
-            "1s",
-        ])
-        .args([
-            "--shard",
-            "--leader-elect-lease",
-            "3s",
-            "--leader-elect-namespace",
-            &namespace,
-        ])
-        .args([
-            "--leader-elect-identity",
-            "chart-replica-0",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--controller-namespace", &namespace])
-        .arg("--kubeconfig")
-        .arg(&sa_kubeconfig)
-        .env("ENVCTL_SKIP_CERTIFICATES", "1")
+    let args = [
+        "--source",
+        src,
+        "--instance",
+        &instance,
+        "--interval",
+        "1s",
+        "--shard",
+        "--leader-elect-lease",
+        "3s",
+        "--leader-elect-namespace",
+        &namespace,
+        "--leader-elect-identity",
+        "chart-replica-0",
+        "--controller-namespace",
+        &namespace,
+    ];
+    let mut run = Controller::run(&sa_kubeconfig, args)
+        .log(&log)
         .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
-        .env("ENVCTL_LOG", "info")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("envctl run --shard");
+        .start();
     let mut sharded = false;
     for _ in 0..150 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -271,7 +249,7 @@ async fn envctl_runs_as_the_charts_service_account() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
+        .args(["-TERM", &run.pid().to_string()])
         .status();
     let _ = run.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();

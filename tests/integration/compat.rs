@@ -109,7 +109,7 @@ async fn smoke_on_the_oldest_supported_kubernetes() {
     let ns = format!("environment-{name}");
     let mut extra: Vec<&str> = vec!["--controller-namespace", &case.ctl_ns];
     extra.push("--skip-certificates");
-    let mut controller = crate::gitops::Controller::spawn(
+    let mut controller = crate::gitops::run_on(
         &cluster,
         &["--source", &src],
         &case.instance,

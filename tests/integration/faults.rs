@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 
 use crate::cluster::{OwnPlane, cleanup_instance, require, unique};
-use crate::support::{repo_root, wait_until};
+use crate::support::{Controller, repo_root, wait_until};
 
 pub fn env_yaml(name: &str, scale: i64, tls: bool) -> String {
     format!(
@@ -98,54 +98,18 @@ fn envctl(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// An `envctl run` process, killed when dropped (also when a test panics).
-struct Running(Child);
-
-impl Running {
-    fn kill(&mut self) -> std::io::Result<()> {
-        self.0.kill()
-    }
-    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.0.wait()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_run(kubeconfig: &Path, args: &[&str], log: &Path, extra_env: &[(&str, &str)]) -> Running {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("a log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a port");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_envctl"));
-    cmd.arg("run")
-        .args(args)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .env("ENVCTL_LOG", "info")
-        .env("ENVCTL_SKIP_CERTIFICATES", "1")
-        .env_remove("KUBECONFIG");
+/// `envctl run ARGS` on `kubeconfig`, appending to `log`, with `extra_env`.
+fn spawn_run(
+    kubeconfig: &Path,
+    args: &[&str],
+    log: &Path,
+    extra_env: &[(&str, &str)],
+) -> Controller {
+    let mut command = Controller::run(kubeconfig, args).log(log);
     for (k, v) in extra_env {
-        cmd.env(k, v);
+        command = command.env(k, v);
     }
-    Running(
-        cmd.stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("starting envctl run"),
-    )
+    command.start()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -451,7 +415,7 @@ async fn admission_denial_fails_one_environment_alone() {
         || async { replicas(&client, &frozen).await == Some(3) },
     )
     .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     let text = read();
     assert!(
@@ -577,7 +541,7 @@ async fn the_controller_converges_through_cut_connections() {
         || async { converged(&client, &instance, &names, 3).await == names.len() },
     )
     .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     proxy.abort();
     eprintln!(
@@ -671,7 +635,7 @@ async fn the_controller_converges_after_an_api_server_restart() {
         || async { converged(&client, &instance, &names, 1).await == names.len() },
     )
     .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     eprintln!(
         "API server restart after {restarted_at:?} of the pass: all 200 converged {took:?} after it came back"
@@ -742,7 +706,7 @@ async fn kill_9_mid_pass_five_times_then_converge() {
         seed ^= seed << 17;
         let at = Duration::from_millis(1000 + seed % 7000);
         tokio::time::sleep(at).await;
-        let _ = run.kill(); // SIGKILL
+        run.kill(); // SIGKILL
         let _ = run.wait();
         kills.push((
             at,
@@ -807,7 +771,7 @@ async fn kill_9_mid_pass_five_times_then_converge() {
         },
     )
     .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     let orders = pebble.orders() - orders_before;
     // No orphans: every owned StatefulSet belongs to a kept environment, exactly once each.

@@ -86,7 +86,7 @@ impl World {
         mode: &str,
         identity: &str,
     ) -> Controller {
-        Controller::spawn(
+        crate::gitops::run_on(
             cluster,
             &["--source", self.src.as_str()],
             &self.instance,

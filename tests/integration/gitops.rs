@@ -13,14 +13,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 use crate::cluster::{TestCluster, cleanup_instance, require, unique, wait_namespace_gone};
-use crate::support::{git, wait_until};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use crate::support::{free_port, git, wait_until};
 
 /// A bare repository served by `git daemon` on loopback, and a work clone to push from.
 struct GitServer {
@@ -136,111 +129,49 @@ impl Drop for GitServer {
     }
 }
 
-/// An `envctl run` child process, killed on drop.
-pub struct Controller {
-    child: Child,
-    log: PathBuf,
-    listen: u16,
+pub use crate::support::Controller;
+
+/// `envctl run` on the Git server's `environments` folder as `instance`, polling every second.
+fn run_on_git(cluster: &TestCluster, git: &GitServer, instance: &str, extra: &[&str]) -> Controller {
+    run_on_git_every(cluster, git, instance, "1s", extra)
 }
 
-impl Controller {
-    fn start(cluster: &TestCluster, git: &GitServer, instance: &str, extra: &[&str]) -> Controller {
-        Self::start_every(cluster, git, instance, "1s", extra)
-    }
-
-    fn start_every(
-        cluster: &TestCluster,
-        git: &GitServer,
-        instance: &str,
-        interval: &str,
-        extra: &[&str],
-    ) -> Controller {
-        let url = git.url();
-        let source = [
-            "--source",
-            url.as_str(),
-            "--ref",
-            "main",
-            "--path",
-            "environments",
-        ];
-        Self::spawn(cluster, &source, instance, interval, extra)
-    }
-
-    /// `envctl run` on any source.
-    pub fn spawn(
-        cluster: &TestCluster,
-        source: &[&str],
-        instance: &str,
-        interval: &str,
-        extra: &[&str],
-    ) -> Controller {
-        let listen = free_port();
-        let log = std::env::temp_dir().join(format!("{instance}-{listen}.log"));
-        let file = std::fs::File::create(&log).expect("a log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_envctl"));
-        command
-            .arg("run")
-            .args(source)
-            .args(["--instance", instance, "--interval", interval])
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{listen}"))
-            .arg("--kubeconfig")
-            .arg(&cluster.kubeconfig)
-            .arg("--cache-dir")
-            .arg(std::env::temp_dir().join(format!("{instance}-{listen}-cache")))
-            .args(extra)
-            .env("ENVCTL_LOG", "info");
-        // Certificates only where a test asks for them (certs.rs), against pebble.
-        if !extra.contains(&"--acme-directory") {
-            command.env("ENVCTL_SKIP_CERTIFICATES", "1");
-        }
-        let child = command
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("starting envctl run");
-        Controller { child, log, listen }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.log.clone()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The exit status, once the process has ended.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// A raw HTTP/1.1 request to the controller's listener: (status code, body).
-    fn http(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: &[u8],
-    ) -> (u16, String) {
-        crate::support::http_request(self.listen, method, path, headers, body)
-    }
+/// `run_on_git`, polling every `interval`.
+fn run_on_git_every(
+    cluster: &TestCluster,
+    git: &GitServer,
+    instance: &str,
+    interval: &str,
+    extra: &[&str],
+) -> Controller {
+    let url = git.url();
+    let source = [
+        "--source",
+        url.as_str(),
+        "--ref",
+        "main",
+        "--path",
+        "environments",
+    ];
+    run_on(cluster, &source, instance, interval, extra)
 }
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `envctl run` on any source, as `instance`, with a Git cache of its own.
+pub fn run_on(
+    cluster: &TestCluster,
+    source: &[&str],
+    instance: &str,
+    interval: &str,
+    extra: &[&str],
+) -> Controller {
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cache = std::env::temp_dir().join(format!("{instance}-{}-{n}-cache", std::process::id()));
+    let mut args: Vec<String> = source.iter().map(|s| s.to_string()).collect();
+    args.extend(["--instance", instance, "--interval", interval].map(String::from));
+    args.extend(["--cache-dir".to_string(), cache.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Controller::run(&cluster.kubeconfig, args).start()
 }
 
 fn env_yaml(name: &str, scale: i64, services: &[&str]) -> String {
@@ -304,7 +235,7 @@ async fn gitops_lifecycle() {
     git.write("a.yaml", &env_yaml(&a, 2, &["cluster-0", "cluster-1"]));
     git.write("b.yaml", &env_yaml(&b, 1, &["cluster-0"]));
     git.push("two environments");
-    let ctl = Controller::start(cluster, &git, &instance, &["--prune", "--max-prune", "1"]);
+    let ctl = run_on_git(cluster, &git, &instance, &["--prune", "--max-prune", "1"]);
     let log = || ctl.log();
     let t = Duration::from_secs(30);
 
@@ -456,7 +387,7 @@ async fn gitops_without_prune_keeps_removed_environments() {
     git.write("a.yaml", &env_yaml(&a, 1, &["cluster-0"]));
     git.write("b.yaml", &env_yaml(&b, 1, &["cluster-0"]));
     git.push("two");
-    let ctl = Controller::start(cluster, &git, &instance, &[]);
+    let ctl = run_on_git(cluster, &git, &instance, &[]);
     let log = || ctl.log();
     wait_until("applied", Duration::from_secs(30), &log, || async {
         replicas(&client, &b, "compute-cluster-0").await == Some(1)
@@ -501,7 +432,7 @@ async fn webhook_needs_a_valid_signature() {
     std::fs::write(&secret_file, "s3cret\n").expect("write");
     // A long interval: only the first poll and the webhook can bring changes.
     let secret = secret_file.to_str().expect("utf-8 path");
-    let ctl = Controller::start_every(
+    let ctl = run_on_git_every(
         cluster,
         &git,
         &instance,
@@ -585,19 +516,19 @@ async fn leader_failover() {
         "--leader-elect-lease",
         "3s",
     ];
-    let mut one = Controller::start(
+    let mut one = run_on_git(
         cluster,
         &git,
         &instance,
         &[&lease[..], &["--leader-elect-identity", "one"]].concat(),
     );
-    let mut two = Controller::start(
+    let mut two = run_on_git(
         cluster,
         &git,
         &instance,
         &[&lease[..], &["--leader-elect-identity", "two"]].concat(),
     );
-    let (log_one, log_two) = (one.log.clone(), two.log.clone());
+    let (log_one, log_two) = (one.log_path(), two.log_path());
     let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
     let log = || {
         format!(
@@ -663,7 +594,7 @@ async fn unreachable_remote_prunes_nothing_and_resumes() {
     let mut git = GitServer::start();
     git.write("a.yaml", &env_yaml(&a, 1, &["cluster-0"]));
     git.push("one");
-    let ctl = Controller::start(cluster, &git, &instance, &["--prune"]);
+    let ctl = run_on_git(cluster, &git, &instance, &["--prune"]);
     let log = || ctl.log();
     wait_until("applied", Duration::from_secs(30), &log, || async {
         replicas(&client, &a, "compute-cluster-0").await == Some(1)
@@ -703,7 +634,7 @@ async fn watch_applies_directory_edits() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 1, &["cluster-0"])).expect("write");
     let dir_arg = dir.path().to_str().expect("utf-8 path").to_string();
-    let ctl = Controller::spawn(
+    let ctl = run_on(
         cluster,
         &["--source", &dir_arg],
         &instance,
@@ -832,7 +763,7 @@ spec:
     };
     write_all("v1", "10m");
     let r0 = git.push("v1 everywhere");
-    let ctl = Controller::start(cluster, &git, &instance, &["--progress-deadline", "30s"]);
+    let ctl = run_on_git(cluster, &git, &instance, &["--progress-deadline", "30s"]);
     let log = || ctl.log();
     let image = |tag: &str| format!("materialize/environmentd:{tag}");
     async fn all_run(client: &Client, envs: &[String], tag: &str) -> bool {

@@ -2,8 +2,8 @@
 //! SIGTERM hands the Lease over at once, credentials never reach any output, instances never
 //! take over each other's environments, and the README's quickstart runs as written.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,72 +15,23 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
 use crate::certs::{Case, Setup, setup};
 use crate::cluster::{TestCluster, cleanup_instance, require, unique, wait_namespace_gone};
-use crate::support::{examples_renamed, git, repo_root, wait_until};
+use crate::support::{Controller, examples_renamed, free_port, git, repo_root, wait_until};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// One `envctl run` replica with leader election as `identity`, logging to
+/// `DIR/IDENTITY.log`, with a Git cache of its own (as each pod has).
+fn replica(cluster: &TestCluster, identity: &str, args: &[String], dir: &Path) -> Controller {
+    let mut all = args.to_vec();
+    all.extend(["--leader-elect", "--leader-elect-identity", identity].map(String::from));
+    all.push("--cache-dir".into());
+    all.push(dir.join(format!("cache-{identity}")).display().to_string());
+    Controller::run(&cluster.kubeconfig, all)
+        .log(&dir.join(format!("{identity}.log")))
+        .start()
 }
 
-/// One `envctl run` replica with leader election; its log and listener port.
-struct Replica {
-    child: Child,
-    log: PathBuf,
-    port: u16,
-}
-
-impl Replica {
-    fn start(cluster: &TestCluster, identity: &str, args: &[String], dir: &Path) -> Replica {
-        let port = free_port();
-        let log = dir.join(format!("{identity}.log"));
-        let file = std::fs::File::create(&log).expect("a log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_envctl"))
-            .arg("run")
-            .args(args)
-            .args(["--leader-elect", "--leader-elect-identity", identity])
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            // Each replica has its own Git cache, as each pod has.
-            .arg("--cache-dir")
-            .arg(dir.join(format!("cache-{identity}")))
-            .arg("--kubeconfig")
-            .arg(&cluster.kubeconfig)
-            .env("ENVCTL_LOG", "info")
-            .env_remove("ENVCTL_SKIP_CERTIFICATES")
-            .env_remove("KUBECONFIG")
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("starting envctl run");
-        Replica { child, log, port }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn leads(&self) -> bool {
-        self.log().contains("became the leader")
-    }
-
-    fn http(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: &[u8],
-    ) -> (u16, String) {
-        crate::support::http_request(self.port, method, path, headers, body)
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Whether this replica has led (its log says so).
+fn leads(r: &Controller) -> bool {
+    r.log().contains("became the leader")
 }
 
 /// A TCP proxy on `listen` that hands connections to `backends` in turn (what a Service in
@@ -158,9 +109,9 @@ async fn http01_is_answered_by_every_replica() {
     ];
     args.extend(case.common.iter().cloned());
     args.extend(pebble.flags());
-    let a = Replica::start(cluster, "a", &args, dir.path());
-    let b = Replica::start(cluster, "b", &args, dir.path());
-    let (proxy, counts) = round_robin(pebble.http_port, vec![a.port, b.port]).await;
+    let a = replica(cluster, "a", &args, dir.path());
+    let b = replica(cluster, "b", &args, dir.path());
+    let (proxy, counts) = round_robin(pebble.http_port, vec![a.port(), b.port()]).await;
     let log = || format!("--- a ---\n{}\n--- b ---\n{}", a.log(), b.log());
     let took = case
         .wait_certificates(&client, Duration::from_secs(150), &log)
@@ -183,7 +134,7 @@ async fn http01_is_answered_by_every_replica() {
         "both replicas must have answered validations: {served:?}"
     );
     assert_eq!(
-        [a.leads(), b.leads()].iter().filter(|l| **l).count(),
+        [leads(&a), leads(&b)].iter().filter(|l| **l).count(),
         1,
         "exactly one leader\n{}",
         log()
@@ -299,9 +250,9 @@ async fn standby_relays_webhooks_and_sigterm_hands_over() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut a = Replica::start(cluster, "a", &args, dir.path());
-    let mut b = Replica::start(cluster, "b", &args, dir.path());
-    let (log_a, log_b) = (a.log.clone(), b.log.clone());
+    let mut a = replica(cluster, "a", &args, dir.path());
+    let mut b = replica(cluster, "b", &args, dir.path());
+    let (log_a, log_b) = (a.log_path(), b.log_path());
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let log = || format!("--- a ---\n{}\n--- b ---\n{}", read(&log_a), read(&log_b));
     wait_until(
@@ -316,18 +267,18 @@ async fn standby_relays_webhooks_and_sigterm_hands_over() {
         Duration::from_secs(30),
         &log,
         || async {
-            let standby = if a.leads() { &b } else { &a };
+            let standby = if leads(&a) { &b } else { &a };
             standby.http("GET", "/readyz", &[], b"").0 == 200
         },
     )
     .await;
-    let a_leads = a.leads();
+    let a_leads = leads(&a);
     let (leader, standby) = if a_leads { (&a, &b) } else { (&b, &a) };
-    assert!(!standby.leads(), "two leaders\n{}", log());
+    assert!(!leads(standby), "two leaders\n{}", log());
 
     repo.commit(&env, &env_yaml(&env, 3), "scale to 3");
     let body = br#"{"ref":"refs/heads/main"}"#;
-    let webhook_passes = |r: &Replica| {
+    let webhook_passes = |r: &Controller| {
         let (_, m) = r.http("GET", "/metrics", &[], b"");
         m.lines()
             .find(|l| l.starts_with("envctl_reconciles_total{trigger=\"Webhook\"}"))
@@ -372,8 +323,8 @@ async fn standby_relays_webhooks_and_sigterm_hands_over() {
 
     // SIGTERM to the leader.
     let standby_id = if a_leads { "b" } else { "a" };
-    let leader_child = if a_leads { &mut a.child } else { &mut b.child };
-    let pid = leader_child.id().to_string();
+    let leader = if a_leads { &mut a } else { &mut b };
+    let pid = leader.pid().to_string();
     let sent = Instant::now();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
@@ -400,7 +351,7 @@ async fn standby_relays_webhooks_and_sigterm_hands_over() {
     .await;
     let mut status = None;
     for _ in 0..200 {
-        if let Some(s) = leader_child.try_wait().expect("waiting") {
+        if let Some(s) = leader.exited() {
             status = Some(s);
             break;
         }
@@ -507,25 +458,28 @@ async fn credentials_never_reach_output() {
 
     // The controller, with debug logs and metrics, polling a URL with a token.
     let Some(cluster) = require() else { return };
-    let port = free_port();
     let log = dir.path().join("run.log");
-    let file = std::fs::File::create(&log).expect("a log");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .args(["run", "--source"])
-        .arg(format!("https://bot:{token}@127.0.0.1:{dead}/envs.git"))
-        .args(["--interval", "1s", "--skip-certificates", "--instance"])
-        .arg(unique("cred"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .env("ENVCTL_LOG", "debug")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("envctl run");
+    let source = format!("https://bot:{token}@127.0.0.1:{dead}/envs.git");
+    let cache = dir.path().join("cache").display().to_string();
+    let instance = unique("cred");
+    let mut run = Controller::run(
+        &cluster.kubeconfig,
+        [
+            "--source",
+            &source,
+            "--interval",
+            "1s",
+            "--skip-certificates",
+            "--instance",
+            &instance,
+            "--cache-dir",
+            &cache,
+        ],
+    )
+    .log(&log)
+    .env("ENVCTL_LOG", "debug")
+    .start();
+    let port = run.port();
     let start = Instant::now();
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -542,7 +496,7 @@ async fn credentials_never_reach_output() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default();
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -887,33 +841,27 @@ fn a_hung_git_server_times_out() {
     // The controller: each poll gives up within the timeout and the next one proceeds.
     let Some(cluster) = require() else { return };
     let log = dir.path().join("run.log");
-    let file = std::fs::File::create(&log).expect("a log");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .args([
-            "run",
+    let source = format!("git://127.0.0.1:{port}/envs.git");
+    let cache = dir.path().join("run-cache").display().to_string();
+    let instance = unique("hung");
+    let mut run = Controller::run(
+        &cluster.kubeconfig,
+        [
             "--source",
-            &format!("git://127.0.0.1:{port}/envs.git"),
-        ])
-        .args([
+            &source,
             "--git-timeout",
             "2s",
             "--interval",
             "1s",
             "--skip-certificates",
             "--instance",
-        ])
-        .arg(unique("hung"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--cache-dir")
-        .arg(dir.path().join("run-cache"))
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .env("ENVCTL_LOG", "info")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("envctl run");
+            &instance,
+            "--cache-dir",
+            &cache,
+        ],
+    )
+    .log(&log)
+    .start();
     let started = Instant::now();
     let failed_polls = || {
         std::fs::read_to_string(&log)
@@ -925,7 +873,7 @@ fn a_hung_git_server_times_out() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let took = started.elapsed();
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!("hung Git server, controller: 3 polls failed and moved on within {took:?}");
@@ -946,24 +894,18 @@ async fn run_without_a_directory_reports_unconfigured_certificates() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let src = dir.path().join("envs");
     let names = examples_renamed(&src, &instance[instance.len() - 4..]);
-    let port = free_port();
     let log = dir.path().join("run.log");
-    let file = std::fs::File::create(&log).expect("a log");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_envctl"))
-        .args(["run", "--source"])
-        .arg(&src)
-        .args(["--instance", &instance, "--interval", "1h"])
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .env_remove("ENVCTL_SKIP_CERTIFICATES")
-        .env_remove("ENVCTL_ACME_DIRECTORY")
-        .env("ENVCTL_LOG", "info")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("envctl run");
+    let source = src.display().to_string();
+    // No ACME directory and certificates not skipped: they are reported unconfigured.
+    let mut run = Controller::run(
+        &cluster.kubeconfig,
+        ["--source", &source, "--instance", &instance, "--interval", "1h"],
+    )
+    .log(&log)
+    .env_remove("ENVCTL_SKIP_CERTIFICATES")
+    .env_remove("ENVCTL_ACME_DIRECTORY")
+    .start();
+    let port = run.port();
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     let start = Instant::now();
     let mut metrics = String::new();
@@ -1005,7 +947,7 @@ async fn run_without_a_directory_reports_unconfigured_certificates() {
         || async { note().await.is_some() },
     )
     .await;
-    let _ = run.kill();
+    run.kill();
     let _ = run.wait();
     assert!(
         read().contains("no ACME directory is configured"),

@@ -4,23 +4,22 @@
 //! replica wrote what and when, and the certificate quota held across replicas.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{cleanup_instance, require, unique};
 use crate::faults::{converged as at_scale, write_fleet};
-use crate::support::{http_request, wait_until};
+use crate::support::{Controller, wait_until};
 
 /// The member Lease lasts this long in these tests (renewed every 2 s).
 const LEASE: &str = "6s";
 
-/// One `envctl run --shard` process, killed when dropped.
+/// One `envctl run --shard` member: its identity and the running controller (killed when
+/// dropped).
 struct Replica {
     identity: String,
-    port: u16,
-    child: Child,
-    log: PathBuf,
+    run: Controller,
 }
 
 impl Replica {
@@ -31,55 +30,23 @@ impl Replica {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Replica {
-        let log = dir.join(format!("{identity}.log"));
-        let file = std::fs::File::create(&log).expect("a log");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a port");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_envctl"));
-        cmd.arg("run")
-            .args(args)
-            .args(["--shard", "--leader-elect-identity", identity])
-            .args(["--leader-elect-lease", LEASE, "--interval", "1s"])
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .env("ENVCTL_LOG", "info")
-            .env("ENVCTL_SKIP_CERTIFICATES", "1")
-            .env_remove("KUBECONFIG");
+        let mut all = args.to_vec();
+        all.extend(["--shard", "--leader-elect-identity", identity].map(String::from));
+        all.extend(["--leader-elect-lease", LEASE, "--interval", "1s"].map(String::from));
+        let mut command =
+            Controller::run(kubeconfig, all).log(&dir.join(format!("{identity}.log")));
         for (k, v) in env {
-            cmd.env(k, v);
+            command = command.env(k, v);
         }
-        let child = cmd
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("starting envctl run --shard");
         Replica {
             identity: identity.to_string(),
-            port,
-            child,
-            log,
+            run: command.start(),
         }
     }
 
     /// A gauge's value from /metrics, if served.
     fn gauge(&self, name: &str) -> Option<i64> {
-        let (code, body) = http_request(self.port, "GET", "/metrics", &[], b"");
-        if code != 200 {
-            return None;
-        }
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.run.gauge(name)
     }
 }
 
@@ -87,7 +54,7 @@ fn logs(replicas: &[Replica]) -> String {
     replicas
         .iter()
         .map(|r| {
-            let text = std::fs::read_to_string(&r.log).unwrap_or_default();
+            let text = r.run.log();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             format!(
                 "--- {} ---\n{}",
@@ -471,7 +438,7 @@ async fn three_shards_hold_a_mass_removal_under_max_prune() {
     .await;
     let logged: Vec<usize> = replicas
         .iter()
-        .map(|r| std::fs::read_to_string(&r.log).unwrap_or_default().len())
+        .map(|r| r.run.log().len())
         .collect();
     for name in names.iter().skip(10) {
         std::fs::remove_file(src.join(format!("{name}.yaml"))).expect("removing a manifest");
@@ -483,7 +450,7 @@ async fn three_shards_hold_a_mass_removal_under_max_prune() {
         &|| logs(&replicas),
         || {
             let ok = replicas.iter().zip(&logged).all(|(r, from)| {
-                let text = std::fs::read_to_string(&r.log).unwrap_or_default();
+                let text = r.run.log();
                 text.get(*from..).is_some_and(|t| {
                     t.lines()
                         .any(|l| l.contains("held") && l.contains("--max-prune allows"))

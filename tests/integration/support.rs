@@ -246,3 +246,168 @@ pub fn git(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `envctl run`, killed and reaped when dropped (also when a test panics). Every
+/// test that runs the controller starts it through `Controller::run`.
+pub struct Controller {
+    child: std::process::Child,
+    log: PathBuf,
+    port: u16,
+}
+
+/// How to start a controller: its arguments, log and environment.
+pub struct RunCommand {
+    kubeconfig: PathBuf,
+    args: Vec<String>,
+    log: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    unset: Vec<String>,
+}
+
+impl Controller {
+    /// `envctl run ARGS --kubeconfig KUBECONFIG`, listening on a free loopback port, logging
+    /// at info level. Certificates are skipped unless `args` name an ACME directory.
+    pub fn run<S: AsRef<str>>(kubeconfig: &Path, args: impl IntoIterator<Item = S>) -> RunCommand {
+        RunCommand {
+            kubeconfig: kubeconfig.to_path_buf(),
+            args: args.into_iter().map(|a| a.as_ref().to_string()).collect(),
+            log: None,
+            env: Vec::new(),
+            unset: Vec::new(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The port of its HTTP listener.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to end.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A raw HTTP/1.1 request to the controller's listener: (status code, body).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> (u16, String) {
+        http_request(self.port, method, path, headers, body)
+    }
+
+    /// A gauge's value from /metrics, if served.
+    pub fn gauge(&self, name: &str) -> Option<i64> {
+        let (code, body) = self.http("GET", "/metrics", &[], b"");
+        if code != 200 {
+            return None;
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl RunCommand {
+    /// Appends the process's output to `path` (a restarted controller can share one log);
+    /// without it, each process logs to a fresh temp file.
+    pub fn log(mut self, path: &Path) -> RunCommand {
+        self.log = Some(path.to_path_buf());
+        self
+    }
+
+    /// Sets an environment variable of the process (after the defaults).
+    pub fn env(mut self, key: &str, value: &str) -> RunCommand {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Removes an environment variable from the process (after the defaults).
+    pub fn env_remove(mut self, key: &str) -> RunCommand {
+        self.unset.push(key.to_string());
+        self
+    }
+
+    pub fn start(self) -> Controller {
+        let port = free_port();
+        let (log, file) = match &self.log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("a log file");
+                (path.clone(), file)
+            }
+            None => {
+                let path = std::env::temp_dir().join(format!("envctl-run-{port}.log"));
+                (path.clone(), std::fs::File::create(&path).expect("a log file"))
+            }
+        };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_envctl"));
+        command
+            .arg("run")
+            .args(&self.args)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .env("ENVCTL_LOG", "info")
+            .env_remove("KUBECONFIG");
+        if self.args.iter().any(|a| a == "--acme-directory") {
+            command.env_remove("ENVCTL_SKIP_CERTIFICATES");
+        } else {
+            command.env("ENVCTL_SKIP_CERTIFICATES", "1");
+        }
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        for k in &self.unset {
+            command.env_remove(k);
+        }
+        let child = command
+            .stdout(file.try_clone().expect("a log file"))
+            .stderr(file)
+            .spawn()
+            .expect("starting envctl run");
+        Controller { child, log, port }
+    }
+}
