@@ -285,11 +285,7 @@ impl Metrics {
             "Environments by state after the last pass",
             self.environments.clone(),
         );
-        r.register(
-            "polls",
-            "Source polls by result",
-            self.polls.clone(),
-        );
+        r.register("polls", "Source polls by result", self.polls.clone());
         r.register(
             "api_requests",
             "Requests to the Kubernetes API by kind of request",

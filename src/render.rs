@@ -235,7 +235,11 @@ pub fn render_environment(env: &Environment, options: &RenderOptions) -> Vec<Des
     );
     workloads.sort_by(|a, b| a.name.cmp(&b.name));
     for w in &mut workloads {
-        out.push((ObjectKind::Service, w.name.clone(), std::mem::take(&mut w.service)));
+        out.push((
+            ObjectKind::Service,
+            w.name.clone(),
+            std::mem::take(&mut w.service),
+        ));
     }
     for w in workloads {
         out.push((ObjectKind::StatefulSet, w.name, w.stateful_set));

@@ -92,7 +92,12 @@ async fn apply_then_certify(
     if !outcome.failed.is_empty() {
         return Err(CliError::EnvironmentsFailed {
             count: outcome.failed.len(),
-            names: outcome.failed.keys().cloned().collect::<Vec<_>>().join(", "),
+            names: outcome
+                .failed
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     if !outcome.refused.is_empty() {

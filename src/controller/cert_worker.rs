@@ -103,12 +103,9 @@ impl CertWorker {
                 .unwrap_or_else(|e| e.into_inner())
                 .writable(tokio::time::Instant::now())
         }));
-        let round = std::panic::AssertUnwindSafe(certs.reconcile(
-            want,
-            Some(events),
-            Some(&self.metrics),
-        ))
-        .catch_unwind();
+        let round =
+            std::panic::AssertUnwindSafe(certs.reconcile(want, Some(events), Some(&self.metrics)))
+                .catch_unwind();
         // A round stops when the lease is no longer current (its cluster writes, the
         // ledger's charges among them, are refused already); the next leader resumes its
         // orders.
@@ -157,9 +154,9 @@ fn next_round(report: &CertReport) -> Next {
         orders_sent = report.orders_sent,
         "certificates"
     );
-    let woken = report.next_wake.map(|at| {
-        Duration::from_secs(at.saturating_sub(crate::certs::unix_now()).max(1))
-    });
+    let woken = report
+        .next_wake
+        .map(|at| Duration::from_secs(at.saturating_sub(crate::certs::unix_now()).max(1)));
     let retry = (t.failed > 0 || t.no_namespace > 0).then_some(ROUND_RETRY);
     match (woken, retry) {
         (Some(a), Some(b)) => Next::Sooner(a.min(b)),

@@ -17,8 +17,8 @@ use tokio::sync::{Notify, watch};
 
 use super::cert_worker::CertWorker;
 use super::http::{self, Shared};
-use super::lease_thread::on_lease_thread;
 use super::leader::{self, LeaseConfig};
+use super::lease_thread::on_lease_thread;
 pub use super::options::{Clients, LeaseConnect, RunOptions, RunSource};
 use super::poll::{DirectoryWatch, PollSource, Revision, WatchError, watch_directory};
 use super::reconcile::{Backoff, Cluster, History, Loop, Published, Rollouts, Shard};
@@ -261,9 +261,11 @@ impl Leases {
         let connect = &clients.lease_connect;
         let leader_task = opts.leader.clone().map(|cfg| {
             let fence = clients.fence.clone();
-            ended(on_lease_thread(connect.clone(), stopping.clone(), move |c| {
-                leader::run(c, cfg, lead_tx, fence)
-            }))
+            ended(on_lease_thread(
+                connect.clone(),
+                stopping.clone(),
+                move |c| leader::run(c, cfg, lead_tx, fence),
+            ))
         });
         let membership: Option<SharedMembership> = opts.shard.as_ref().map(|cfg| {
             Arc::new(Mutex::new(crate::shard::Membership::new(
@@ -275,9 +277,11 @@ impl Leases {
         let shard_task = opts.shard.clone().zip(membership.clone()).map(|(cfg, m)| {
             let (instance, fence) = (opts.pass.render.instance.clone(), clients.fence.clone());
             let changed = wake.shard.clone();
-            ended(on_lease_thread(connect.clone(), stopping.clone(), move |c| {
-                super::shard::run(c, cfg, instance, m, changed, generation_tx, fence)
-            }))
+            ended(on_lease_thread(
+                connect.clone(),
+                stopping.clone(),
+                move |c| super::shard::run(c, cfg, instance, m, changed, generation_tx, fence),
+            ))
         });
         Leases {
             lead,
@@ -482,7 +486,11 @@ impl Driver<'_> {
         }
         let moved = self
             .source
-            .poll_into(&mut self.current, self.opts.max_file_size, &self.shared.metrics)
+            .poll_into(
+                &mut self.current,
+                self.opts.max_file_size,
+                &self.shared.metrics,
+            )
             .await;
         if self.current.is_none() {
             return Step::Wait;

@@ -609,11 +609,7 @@ fn gather(
 
 /// Keeps the environments whose name and hostname no other environment has; the others are
 /// invalid, each duplicate reported where it stands.
-fn keep_unique(
-    loaded: &mut Loaded,
-    by_name: ByName,
-    files: &[SourceFile],
-) {
+fn keep_unique(loaded: &mut Loaded, by_name: ByName, files: &[SourceFile]) {
     // Positions are only needed when a duplicate is reported.
     let locate = |origin: &Origin| -> Origin {
         let pos = files
@@ -672,10 +668,7 @@ fn keep_unique(
 
 /// The source's rollout: none, its one RolloutPolicy, or invalid (more than one is
 /// reported at each).
-fn rollout_of(
-    loaded: &mut Loaded,
-    mut policies: Policies,
-) -> Rollout {
+fn rollout_of(loaded: &mut Loaded, mut policies: Policies) -> Rollout {
     match policies.len() {
         0 => Rollout::None,
         1 => match policies.remove(0) {

@@ -48,7 +48,6 @@ fn drift_fingerprint(obj: &DynamicObject) -> u64 {
     h.finish()
 }
 
-
 /// One cached object: what can drift (a change wakes a drift pass), its compact JSON, and a
 /// digest of that JSON with its kind and key (what a pass reads of it).
 struct Cached {
@@ -285,4 +284,3 @@ impl Cache {
         Ok((live, digests))
     }
 }
-

@@ -70,7 +70,6 @@ pub async fn dry_run(
     (answers, failures)
 }
 
-
 /// The union of the fields envctl's field manager owns in an object (fieldsV1 trees).
 pub fn envctl_fields(
     managed: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry]>,
@@ -212,4 +211,3 @@ mod tests {
         assert_eq!(scaled, json!({"spec": {}}));
     }
 }
-

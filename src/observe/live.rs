@@ -76,7 +76,6 @@ impl Live {
     }
 }
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
     #[error("listing {kind} objects owned by envctl")]

@@ -20,4 +20,6 @@ pub use cache::{Cache, NamespaceDigests};
 pub use dry_run::{DryRunFailure, dry_run, prune_to_fields};
 pub use health_watch::HealthWatch;
 pub use live::{Live, LiveObject, OBSERVED_KINDS, ObserveError};
-pub use read::{NamespaceLookup, group_for_health, list_owned, namespace_labels, read_health_inputs};
+pub use read::{
+    NamespaceLookup, group_for_health, list_owned, namespace_labels, read_health_inputs,
+};

@@ -137,7 +137,6 @@ pub async fn namespace_labels(
     Ok(lookup)
 }
 
-
 /// Groups StatefulSets, pods and namespaces (each StatefulSet and namespace with its
 /// environment; a namespace with its `applied-at`) by environment into health inputs. Every
 /// environment with a namespace gets an entry (an environment without StatefulSets is
@@ -241,4 +240,3 @@ pub async fn read_health_inputs(
             .filter_map(|n| Some((environment_of(&n.metadata)?, applied_at(n)))),
     ))
 }
-

@@ -93,7 +93,11 @@ impl<V: Send + Sync + 'static> Watched<V> {
                             moved
                         });
                         ready_tx.send_replace(true);
-                        if first { rules.wake_on_first_list } else { moved }
+                        if first {
+                            rules.wake_on_first_list
+                        } else {
+                            moved
+                        }
                     }
                     Ok(Event::Apply(o)) => {
                         let k = key_of(&o);

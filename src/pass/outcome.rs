@@ -105,10 +105,12 @@ impl Outcome {
             );
         }
         for f in &report.failures {
-            failed.entry(f.environment.clone()).or_insert_with(|| Failure {
-                message: format!("{} {}: {}", f.action.as_str(), f.object, f.error),
-                reason: f.reason.unwrap_or(FailureReason::Other),
-            });
+            failed
+                .entry(f.environment.clone())
+                .or_insert_with(|| Failure {
+                    message: format!("{} {}: {}", f.action.as_str(), f.object, f.error),
+                    reason: f.reason.unwrap_or(FailureReason::Other),
+                });
         }
         failed
     }
@@ -246,8 +248,7 @@ spec:
         let names: Vec<String> = (0..8).map(|i| format!("env-{i}")).collect();
         let files: Vec<SourceFile> = names.iter().map(|n| environment(n, true)).collect();
         let loaded = load(&files, &LoadOptions::default());
-        let members: std::collections::BTreeSet<String> =
-            ["a".to_string(), "b".to_string()].into();
+        let members: std::collections::BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
         let now = tokio::time::Instant::now();
         let mut membership = crate::shard::Membership::new("a", std::time::Duration::ZERO);
         membership.observe(Some(members.clone()), now);

@@ -109,13 +109,8 @@ async fn smoke_on_the_oldest_supported_kubernetes() {
     let ns = format!("environment-{name}");
     let mut extra: Vec<&str> = vec!["--controller-namespace", &case.ctl_ns];
     extra.push("--skip-certificates");
-    let mut controller = crate::gitops::run_on(
-        &cluster,
-        &["--source", &src],
-        &case.instance,
-        "1s",
-        &extra,
-    );
+    let mut controller =
+        crate::gitops::run_on(&cluster, &["--source", &src], &case.instance, "1s", &extra);
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let replicas = |s: &StatefulSet| s.spec.as_ref().and_then(|s| s.replicas);
     let wanted = replicas(&sts.get("environmentd").await.expect("environmentd"));

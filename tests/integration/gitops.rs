@@ -132,7 +132,12 @@ impl Drop for GitServer {
 pub use crate::support::Controller;
 
 /// `envctl run` on the Git server's `environments` folder as `instance`, polling every second.
-fn run_on_git(cluster: &TestCluster, git: &GitServer, instance: &str, extra: &[&str]) -> Controller {
+fn run_on_git(
+    cluster: &TestCluster,
+    git: &GitServer,
+    instance: &str,
+    extra: &[&str],
+) -> Controller {
     run_on_git_every(cluster, git, instance, "1s", extra)
 }
 

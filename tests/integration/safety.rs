@@ -899,7 +899,14 @@ async fn run_without_a_directory_reports_unconfigured_certificates() {
     // No ACME directory and certificates not skipped: they are reported unconfigured.
     let mut run = Controller::run(
         &cluster.kubeconfig,
-        ["--source", &source, "--instance", &instance, "--interval", "1h"],
+        [
+            "--source",
+            &source,
+            "--instance",
+            &instance,
+            "--interval",
+            "1h",
+        ],
     )
     .log(&log)
     .env_remove("ENVCTL_SKIP_CERTIFICATES")

@@ -436,10 +436,7 @@ async fn three_shards_hold_a_mass_removal_under_max_prune() {
         },
     )
     .await;
-    let logged: Vec<usize> = replicas
-        .iter()
-        .map(|r| r.run.log().len())
-        .collect();
+    let logged: Vec<usize> = replicas.iter().map(|r| r.run.log().len()).collect();
     for name in names.iter().skip(10) {
         std::fs::remove_file(src.join(format!("{name}.yaml"))).expect("removing a manifest");
     }

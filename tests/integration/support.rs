@@ -379,7 +379,10 @@ impl RunCommand {
             }
             None => {
                 let path = std::env::temp_dir().join(format!("envctl-run-{port}.log"));
-                (path.clone(), std::fs::File::create(&path).expect("a log file"))
+                (
+                    path.clone(),
+                    std::fs::File::create(&path).expect("a log file"),
+                )
             }
         };
         let mut command = Command::new(env!("CARGO_BIN_EXE_envctl"));

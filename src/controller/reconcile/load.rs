@@ -88,12 +88,7 @@ impl History {
             let g = git.lock().unwrap_or_else(|e| e.into_inner());
             g.read(&commit, max)
                 .map(|(files, problems)| {
-                    manifest::load_with_unread(
-                        &files,
-                        &problems,
-                        &load,
-                        &mut Validated::default(),
-                    )
+                    manifest::load_with_unread(&files, &problems, &load, &mut Validated::default())
                 })
                 .map_err(|e| error_chain(&e))
         });

@@ -105,7 +105,8 @@ impl Loop {
                 return tracing::error!(error = %error_chain(&e), "planning failed; nothing was changed");
             }
         };
-        self.rollouts.note_applied(&rolled.loaded, &pass.plan.changes);
+        self.rollouts
+            .note_applied(&rolled.loaded, &pass.plan.changes);
         let plan_apply::Applied::Done { report, took } = applied else {
             return tracing::warn!(revision = %revision.id, "the shard's members changed during the pass: its remaining writes are left to the next pass");
         };

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use super::super::poll::Revision;
 use super::rollout::Rolled;
 use super::scope::Backoff;
-use super::super::poll::Revision;
 use crate::certs::UNCONFIGURED_NOTE;
 use crate::metrics::Metrics;
 use crate::pass::{Outcome, PassOptions};
@@ -60,8 +60,9 @@ pub fn statuses(
         let (state, error) = match not_applied.get(&name) {
             Some(e) => (EnvState::Failed, Some(e.clone())),
             // Not planned this pass (out of scope or backing off): as last recorded.
-            None if !pass.options.plans(&name) => previous
-                .map_or((EnvState::Applied, None), |p| (p.state, p.error.clone())),
+            None if !pass.options.plans(&name) => {
+                previous.map_or((EnvState::Applied, None), |p| (p.state, p.error.clone()))
+            }
             None => {
                 backoff.succeeded(&name);
                 (EnvState::Applied, None)
@@ -75,8 +76,7 @@ pub fn statuses(
             .is_none_or(|c| c.contains(&env.origin.file));
         let revision = if let Some(kept) = pass.rolled.held.get(&name) {
             kept.clone()
-        } else if file_changed || pass.outcome.touched.contains_key(&name) || previous.is_none()
-        {
+        } else if file_changed || pass.outcome.touched.contains_key(&name) || previous.is_none() {
             pass.revision.id.clone()
         } else {
             previous.map_or(pass.revision.id.clone(), |p| p.revision.clone())
@@ -90,7 +90,11 @@ pub fn statuses(
             certificate,
         });
     }
-    for name in loaded.invalid_names.iter().filter(|n| pass.options.writes(n)) {
+    for name in loaded
+        .invalid_names
+        .iter()
+        .filter(|n| pass.options.writes(n))
+    {
         *counts.entry(EnvState::Invalid).or_default() += 1;
         let reason = loaded
             .invalid_reasons

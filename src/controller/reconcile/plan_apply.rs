@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use super::parts::{Cluster, Shard};
 use crate::apply::Report;
+use crate::manifest::Loaded;
 use crate::metrics::{ApiVerb, Metrics};
 use crate::observe::ObserveError;
 use crate::pass::{PassOptions, PassPlan, apply_pass, plan_pass};
 use crate::plan::Action;
-use crate::manifest::Loaded;
 
 #[derive(Debug, thiserror::Error)]
 #[error("planning from the watch cache")]

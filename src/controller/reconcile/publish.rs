@@ -74,8 +74,7 @@ impl Published {
                 .map(|t| (t.environment.clone(), t.names.clone()))
                 .collect()
         };
-        if created_namespace || names(&self.cert_targets.borrow()) != names(&outcome.certificates)
-        {
+        if created_namespace || names(&self.cert_targets.borrow()) != names(&outcome.certificates) {
             self.cert_targets.send_replace(outcome.certificates.clone());
         }
     }
@@ -123,7 +122,11 @@ impl Published {
 
     /// The statuses to write (changed, and not as the namespace has them already) and the
     /// Events to publish; remembers what is written.
-    fn changed(&mut self, statuses: Vec<EnvStatus>, what: &Pass<'_>) -> (Vec<EnvStatus>, Vec<Event>) {
+    fn changed(
+        &mut self,
+        statuses: Vec<EnvStatus>,
+        what: &Pass<'_>,
+    ) -> (Vec<EnvStatus>, Vec<Event>) {
         let (outcome, live) = (what.outcome, &what.pass.live_namespaces);
         let mut annotate = Vec::new();
         let mut publish: Vec<Event> = Vec::new();

@@ -7,10 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::load::History;
-use super::parts::{Cluster, Shard};
 use super::super::health::HealthMap;
 use super::super::poll::Revision;
+use super::load::History;
+use super::parts::{Cluster, Shard};
 use crate::health::{self, Health};
 use crate::manifest::{self, Loaded};
 use crate::metrics::Metrics;
@@ -110,7 +110,11 @@ impl Rollouts {
                 else {
                     continue;
                 };
-                match history.at(&kept).await.and_then(|l| l.environment(name).cloned()) {
+                match history
+                    .at(&kept)
+                    .await
+                    .and_then(|l| l.environment(name).cloned())
+                {
                     Some(o) => replaced.environments[i] = o,
                     None => {
                         rolled.untouchable.insert(name.clone());

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::rollout::Rolled;
 use super::super::poll::Revision;
+use super::rollout::Rolled;
 use crate::cluster::FailureReason;
 use crate::metrics::{FailureLabels, Metrics};
 
@@ -53,7 +53,8 @@ impl Backoff {
         let loaded = &rolled.loaded;
         self.last_pass_at = Instant::now();
         // An environment that left the source (or became invalid) has nothing to retry.
-        self.due.retain(|name, _| loaded.environment(name).is_some());
+        self.due
+            .retain(|name, _| loaded.environment(name).is_some());
         let now = Instant::now();
         let backing_off = |name: &str| self.due.get(name).is_some_and(|b| b.1 > now);
         let file_changed = |file: &str| revision.changed.as_ref().is_some_and(|c| c.contains(file));
