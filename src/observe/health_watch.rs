@@ -1,28 +1,27 @@
 //! The health watches, for the controller: StatefulSets (their status), pods and
 //! namespaces, kept current so that health is read on every change, with no polling per
-//! environment.
+//! environment. Each keeps a projection of what health reads, not the typed objects.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use tokio::sync::Notify;
 
 use super::live::ObserveError;
 use super::read::{applied_at, environment_of, group_for_health};
 use super::watched::{Rules, Watched};
-use crate::health::StatefulSetView;
-use crate::vocab::{ENVIRONMENT_LABEL, owned_selector};
+use crate::health::{PodView, StatefulSetView};
+use crate::vocab::owned_selector;
 
 /// Watches of what health is judged from (StatefulSets with their status, pods, namespaces).
 pub struct HealthWatch {
     stateful_sets: Watched<(String, Arc<StatefulSetView>)>,
-    pods: reflector::Store<Pod>,
+    pods: Watched<(String, Arc<PodView>)>,
     namespaces: Watched<(String, Option<Timestamp>)>,
 }
 
@@ -63,40 +62,6 @@ where
     )
 }
 
-/// Keeps a store of pods without what health never reads: managedFields (most of a listed
-/// object's size), the spec, and every label but the environment's and every annotation.
-fn reflect_pods(
-    api: kube::Api<Pod>,
-    selector: &str,
-    changed: Arc<Notify>,
-) -> reflector::Store<Pod> {
-    let (reader, writer) = reflector::store();
-    let config = watcher::Config::default().labels(selector);
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|p: &mut Pod| {
-            p.metadata.managed_fields = None;
-            p.metadata.annotations = None;
-            if let Some(labels) = p.metadata.labels.as_mut() {
-                labels.retain(|k, _| k == ENVIRONMENT_LABEL);
-            }
-            p.spec = None;
-        })
-        .reflect(writer);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(e) => {
-                    tracing::warn!(kind = "Pod", error = %e, "the health watch broke; it resumes with backoff")
-                }
-            }
-        }
-    });
-    reader
-}
-
 impl HealthWatch {
     /// Starts the watches; `changed` is notified on every event.
     pub fn start(client: &Client, instance: &str, changed: Arc<Notify>) -> HealthWatch {
@@ -109,7 +74,9 @@ impl HealthWatch {
                 "StatefulSet",
                 |s: &StatefulSet| Arc::new(StatefulSetView::from(s)),
             ),
-            pods: reflect_pods(kube::Api::all(client.clone()), &selector, changed.clone()),
+            pods: project(client, &selector, changed.clone(), "Pod", |p: &Pod| {
+                Arc::new(PodView::from(p))
+            }),
             namespaces: project(client, &selector, changed, "Namespace", applied_at),
         }
     }
@@ -118,7 +85,7 @@ impl HealthWatch {
     pub async fn ready(&self, timeout: std::time::Duration) -> Result<(), ObserveError> {
         let all = async {
             self.stateful_sets.wait_ready().await;
-            let _ = self.pods.wait_until_ready().await;
+            self.pods.wait_ready().await;
             self.namespaces.wait_ready().await;
         };
         tokio::time::timeout(timeout, all)
@@ -135,6 +102,7 @@ impl HealthWatch {
             self.stateful_sets.read().values().cloned().collect();
         let namespaces: Vec<(String, Option<Timestamp>)> =
             self.namespaces.read().values().cloned().collect();
-        group_for_health(stateful_sets, self.pods.state(), namespaces)
+        let pods: Vec<(String, Arc<PodView>)> = self.pods.read().values().cloned().collect();
+        group_for_health(stateful_sets, pods, namespaces)
     }
 }

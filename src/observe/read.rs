@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::live::{Live, OBSERVED_KINDS, ObserveError};
 use crate::cluster::{api, with_retries};
-use crate::health::StatefulSetView;
+use crate::health::{PodView, StatefulSetView};
 use crate::vocab::{ENVIRONMENT_LABEL, ObjectKind, owned_selector};
 
 async fn list_kind(
@@ -137,13 +137,13 @@ pub async fn namespace_labels(
     Ok(lookup)
 }
 
-/// Groups StatefulSets, pods and namespaces (each StatefulSet and namespace with its
+/// Groups StatefulSets, pods and namespaces (each with its
 /// environment; a namespace with its `applied-at`) by environment into health inputs. Every
 /// environment with a namespace gets an entry (an environment without StatefulSets is
 /// `Unknown`).
 pub fn group_for_health(
     stateful_sets: impl IntoIterator<Item = (String, Arc<StatefulSetView>)>,
-    pods: impl IntoIterator<Item = Arc<Pod>>,
+    pods: impl IntoIterator<Item = (String, Arc<PodView>)>,
     namespaces: impl IntoIterator<Item = (String, Option<Timestamp>)>,
 ) -> BTreeMap<String, crate::health::Observed> {
     let mut out: BTreeMap<String, crate::health::Observed> = BTreeMap::new();
@@ -153,10 +153,8 @@ pub fn group_for_health(
     for (env, sts) in stateful_sets {
         out.entry(env).or_default().stateful_sets.push(sts);
     }
-    for pod in pods {
-        if let Some(env) = environment_of(&pod.metadata) {
-            out.entry(env).or_default().pods.push(pod);
-        }
+    for (env, pod) in pods {
+        out.entry(env).or_default().pods.push(pod);
     }
     out
 }
@@ -234,7 +232,8 @@ pub async fn read_health_inputs(
                 Arc::new(StatefulSetView::from(s)),
             ))
         }),
-        pods.into_iter().map(Arc::new),
+        pods.iter()
+            .filter_map(|p| Some((environment_of(&p.metadata)?, Arc::new(PodView::from(p))))),
         namespaces
             .iter()
             .filter_map(|n| Some((environment_of(&n.metadata)?, applied_at(n)))),

@@ -698,7 +698,10 @@ async fn rollout_state(client: &Client, env: &str) -> (String, bool) {
             let view = envctl::health::StatefulSetView::from(s);
             (env.to_string(), std::sync::Arc::new(view))
         }),
-        pods(client, env).await.into_iter().map(std::sync::Arc::new),
+        pods(client, env).await.iter().map(|p| {
+            let view = envctl::health::PodView::from(p);
+            (env.to_string(), std::sync::Arc::new(view))
+        }),
         [],
     );
     let ready = observed.get(env).is_some_and(|o| {
