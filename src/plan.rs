@@ -254,8 +254,9 @@ pub struct SourceHealth {
     /// only live) are neither changed nor pruned.
     pub writable: Option<crate::shard::Writable>,
     /// Every valid environment of the source, whether rendered in this pass or not (a pass
-    /// that plans a few renders only those): none of them is ever pruned as gone.
-    pub environments: BTreeSet<String>,
+    /// that plans a few renders only those): none of them is ever pruned as gone. Shared by
+    /// every part of a pass.
+    pub environments: std::sync::Arc<BTreeSet<String>>,
 }
 
 /// Why an environment whose namespace already exists may not be applied by `instance`, if
@@ -305,9 +306,17 @@ impl SourceHealth {
 /// Every field of `desired` is in `live` with the same value (lists: same length, element-wise).
 fn is_subset(desired: &Value, live: &Value) -> bool {
     match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d
-            .iter()
-            .all(|(k, v)| l.get(k).is_some_and(|lv| is_subset(v, lv))),
+        (Value::Object(d), Value::Object(l)) => {
+            // Both maps iterate in key order: one walk of each, not a search per key. (Were
+            // they ever unordered, a key would go unmatched: "not provable", never a false
+            // "unchanged".)
+            let mut l = l.iter();
+            d.iter().all(|(k, v)| {
+                l.by_ref()
+                    .find(|(lk, _)| lk.as_str() >= k.as_str())
+                    .is_some_and(|(lk, lv)| lk == k && is_subset(v, lv))
+            })
+        }
         (Value::Array(d), Value::Array(l)) => {
             d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
         }
@@ -318,7 +327,8 @@ fn is_subset(desired: &Value, live: &Value) -> bool {
 /// Deletion has begun (`metadata.deletionTimestamp` is set).
 fn is_terminating(object: &Value) -> bool {
     object
-        .pointer("/metadata/deletionTimestamp")
+        .get("metadata")
+        .and_then(|m| m.get("deletionTimestamp"))
         .is_some_and(|v| !v.is_null())
 }
 
@@ -339,23 +349,58 @@ pub fn provably_unchanged(desired: &Value, live: &Value) -> bool {
         && is_subset(desired, live)
 }
 
-/// The desired objects (of environments in scope) that exist live but are not provably
-/// unchanged: they need a dry-run.
-pub fn needs_dry_run<'a>(
-    desired: &'a [DesiredObject],
-    live: &Live,
-    health: &SourceHealth,
-) -> Vec<&'a DesiredObject> {
-    desired
-        .iter()
-        .filter(|d| health.in_scope(&d.environment))
-        .filter(|d| {
-            live.objects.get(&ObjectKey::of(d)).is_some_and(|l| {
-                !provably_unchanged(&d.object, &l.object)
-                    && !needs_replace(d.kind, &d.object, &l.object)
+/// The desired objects of a part, each judged once (on every core: a full pass compares
+/// every object) for whether it is provably unchanged against its live object: both the
+/// choice of dry-runs and the plan need that answer.
+pub struct Desired {
+    pub objects: Vec<DesiredObject>,
+    /// `unchanged[i]`: `objects[i]` exists live and is `provably_unchanged`.
+    unchanged: Vec<bool>,
+}
+
+impl Desired {
+    pub fn judge(objects: Vec<DesiredObject>, live: &Live) -> Desired {
+        let judge = |d: &DesiredObject| {
+            live.objects
+                .get(&ObjectKey::of(d))
+                .is_some_and(|l| provably_unchanged(&d.object, &l.object))
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = objects.len().div_ceil(threads).max(256);
+        let unchanged = std::thread::scope(|scope| {
+            let parts: Vec<_> = objects
+                .chunks(chunk)
+                .map(|part| {
+                    (
+                        part.len(),
+                        scope.spawn(move || part.iter().map(judge).collect()),
+                    )
+                })
+                .collect();
+            // A part whose thread failed proves nothing: its objects are dry-run.
+            parts
+                .into_iter()
+                .flat_map(|(n, h)| h.join().unwrap_or_else(|_| vec![false; n]))
+                .collect()
+        });
+        Desired { objects, unchanged }
+    }
+
+    /// The objects (of environments in scope) that exist live but are not provably
+    /// unchanged: they need a dry-run.
+    pub fn needs_dry_run(&self, live: &Live, health: &SourceHealth) -> Vec<&DesiredObject> {
+        self.objects
+            .iter()
+            .zip(&self.unchanged)
+            .filter(|(d, unchanged)| !**unchanged && health.in_scope(&d.environment))
+            .filter(|(d, _)| {
+                live.objects
+                    .get(&ObjectKey::of(d))
+                    .is_some_and(|l| !needs_replace(d.kind, &d.object, &l.object))
             })
-        })
-        .collect()
+            .map(|(d, _)| d)
+            .collect()
+    }
 }
 
 const SERVER_METADATA: [&str; 8] = [
@@ -453,11 +498,11 @@ fn unified(key: &ObjectKey, old: &Value, new: &Value) -> String {
 }
 
 /// Builds the plan, taking the desired objects (they move into the changes that apply
-/// them). `dry_run` holds the server's would-be object for every object `needs_dry_run`
-/// returned. `with_diffs`: render the unified diff of every change (for people; a
+/// them). `dry_run` holds the server's would-be object for every object
+/// `Desired::needs_dry_run` returned. `with_diffs`: render the unified diff of every change (for people; a
 /// controller skips it).
 pub fn build(
-    desired: Vec<DesiredObject>,
+    desired: Desired,
     live: &Live,
     dry_run: &BTreeMap<ObjectKey, Value>,
     health: &SourceHealth,
@@ -465,9 +510,15 @@ pub fn build(
     with_diffs: bool,
 ) -> Plan {
     let mut plan = Plan::default();
-    let mut desired_envs: BTreeSet<String> =
-        desired.iter().map(|d| d.environment.clone()).collect();
-    desired_envs.extend(health.environments.iter().cloned());
+    let Desired {
+        objects: desired,
+        unchanged,
+    } = desired;
+    let rendered: BTreeSet<String> = desired.iter().map(|d| d.environment.clone()).collect();
+    let desired_envs = DesiredEnvironments {
+        rendered: &rendered,
+        source: &health.environments,
+    };
     let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(ObjectKey::of).collect();
     let diffs = Diffs(with_diffs);
     let refused = refusals(&desired, live, health);
@@ -488,17 +539,34 @@ pub fn build(
             .map(|(e, r)| (e.clone(), r.clone()))
             .collect(),
     );
-    let planned = desired.into_iter().filter(|d| {
+    let planned = desired.into_iter().zip(unchanged).filter(|(d, _)| {
         health.in_scope(&d.environment)
             && !refused.contains_key(&d.environment)
             && !health.failed.contains_key(&d.environment)
     });
     plan_desired(&mut plan, planned, live, dry_run, diffs);
-    let gone = Gone::find(live, &desired_keys, &desired_envs, health, &refused);
+    let gone = Gone::find(live, &desired_keys, desired_envs, health, &refused);
     let deletes = gone.prune(&mut plan, health, prune, desired_envs.is_empty(), diffs);
     plan.changes.extend(deletes);
     plan.count();
     plan
+}
+
+/// The environments that are desired: rendered in this part, or valid in the source.
+#[derive(Clone, Copy)]
+struct DesiredEnvironments<'a> {
+    rendered: &'a BTreeSet<String>,
+    source: &'a BTreeSet<String>,
+}
+
+impl DesiredEnvironments<'_> {
+    fn contains(&self, env: &str) -> bool {
+        self.rendered.contains(env) || self.source.contains(env)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rendered.is_empty() && self.source.is_empty()
+    }
 }
 
 /// Whether changes carry their unified diff.
@@ -540,11 +608,12 @@ fn refusals(
     refused
 }
 
-/// Creates, replaces and updates for the desired objects planned in this pass; what is
-/// unchanged is counted; what is being deleted waits.
+/// Creates, replaces and updates for the desired objects planned in this pass (each with
+/// whether it is provably unchanged); what is unchanged is counted (and its object dropped
+/// off this thread); what is being deleted waits.
 fn plan_desired(
     plan: &mut Plan,
-    planned: impl Iterator<Item = DesiredObject>,
+    planned: impl Iterator<Item = (DesiredObject, bool)>,
     live: &Live,
     dry_run: &BTreeMap<ObjectKey, Value>,
     diffs: Diffs,
@@ -557,7 +626,8 @@ fn plan_desired(
         .filter(|l| l.key.kind == ObjectKind::Namespace && is_terminating(&l.object))
         .filter_map(|l| l.environment.as_deref())
         .collect();
-    for d in planned {
+    let mut spent: Vec<DesiredObject> = Vec::new();
+    for (d, proven) in planned {
         let key = ObjectKey::of(&d);
         let terminating = terminating_envs.contains(d.environment.as_str())
             || live
@@ -596,8 +666,9 @@ fn plan_desired(
             Some(l) => {
                 let new = match dry_run.get(&key) {
                     Some(w) => normalize(w),
-                    None if provably_unchanged(&d.object, &l.object) => {
+                    None if proven => {
                         plan.summary.unchanged += 1;
+                        spent.push(d);
                         continue;
                     }
                     // Not provable and no dry-run answer: show the rendered object (never
@@ -620,6 +691,7 @@ fn plan_desired(
             }
         }
     }
+    crate::vocab::drop_elsewhere(spent);
 }
 
 /// Owned live objects that are no longer desired: whole environments (their namespace), and
@@ -635,7 +707,7 @@ impl<'a> Gone<'a> {
     fn find(
         live: &'a Live,
         desired_keys: &BTreeSet<ObjectKey>,
-        desired_envs: &BTreeSet<String>,
+        desired_envs: DesiredEnvironments<'_>,
         health: &SourceHealth,
         refused: &BTreeMap<String, String>,
     ) -> Gone<'a> {
@@ -820,6 +892,29 @@ pub fn render_text(plan: &Plan, color: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subset_walks_both_maps_in_key_order() {
+        let live = serde_json::json!({
+            "a": 1, "b": {"x": [1, {"y": 2, "z": 3}], "w": "v"}, "c": null, "d": "e", "zz": 0
+        });
+        for (desired, subset) in [
+            (serde_json::json!({}), true),
+            (serde_json::json!({"a": 1, "d": "e"}), true),
+            (
+                serde_json::json!({"b": {"x": [1, {"z": 3}]}, "zz": 0}),
+                true,
+            ),
+            (serde_json::json!({"a": 1, "bb": 1}), false),
+            (serde_json::json!({"0": 1, "a": 1}), false),
+            (serde_json::json!({"zzz": 0}), false),
+            (serde_json::json!({"d": "f"}), false),
+            (serde_json::json!({"b": {"x": [1]}}), false),
+            (serde_json::json!({"b": {"x": [1, {"y": 3}]}}), false),
+        ] {
+            assert_eq!(is_subset(&desired, &live), subset, "{desired}");
+        }
+    }
     use crate::vocab::ENVIRONMENT_LABEL;
     use serde_json::json;
 
@@ -882,7 +977,14 @@ mod tests {
             allow_mass_prune: true,
             max_prune: MaxPrune::Count(10),
         };
-        let plan = build(desired, &live, &BTreeMap::new(), health, &prune, true);
+        let plan = build(
+            Desired::judge(desired, &live),
+            &live,
+            &BTreeMap::new(),
+            health,
+            &prune,
+            true,
+        );
         plan.changes
             .iter()
             .map(|c| format!("{} {}", c.action.as_str(), c.key))
@@ -944,7 +1046,7 @@ mod tests {
         let home = |k: &ObjectKey| k.namespace.clone().unwrap_or_else(|| k.name.clone());
         let health = |scope: Option<&[&str]>| SourceHealth {
             scope: scope.map(|s| s.iter().map(|e| e.to_string()).collect()),
-            environments: ["a", "b"].iter().map(|e| e.to_string()).collect(),
+            environments: std::sync::Arc::new(["a", "b"].iter().map(|e| e.to_string()).collect()),
             ..SourceHealth::default()
         };
         let prune = PrunePolicy {
@@ -954,24 +1056,33 @@ mod tests {
         };
         let none = BTreeMap::new();
         let both = [desired("a"), desired("b")].concat();
-        let whole = build(both, &live, &none, &health(None), &prune, false);
+        let whole = build(
+            Desired::judge(both, &live),
+            &live,
+            &none,
+            &health(None),
+            &prune,
+            false,
+        );
         let part = |env: &str| {
             let ns = format!("environment-{env}");
+            let live = only(&|k| home(k) == ns);
             build(
-                desired(env),
-                &only(&|k| home(k) == ns),
+                Desired::judge(desired(env), &live),
+                &live,
                 &none,
                 &health(Some(&[env])),
                 &prune,
                 false,
             )
         };
+        let gone_live = only(&|k| {
+            k.kind == ObjectKind::Namespace
+                || !["environment-a", "environment-b"].contains(&home(k).as_str())
+        });
         let gone = build(
-            Vec::new(),
-            &only(&|k| {
-                k.kind == ObjectKind::Namespace
-                    || !["environment-a", "environment-b"].contains(&home(k).as_str())
-            }),
+            Desired::judge(Vec::new(), &gone_live),
+            &gone_live,
             &none,
             &health(Some(&[])),
             &prune,
@@ -1026,7 +1137,11 @@ mod tests {
     fn an_unrendered_environment_of_the_source_is_not_pruned() {
         let health = SourceHealth {
             scope: Some(BTreeSet::from(["a".to_string()])),
-            environments: BTreeSet::from(["a".to_string(), "b".to_string(), "c".to_string()]),
+            environments: std::sync::Arc::new(BTreeSet::from([
+                "a".to_string(),
+                "b".to_string(),
+                "c".to_string(),
+            ])),
             ..SourceHealth::default()
         };
         assert_eq!(
@@ -1098,7 +1213,9 @@ mod tests {
         );
         let health = SourceHealth::default();
         assert!(
-            needs_dry_run(&desired, &live, &health).is_empty(),
+            Desired::judge(desired.clone(), &live)
+                .needs_dry_run(&live, &health)
+                .is_empty(),
             "no dry-run of an immutable change"
         );
         let prune = PrunePolicy {
@@ -1106,7 +1223,14 @@ mod tests {
             allow_mass_prune: false,
             max_prune: MaxPrune::Count(1),
         };
-        let plan = build(desired, &live, &BTreeMap::new(), &health, &prune, true);
+        let plan = build(
+            Desired::judge(desired, &live),
+            &live,
+            &BTreeMap::new(),
+            &health,
+            &prune,
+            true,
+        );
         assert_eq!(plan.changes.len(), 1);
         assert_eq!(plan.changes[0].action, Action::Replace);
         assert_eq!(plan.changes[0].uid.as_deref(), Some("u1"));
@@ -1142,10 +1266,17 @@ mod tests {
             m.observe(Some(members.clone()), t0);
             let health = SourceHealth {
                 writable: Some(m.writable(t0 + lease)),
-                environments: kept.clone(),
+                environments: kept.clone().into(),
                 ..SourceHealth::default()
             };
-            let plan = build(Vec::new(), &live, &BTreeMap::new(), &health, &prune, false);
+            let plan = build(
+                Desired::judge(Vec::new(), &live),
+                &live,
+                &BTreeMap::new(),
+                &health,
+                &prune,
+                false,
+            );
             let mine = envs.iter().filter(|e| m.owns(e)).count();
             deleted += plan.summary.delete;
             assert!(

@@ -391,6 +391,17 @@ impl ProgressHandle {
     }
 }
 
+/// Drops `value` on a thread of its own: freeing a large tree of objects (a pass part's
+/// parsed live objects, its unchanged desired ones) costs as much as a step, and nothing
+/// waits for it.
+pub fn drop_elsewhere<T: Send + 'static>(value: T) {
+    let dropped = std::thread::Builder::new()
+        .name("envctl-drop".into())
+        .spawn(move || drop(value));
+    // Without a thread (the process is at its limit), the value was dropped here.
+    let _ = dropped;
+}
+
 #[cfg(test)]
 mod redact_tests {
     use super::*;

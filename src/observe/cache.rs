@@ -2,7 +2,7 @@
 //! needs no LIST: compact JSON of what the plan reads, digests per namespace, and a drift
 //! signal when what can drift moves.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use kube::Client;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::dry_run::{envctl_fields, prune_to_fields};
-use super::live::{Live, OBSERVED_KINDS, ObserveError};
+use super::live::{Live, LiveObject, OBSERVED_KINDS, ObserveError};
 use super::watched::{Key, Rules, Watched};
 use crate::cluster::api;
 use crate::vocab::{ObjectKind, owned_selector};
@@ -52,7 +52,8 @@ fn drift_fingerprint(obj: &DynamicObject) -> u64 {
 /// digest of that JSON with its kind and key (what a pass reads of it).
 struct Cached {
     fingerprint: u64,
-    text: Box<str>,
+    /// Shared with pass snapshots, which hold it without copying.
+    text: Arc<str>,
     digest: u64,
 }
 
@@ -107,7 +108,7 @@ fn compact(kind: ObjectKind, mut o: DynamicObject) -> Option<Cached> {
     }
     Some(Cached {
         fingerprint,
-        text: text.into_boxed_str(),
+        text: text.into(),
         digest: h.mixed(),
     })
 }
@@ -207,80 +208,121 @@ impl Cache {
         out
     }
 
-    /// The digests of every namespace's cached objects.
-    pub fn digests(&self) -> NamespaceDigests {
-        let mut out = NamespaceDigests::new();
+    /// The cached objects as they are now, grouped by the namespace they belong to (a
+    /// Namespace with what is in it). Texts are shared, not copied: one walk of the cache,
+    /// however many parts a pass reads.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut by_namespace: HashMap<String, Vec<Entry>> = HashMap::new();
         for (kind, store) in &self.stores {
             for (key, cached) in store.read().iter() {
-                let d = out.entry(home(*kind, key).to_string()).or_default();
-                *d = d.wrapping_add(cached.digest);
+                let ns = home(*kind, key);
+                let entry = Entry {
+                    kind: *kind,
+                    text: cached.text.clone(),
+                    digest: cached.digest,
+                };
+                match by_namespace.get_mut(ns) {
+                    Some(v) => v.push(entry),
+                    None => {
+                        by_namespace.insert(ns.to_string(), vec![entry]);
+                    }
+                }
             }
         }
-        out
+        Snapshot { by_namespace }
+    }
+}
+
+/// One cached object in a snapshot.
+struct Entry {
+    kind: ObjectKind,
+    text: Arc<str>,
+    digest: u64,
+}
+
+/// The watch cache at one moment (`Cache::snapshot`), by namespace: what one pass plans
+/// against, parsed a part at a time.
+pub struct Snapshot {
+    by_namespace: HashMap<String, Vec<Entry>>,
+}
+
+impl Snapshot {
+    /// The digests of every namespace's cached objects.
+    pub fn digests(&self) -> NamespaceDigests {
+        self.by_namespace
+            .iter()
+            .map(|(ns, entries)| (ns.clone(), digest_of(entries)))
+            .collect()
     }
 
     /// Every Namespace, and the namespaced objects whose namespace `keep` accepts (the
     /// objects of environments no longer in the source), as `Live`.
     pub fn live_where(&self, keep: impl Fn(&str) -> bool) -> Result<Live, ObserveError> {
-        Ok(self
-            .read(|kind, ns| kind == ObjectKind::Namespace || keep(ns))?
-            .0)
+        let mut texts: Vec<(ObjectKind, &str)> = Vec::new();
+        for (ns, entries) in &self.by_namespace {
+            let all = keep(ns);
+            texts.extend(
+                entries
+                    .iter()
+                    .filter(|e| all || e.kind == ObjectKind::Namespace)
+                    .map(|e| (e.kind, &*e.text)),
+            );
+        }
+        parse(&texts)
     }
 
     /// The objects of `namespaces` (each Namespace and what is in it) as `Live`, with their
-    /// digests as read.
-    pub fn live_of(
+    /// digests.
+    pub fn live_of<'a>(
         &self,
-        namespaces: &HashSet<String>,
-    ) -> Result<(Live, NamespaceDigests), ObserveError> {
-        self.read(|_, ns| namespaces.contains(ns))
-    }
-
-    /// The cached objects that `keep(kind, namespace)` accepts, parsed on every core (a pass
-    /// with little to do is mostly this parse), with the digests of what was read.
-    fn read(
-        &self,
-        keep: impl Fn(ObjectKind, &str) -> bool,
+        namespaces: impl IntoIterator<Item = &'a str>,
     ) -> Result<(Live, NamespaceDigests), ObserveError> {
         let mut digests = NamespaceDigests::new();
-        let mut texts: Vec<(ObjectKind, Box<str>)> = Vec::new();
-        for (kind, store) in &self.stores {
-            for (key, cached) in store.read().iter() {
-                let ns = home(*kind, key);
-                if keep(*kind, ns) {
-                    let d = digests.entry(ns.to_string()).or_default();
-                    *d = d.wrapping_add(cached.digest);
-                    texts.push((*kind, cached.text.clone()));
-                }
-            }
+        let mut texts: Vec<(ObjectKind, &str)> = Vec::new();
+        for ns in namespaces {
+            let Some(entries) = self.by_namespace.get(ns) else {
+                continue;
+            };
+            digests.insert(ns.to_string(), digest_of(entries));
+            texts.extend(entries.iter().map(|e| (e.kind, &*e.text)));
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = texts.len().div_ceil(threads).max(256);
-        let parsed: Vec<Vec<(ObjectKind, Value)>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = texts
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .filter_map(|(k, t)| {
-                                serde_json::from_str::<Value>(t).ok().map(|v| (*k, v))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().ok())
-                .collect::<Option<Vec<_>>>()
-        })
-        .ok_or(ObserveError::Panicked {
-            what: "parsing the watch cache",
-        })?;
-        let mut live = Live::default();
-        for (kind, v) in parsed.into_iter().flatten() {
-            live.insert(kind, v);
-        }
-        Ok((live, digests))
+        Ok((parse(&texts)?, digests))
     }
+}
+
+/// A namespace's digest: order-free, the same however its objects were listed.
+fn digest_of(entries: &[Entry]) -> u64 {
+    entries.iter().fold(0, |d, e| d.wrapping_add(e.digest))
+}
+
+/// Parses cached texts into `Live` on every core (a pass with little to do is mostly this).
+fn parse(texts: &[(ObjectKind, &str)]) -> Result<Live, ObserveError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = texts.len().div_ceil(threads).max(256);
+    let parsed: Vec<Vec<LiveObject>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = texts
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .filter_map(|(k, t)| {
+                            LiveObject::listed(*k, serde_json::from_str::<Value>(t).ok()?)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok())
+            .collect::<Option<Vec<_>>>()
+    })
+    .ok_or(ObserveError::Panicked {
+        what: "parsing the watch cache",
+    })?;
+    let mut live = Live::default();
+    for o in parsed.into_iter().flatten() {
+        live.add(o);
+    }
+    Ok(live)
 }

@@ -17,17 +17,11 @@ pub struct LiveObject {
     pub object: Value,
 }
 
-/// Every live object envctl owns.
-#[derive(Debug, Clone, Default)]
-pub struct Live {
-    pub objects: BTreeMap<ObjectKey, LiveObject>,
-}
-
-impl Live {
-    /// Adds a listed object (list items come without `apiVersion` and `kind`; they are set
-    /// from `kind`). `managedFields` and `status`, which no plan reads, are dropped to save
-    /// memory.
-    pub fn insert(&mut self, kind: ObjectKind, mut object: Value) {
+impl LiveObject {
+    /// A listed object (list items come without `apiVersion` and `kind`; they are set from
+    /// `kind`). `managedFields` and `status`, which no plan reads, are dropped to save
+    /// memory. `None` for an object without a name.
+    pub fn listed(kind: ObjectKind, mut object: Value) -> Option<LiveObject> {
         if let Value::Object(map) = &mut object {
             map.insert("apiVersion".into(), Value::from(kind.api_version()));
             map.insert("kind".into(), Value::from(kind.as_str()));
@@ -42,28 +36,45 @@ impl Live {
                 .and_then(Value::as_str)
                 .map(str::to_string)
         };
-        let Some(name) = s("name") else { return };
+        let name = s("name")?;
         let environment = meta
-            .and_then(|m| m.pointer(&format!("/labels/{}", ENVIRONMENT_LABEL.replace('/', "~1"))))
+            .and_then(|m| m.get("labels")?.get(ENVIRONMENT_LABEL))
             .and_then(Value::as_str)
             .map(str::to_string);
-        let key = ObjectKey {
-            kind,
-            namespace: if kind.namespaced() {
-                s("namespace")
-            } else {
-                None
-            },
-            name,
+        let namespace = if kind.namespaced() {
+            s("namespace")
+        } else {
+            None
         };
-        self.objects.insert(
-            key.clone(),
-            LiveObject {
-                key,
-                environment,
-                object,
+        Some(LiveObject {
+            key: ObjectKey {
+                kind,
+                namespace,
+                name,
             },
-        );
+            environment,
+            object,
+        })
+    }
+}
+
+/// Every live object envctl owns.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub objects: BTreeMap<ObjectKey, LiveObject>,
+}
+
+impl Live {
+    /// Adds a listed object (see `LiveObject::listed`).
+    pub fn insert(&mut self, kind: ObjectKind, object: Value) {
+        if let Some(o) = LiveObject::listed(kind, object) {
+            self.add(o);
+        }
+    }
+
+    /// Adds an object.
+    pub fn add(&mut self, o: LiveObject) {
+        self.objects.insert(o.key.clone(), o);
     }
 
     /// Environments that have a live namespace.

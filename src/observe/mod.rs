@@ -16,7 +16,7 @@ mod live;
 mod read;
 mod watched;
 
-pub use cache::{Cache, NamespaceDigests};
+pub use cache::{Cache, NamespaceDigests, Snapshot};
 pub use dry_run::{DryRunFailure, dry_run, prune_to_fields};
 pub use health_watch::HealthWatch;
 pub use live::{Live, LiveObject, OBSERVED_KINDS, ObserveError};

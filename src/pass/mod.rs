@@ -190,15 +190,13 @@ pub async fn plan_pass(
         None => Live::default(),
     };
     let observe_time = t.elapsed();
-    let (mut pass, _) = plan_part(
-        client,
+    let part = Part {
         desired,
-        &live,
-        loaded,
-        options,
-        options.scope.clone(),
-    )
-    .await?;
+        live: &live,
+        scope: options.scope.clone(),
+    };
+    let source = Arc::new(source_environments(loaded));
+    let (mut pass, _) = plan_part(client, part, loaded, &source, options).await?;
     pass.timings.insert("render", render_time);
     pass.timings.insert("observe", observe_time);
     pass.live_namespaces = namespace_annotations(&live);
@@ -216,7 +214,9 @@ async fn plan_from_cache(
 ) -> Result<PassPlan, ObserveError> {
     let t = Instant::now();
     let remember = options.in_sync.as_deref();
-    let (unchanged, stale) = in_sync_or_stale(cache, loaded, options);
+    let snapshot = cache.snapshot();
+    let (unchanged, stale) = in_sync_or_stale(&snapshot, loaded, options);
+    let source = Arc::new(source_environments(loaded));
     let mut pass = PassPlan::default();
     let mut plans = vec![Plan::default()];
     plans[0].summary.unchanged = unchanged;
@@ -232,12 +232,17 @@ async fn plan_from_cache(
         }
         pass.time("render", t);
         let t = Instant::now();
-        let namespaces: HashSet<String> = envs.iter().map(|e| e.namespace()).collect();
-        let (live, digests) = cache.live_of(&namespaces)?;
+        let namespaces: Vec<String> = envs.iter().map(|e| e.namespace()).collect();
+        let (live, digests) = snapshot.live_of(namespaces.iter().map(String::as_str))?;
         pass.time("observe", t);
         let scope = envs.iter().map(|e| e.metadata.name.clone()).collect();
-        let (part, dry_run) =
-            plan_part(client, desired, &live, loaded, options, Some(scope)).await?;
+        let part = Part {
+            desired,
+            live: &live,
+            scope: Some(scope),
+        };
+        let (part, dry_run) = plan_part(client, part, loaded, &source, options).await?;
+        crate::vocab::drop_elsewhere(live);
         if let Some(remember) = remember {
             let mut not_in_sync = part.plan.touched();
             not_in_sync.extend(dry_run);
@@ -249,22 +254,20 @@ async fn plan_from_cache(
     // Environments no longer in the source: every namespace (for prune's count and guards)
     // and the objects of namespaces that no source environment has.
     let t = Instant::now();
-    let source: HashSet<String> = loaded
+    let source_namespaces: HashSet<String> = loaded
         .environments
         .iter()
         .map(|e| e.environment.namespace())
         .collect();
-    let live = cache.live_where(|ns| !source.contains(ns))?;
+    let live = snapshot.live_where(|ns| !source_namespaces.contains(ns))?;
+    drop(snapshot);
     pass.time("observe", t);
-    let (mut gone, _) = plan_part(
-        client,
-        Vec::new(),
-        &live,
-        loaded,
-        options,
-        Some(BTreeSet::new()),
-    )
-    .await?;
+    let part = Part {
+        desired: Vec::new(),
+        live: &live,
+        scope: Some(BTreeSet::new()),
+    };
+    let (mut gone, _) = plan_part(client, part, loaded, &source, options).await?;
     gone.live_namespaces = namespace_annotations(&live);
     plans.push(pass.absorb(gone));
     pass.plan = Plan::join(plans);
@@ -275,7 +278,7 @@ async fn plan_from_cache(
 /// by their objects, returned as that count) and the others, each with the digest of its
 /// desired state (0 when nothing is remembered).
 fn in_sync_or_stale<'a>(
-    cache: &observe::Cache,
+    cache: &observe::Snapshot,
     loaded: &'a Loaded,
     options: &PassOptions,
 ) -> (usize, Vec<(&'a Environment, u64)>) {
@@ -348,16 +351,36 @@ fn namespace_annotations(live: &Live) -> BTreeMap<String, BTreeMap<String, Strin
         .collect()
 }
 
-/// Plans `desired` (the environments in `scope`, or all) against `live`: reads the labels of
-/// namespaces about to be created, dry-runs what is not provably unchanged, and builds the
-/// plan. `live_namespaces` is left empty. Also returns the environments that were dry-run.
+/// The names of the source's valid environments (one set per pass, shared by its parts).
+fn source_environments(loaded: &Loaded) -> BTreeSet<String> {
+    loaded
+        .environments
+        .iter()
+        .map(|e| e.environment.metadata.name.clone())
+        .collect()
+}
+
+/// One part of a pass: the desired objects of the environments in `scope` (or all), and
+/// the live objects they are planned against.
+struct Part<'a> {
+    desired: Vec<crate::render::DesiredObject>,
+    live: &'a Live,
+    scope: Option<BTreeSet<String>>,
+}
+
+/// Plans a part: reads the labels of namespaces about to be created, dry-runs what is not
+/// provably unchanged, and builds the plan. `live_namespaces` is left empty. Also returns
+/// the environments that were dry-run. `source`: every valid environment of the source.
 async fn plan_part(
     client: Option<&Client>,
-    desired: Vec<crate::render::DesiredObject>,
-    live: &Live,
+    Part {
+        desired,
+        live,
+        scope,
+    }: Part<'_>,
     loaded: &Loaded,
+    source: &Arc<BTreeSet<String>>,
     options: &PassOptions,
-    scope: Option<BTreeSet<String>>,
 ) -> Result<(PassPlan, BTreeSet<String>), ObserveError> {
     let mut pass = PassPlan::default();
     let mut health = SourceHealth {
@@ -369,11 +392,7 @@ async fn plan_part(
         adopt: options.adopt,
         failed: BTreeMap::new(),
         writable: options.writable.clone(),
-        environments: loaded
-            .environments
-            .iter()
-            .map(|e| e.environment.metadata.name.clone())
-            .collect(),
+        environments: source.clone(),
     };
     // Namespaces about to be created may exist already, unowned or another instance's:
     // read their labels so that the plan can refuse those environments.
@@ -414,7 +433,10 @@ async fn plan_part(
         }
     }
     let t = Instant::now();
-    let to_check = plan::needs_dry_run(&desired, live, &health);
+    let desired = plan::Desired::judge(desired, live);
+    pass.time("judge", t);
+    let t = Instant::now();
+    let to_check = desired.needs_dry_run(live, &health);
     pass.dry_runs = to_check.len();
     let mut dry_run_envs: BTreeSet<String> = BTreeSet::new();
     let answers = match client {
