@@ -133,7 +133,7 @@ pub async fn run(clients: Clients, mut opts: RunOptions) -> Result<(), RunError>
     let mut driver = Driver {
         source,
         current: None,
-        last_pass: Instant::now(),
+        last_full_pass: Instant::now(),
         cancelled_pass: false,
         stop,
         fence: clients.fence.clone(),
@@ -390,7 +390,9 @@ async fn wait_for_signal() {
 struct Driver<'a> {
     source: PollSource,
     current: Option<Revision>,
-    last_pass: Instant,
+    /// When the last pass that planned every environment in full (the first, or a resync)
+    /// ended: the next resync is due `resync` after it, however busy the loop is.
+    last_full_pass: Instant,
     /// The last pass was cancelled when the fence closed.
     cancelled_pass: bool,
     stop: watch::Receiver<bool>,
@@ -495,10 +497,15 @@ impl Driver<'_> {
         if self.current.is_none() {
             return Step::Wait;
         }
-        let why = if self.cancelled_pass && !moved {
+        let resync_due = self.last_full_pass.elapsed() >= self.opts.resync;
+        let (why, moved) = if self.cancelled_pass && !moved {
             // The last pass was cancelled when the fence closed: done again now that it is
             // open (nothing else would ask for it until the next resync).
-            Trigger::Retry
+            (Trigger::Retry, moved)
+        } else if resync_due {
+            // Due, whatever woke the loop: a resync plans everything, changed files included
+            // (a loop woken every few seconds would otherwise never resync).
+            (Trigger::Resync, false)
         } else if moved
             || matches!(
                 trigger,
@@ -509,9 +516,7 @@ impl Driver<'_> {
                     | Trigger::Shard
             )
         {
-            trigger
-        } else if self.last_pass.elapsed() >= self.opts.resync {
-            Trigger::Resync
+            (trigger, moved)
         } else {
             return Step::Wait; // nothing moved: no fetch was made, nothing is written
         };
@@ -553,7 +558,9 @@ impl Driver<'_> {
             }
         }
         self.cancelled_pass = false;
-        self.last_pass = Instant::now();
+        if why == Trigger::Resync {
+            self.last_full_pass = Instant::now();
+        }
         self.shared.ready.store(true, Ordering::Relaxed);
         true
     }
