@@ -77,8 +77,8 @@ impl Tracker {
         }
         let mut next_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let changed_states = self.judge(&mut next_deadline).await;
-            if changed_states {
+            let changed = self.judge(&mut next_deadline).await;
+            if changed {
                 self.changed.notify_one();
             }
             tokio::select! {
@@ -91,7 +91,8 @@ impl Tracker {
         }
     }
 
-    /// Judges every environment; returns whether any state changed.
+    /// Judges every environment; returns whether any state, or any version a judgement saw
+    /// (a rollout waits for the applied one, which may arrive already Ready), changed.
     async fn judge(&self, next_deadline: &mut Option<tokio::time::Instant>) -> bool {
         let observed = self.watch.observed();
         let now = k8s_openapi::jiff::Timestamp::now();
@@ -118,7 +119,9 @@ impl Tracker {
             let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::replace(&mut *current, judged.clone())
         };
-        let mut changed = false;
+        let mut changed = judged
+            .iter()
+            .any(|(env, j)| previous.get(env).is_some_and(|p| p.seen != j.seen));
         for (env, j) in &judged {
             let h = &j.health;
             let before = previous.get(env).map(|p| &p.health);
