@@ -30,7 +30,7 @@ pub struct RunArgs {
     /// How often to ask the source whether it moved.
     #[arg(long, env = "ENVCTL_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub interval: std::time::Duration,
-    /// How often to reconcile everything even when nothing moved.
+    /// How often to plan every environment afresh (a full pass), however busy the controller.
     #[arg(long, env = "ENVCTL_RESYNC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub resync_interval: std::time::Duration,
     /// Address of the HTTP listener (/healthz, /readyz, /metrics, /hooks/git).

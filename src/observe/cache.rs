@@ -1,6 +1,6 @@
 //! The controller's watch cache of every owned object (one watched map per kind), so a pass
 //! needs no LIST: compact JSON of what the plan reads, digests per namespace, and a drift
-//! signal when what can drift moves.
+//! signal when what can drift moves. A pass reads it through one `Snapshot`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -6,8 +6,10 @@
 //! - `read`: one-shot reads (LISTs of owned objects, namespace labels, health inputs);
 //! - `dry_run`: what a server-side apply would make of a desired object (`dryRun=All`,
 //!   which persists nothing), and the fields envctl's manager owns;
-//! - `cache`: the controller's watch cache of every owned object;
-//! - `health_watch`: the controller's watches of what health is judged from.
+//! - `cache`: the controller's watch cache of every owned object, and the snapshot of it a
+//!   pass plans against;
+//! - `health_watch`: the controller's watches of what health is judged from (projections of
+//!   StatefulSets, pods and namespaces).
 
 mod cache;
 mod dry_run;
