@@ -680,6 +680,59 @@ async fn watch_applies_directory_edits() {
     cleanup_instance(&client, &instance).await;
 }
 
+/// A controller woken every second by drift still resyncs `--resync-interval` after its
+/// last full pass (it used to wait for a quiet poll, which a busy loop never has).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_controller_still_resyncs() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let instance = unique("resync");
+    let a = unique("a");
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 1, &["cluster-0"])).expect("write");
+    let dir_arg = dir.path().to_str().expect("utf-8 path").to_string();
+    let ctl = run_on(
+        cluster,
+        &["--source", &dir_arg],
+        &instance,
+        "1h",
+        &["--resync-interval", "6s", "--skip-certificates"],
+    );
+    let log = || ctl.log();
+    wait_until("first apply", Duration::from_secs(30), &log, || async {
+        replicas(&client, &a, "compute-cluster-0").await == Some(1)
+    })
+    .await;
+    // Drift every second: each wakes a pass that reverts it.
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{a}"));
+    let started = Instant::now();
+    let mut drifts = 0;
+    while !ctl.log().contains("trigger=Resync") && started.elapsed() < Duration::from_secs(40) {
+        let patch = serde_json::json!({"spec": {"replicas": 2 + drifts % 2}});
+        let params = PatchParams::default();
+        if api
+            .patch("compute-cluster-0", &params, &Patch::Merge(&patch))
+            .await
+            .is_ok()
+        {
+            drifts += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let text = ctl.log();
+    assert!(
+        text.contains("trigger=Resync"),
+        "no resync in {:?} with {drifts} drifts:\n{text}",
+        started.elapsed()
+    );
+    assert!(
+        text.contains("trigger=Drift"),
+        "the loop was not kept busy:\n{text}"
+    );
+    drop(ctl);
+    cleanup_instance(&client, &instance).await;
+}
+
 /// The image environmentd runs in `env`, and whether every StatefulSet there is Ready.
 async fn rollout_state(client: &Client, env: &str) -> (String, bool) {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{env}"));
