@@ -630,27 +630,36 @@ async fn unreachable_remote_prunes_nothing_and_resumes() {
 
 /// `--watch` on a directory source: an edit is applied within seconds, long before the
 /// (one-hour) interval.
-#[tokio::test(flavor = "multi_thread")]
-async fn watch_applies_directory_edits() {
-    let Some(cluster) = require() else { return };
-    let client = cluster.client().await;
-    let instance = unique("watch");
+/// `envctl run` (polling hourly, with `extra`) on a directory holding one environment,
+/// once its first apply is done: the controller, the directory, the instance and the
+/// environment's name.
+async fn run_on_one_environment(
+    cluster: &TestCluster,
+    client: &Client,
+    prefix: &str,
+    extra: &[&str],
+) -> (Controller, tempfile::TempDir, String, String) {
+    let instance = unique(prefix);
     let a = unique("a");
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 1, &["cluster-0"])).expect("write");
     let dir_arg = dir.path().to_str().expect("utf-8 path").to_string();
-    let ctl = run_on(
-        cluster,
-        &["--source", &dir_arg],
-        &instance,
-        "1h",
-        &["--watch"],
-    );
+    let ctl = run_on(cluster, &["--source", &dir_arg], &instance, "1h", extra);
     let log = || ctl.log();
     wait_until("first apply", Duration::from_secs(30), &log, || async {
-        replicas(&client, &a, "compute-cluster-0").await == Some(1)
+        replicas(client, &a, "compute-cluster-0").await == Some(1)
     })
     .await;
+    (ctl, dir, instance, a)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_applies_directory_edits() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let (ctl, dir, instance, a) =
+        run_on_one_environment(cluster, &client, "watch", &["--watch"]).await;
+    let log = || ctl.log();
     std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 3, &["cluster-0"])).expect("write");
     wait_until(
         "the edit applied",
@@ -686,23 +695,8 @@ async fn watch_applies_directory_edits() {
 async fn a_busy_controller_still_resyncs() {
     let Some(cluster) = require() else { return };
     let client = cluster.client().await;
-    let instance = unique("resync");
-    let a = unique("a");
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("a.yaml"), env_yaml(&a, 1, &["cluster-0"])).expect("write");
-    let dir_arg = dir.path().to_str().expect("utf-8 path").to_string();
-    let ctl = run_on(
-        cluster,
-        &["--source", &dir_arg],
-        &instance,
-        "1h",
-        &["--resync-interval", "6s", "--skip-certificates"],
-    );
-    let log = || ctl.log();
-    wait_until("first apply", Duration::from_secs(30), &log, || async {
-        replicas(&client, &a, "compute-cluster-0").await == Some(1)
-    })
-    .await;
+    let extra = ["--resync-interval", "6s", "--skip-certificates"];
+    let (ctl, _dir, instance, a) = run_on_one_environment(cluster, &client, "resync", &extra).await;
     // Drift every second: each wakes a pass that reverts it.
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), &format!("environment-{a}"));
     let started = Instant::now();
