@@ -3,12 +3,19 @@
 //! (a Secret there), each environment's `environment-tls` Secret and the controller's copy of
 //! it, and the namespace annotations of waiting certificates. Reads and writes only these;
 //! the TLS Secrets are written through `apply::server_side_apply`.
+//!
+//! Every object of the controller's namespace has a name fixed by the instance, so that
+//! envctl's Role there can name each one (`resourceNames`) and needs no `list` of Secrets
+//! (which would read every Secret of that namespace, Helm's release records among them):
+//! the copies live in `COPY_SHARDS` Secrets `envctl-<instance>-certs-<NN>` (an environment's
+//! shard from a hash of its name), the keys of orders in flight in one Secret
+//! `envctl-<instance>-order-keys`, both updated with compare-and-swap.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
@@ -18,9 +25,10 @@ use crate::cluster::FIELD_MANAGER;
 use crate::render::{ENVIRONMENT_LABEL, INSTANCE_LABEL, MANAGED_BY_KEY as MANAGED_BY_LABEL};
 
 const LEDGER_KEY: &str = "ledger.json";
-const COPY_LABEL: &str = "envctl.materialize.cloud/certificate-copy";
-/// On an order key's Secret: the order the key belongs to.
-const ORDER_URL_ANNOTATION: &str = "envctl.materialize.cloud/order-url";
+/// How many Secrets hold the certificate copies. A copy (chain and key) takes about 4 KiB
+/// and a Secret at most 1 MiB, so they hold about 60,000 environments; the chart's Role
+/// names each of them.
+pub const COPY_SHARDS: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,7 +48,7 @@ pub enum StoreError {
         name: String,
         message: String,
     },
-    #[error("the quota ledger {namespace}/{name} kept changing under us ({tries} tries)")]
+    #[error("{namespace}/{name} kept changing under us ({tries} tries)")]
     Contended {
         namespace: String,
         name: String,
@@ -439,12 +447,22 @@ impl CertStore {
         }
     }
 
-    fn copy_name(&self, environment: &str) -> String {
-        format!("envctl-{}-cert-{environment}", self.instance)
+    /// The Secret holding `environment`'s copy.
+    fn copy_shard(&self, environment: &str) -> String {
+        copy_shard_name(&self.instance, environment)
     }
 
-    fn key_name(&self, environment: &str) -> String {
-        format!("envctl-{}-order-key-{environment}", self.instance)
+    fn named(&self, name: String) -> NamedSecret {
+        NamedSecret {
+            api: Api::namespaced(self.client.clone(), &self.namespace),
+            namespace: self.namespace.clone(),
+            name,
+            instance: self.instance.clone(),
+        }
+    }
+
+    fn order_keys(&self) -> NamedSecret {
+        self.named(format!("envctl-{}-order-keys", self.instance))
     }
 
     /// The private key kept for `environment`'s order `order_url`, if this order has one.
@@ -456,28 +474,17 @@ impl CertStore {
         environment: &str,
         order_url: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let name = self.key_name(environment);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let secret = api
-            .get_opt(&name)
-            .await
-            .map_err(|source| StoreError::Kube {
-                what: "reading an order's key",
-                namespace: self.namespace.clone(),
-                name: name.clone(),
-                source,
-            })?;
-        Ok(secret.and_then(|s| {
-            let same_order = s
-                .annotations()
-                .get(ORDER_URL_ANNOTATION)
-                .map(String::as_str)
-                == Some(order_url);
-            same_order
-                .then(|| s.data.and_then(|mut d| d.remove("tls.key")))
-                .flatten()
-                .map(|k| k.0)
-        }))
+        let Some((mut data, _)) = self.order_keys().read("reading an order's key").await? else {
+            return Ok(None);
+        };
+        let same_order = data
+            .get(&format!("{environment}.order"))
+            .map(|u| u.0.as_slice())
+            == Some(order_url.as_bytes());
+        Ok(same_order
+            .then(|| data.remove(&format!("{environment}.key")))
+            .flatten()
+            .map(|k| k.0))
     }
 
     /// Keeps the private key of `environment`'s order `order_url` (replacing the key of an
@@ -488,54 +495,25 @@ impl CertStore {
         order_url: &str,
         key_pem: &[u8],
     ) -> Result<(), StoreError> {
-        let name = self.key_name(environment);
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(BTreeMap::from([
-                    (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
-                    (ENVIRONMENT_LABEL.to_string(), environment.to_string()),
-                    (INSTANCE_LABEL.to_string(), self.instance.clone()),
-                ])),
-                annotations: Some(BTreeMap::from([(
-                    ORDER_URL_ANNOTATION.to_string(),
-                    order_url.to_string(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            type_: Some("Opaque".into()),
-            data: Some(BTreeMap::from([(
-                "tls.key".to_string(),
-                ByteString(key_pem.to_vec()),
-            )])),
-            ..Secret::default()
-        };
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        crate::apply::server_side_apply(&api, &name, &secret)
-            .await
-            .map_err(|source| StoreError::Kube {
-                what: "keeping an order's key",
-                namespace: self.namespace.clone(),
-                name,
-                source,
+        self.order_keys()
+            .update("keeping an order's key", |data| {
+                data.insert(format!("{environment}.key"), ByteString(key_pem.to_vec()));
+                data.insert(
+                    format!("{environment}.order"),
+                    ByteString(order_url.as_bytes().to_vec()),
+                );
             })
+            .await
     }
 
     /// Forgets `environment`'s order key once its certificate is stored.
     pub async fn drop_order_key(&self, environment: &str) -> Result<(), StoreError> {
-        let name = self.key_name(environment);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(source) => Err(StoreError::Kube {
-                what: "deleting an order's key",
-                namespace: self.namespace.clone(),
-                name,
-                source,
-            }),
-        }
+        self.order_keys()
+            .update("deleting an order's key", |data| {
+                data.remove(&format!("{environment}.key"));
+                data.remove(&format!("{environment}.order"));
+            })
+            .await
     }
 
     /// An environment's `environment-tls` Secret, if any.
@@ -558,27 +536,33 @@ impl CertStore {
         matches!(api.get_opt(namespace).await, Ok(Some(ns)) if ns.metadata.deletion_timestamp.is_none())
     }
 
-    /// The controller's copies, by environment.
-    pub async fn copies(&self) -> Result<BTreeMap<String, StoredCert>, StoreError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let lp = ListParams::default().labels(&format!(
-            "{COPY_LABEL}=true,{INSTANCE_LABEL}={}",
-            self.instance
-        ));
-        let list = api.list(&lp).await.map_err(|source| StoreError::Kube {
-            what: "listing certificate copies in",
-            namespace: self.namespace.clone(),
-            name: String::new(),
-            source,
-        })?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter_map(|s| {
-                let env = s.labels().get(ENVIRONMENT_LABEL)?.clone();
-                Some((env, stored(s)))
-            })
-            .collect())
+    /// The controller's copies of `environments`' certificates, by environment (each shard
+    /// they fall in read once).
+    pub async fn copies<'a>(
+        &self,
+        environments: impl IntoIterator<Item = &'a str>,
+    ) -> Result<BTreeMap<String, StoredCert>, StoreError> {
+        let mut wanted: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for env in environments {
+            wanted.entry(self.copy_shard(env)).or_default().push(env);
+        }
+        let mut out = BTreeMap::new();
+        for (shard, envs) in wanted {
+            let Some((mut data, _)) = self.named(shard).read("reading certificate copies").await?
+            else {
+                continue;
+            };
+            for env in envs {
+                let chain = data.remove(&format!("{env}.crt"));
+                let key = data.remove(&format!("{env}.key"));
+                if let (Some(chain), Some(key)) = (chain, key) {
+                    let (chain, key) = (chain.0, key.0);
+                    let info = super::inspect(&chain).ok();
+                    out.insert(env.to_string(), StoredCert { info, chain, key });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Writes an environment's Secret (server-side apply, field manager `envctl`).
@@ -609,26 +593,12 @@ impl CertStore {
 
     /// Writes the controller's copy of an environment's certificate.
     pub async fn write_copy(&self, environment: &str, cert: &StoredCert) -> Result<(), StoreError> {
-        let name = self.copy_name(environment);
-        let labels = BTreeMap::from([
-            (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
-            (ENVIRONMENT_LABEL.to_string(), environment.to_string()),
-            (INSTANCE_LABEL.to_string(), self.instance.clone()),
-            (COPY_LABEL.to_string(), "true".to_string()),
-        ]);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        crate::apply::server_side_apply(
-            &api,
-            &name,
-            &tls_secret(&name, &self.namespace, labels, cert),
-        )
-        .await
-        .map_err(|source| StoreError::Kube {
-            what: "writing the certificate copy",
-            namespace: self.namespace.clone(),
-            name,
-            source,
-        })
+        self.named(self.copy_shard(environment))
+            .update("writing the certificate copy", |data| {
+                data.insert(format!("{environment}.crt"), ByteString(cert.chain.clone()));
+                data.insert(format!("{environment}.key"), ByteString(cert.key.clone()));
+            })
+            .await
     }
 
     /// Notes on the namespace why its certificate failed (`envctl status` shows it; the
@@ -688,5 +658,98 @@ impl CertStore {
                 name: namespace.to_string(),
                 source,
             })
+    }
+}
+
+/// The Secret of `instance` that holds `environment`'s certificate copy.
+pub fn copy_shard_name(instance: &str, environment: &str) -> String {
+    let mut h = crate::render::Fnv64::new();
+    h.write(environment.as_bytes());
+    format!("envctl-{instance}-certs-{:02x}", h.mixed() % COPY_SHARDS)
+}
+
+/// One Secret of the controller's namespace, named in advance, read whole and changed with
+/// compare-and-swap (its resourceVersion).
+struct NamedSecret {
+    api: Api<Secret>,
+    namespace: String,
+    name: String,
+    instance: String,
+}
+
+impl NamedSecret {
+    /// Its data and resourceVersion, `None` when it does not exist.
+    async fn read(
+        &self,
+        what: &'static str,
+    ) -> Result<Option<(BTreeMap<String, ByteString>, Option<String>)>, StoreError> {
+        let secret = self.api.get_opt(&self.name).await.map_err(kube_err(
+            what,
+            &self.namespace,
+            &self.name,
+        ))?;
+        Ok(secret.map(|s| {
+            let rv = s.resource_version();
+            (s.data.unwrap_or_default(), rv)
+        }))
+    }
+
+    /// Applies `change` to its data and writes it if the Secret did not move meanwhile,
+    /// trying again on a fresh copy when it did; writes nothing when `change` changes nothing.
+    async fn update(
+        &self,
+        what: &'static str,
+        mut change: impl FnMut(&mut BTreeMap<String, ByteString>),
+    ) -> Result<(), StoreError> {
+        const TRIES: usize = 30;
+        for attempt in 0..TRIES {
+            let current = self.read(what).await?;
+            let exists = current.is_some();
+            let (before, rv) = current.unwrap_or_default();
+            let mut data = before.clone();
+            change(&mut data);
+            if data == before {
+                return Ok(());
+            }
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    resource_version: rv,
+                    labels: Some(BTreeMap::from([
+                        (MANAGED_BY_LABEL.to_string(), "envctl".to_string()),
+                        (INSTANCE_LABEL.to_string(), self.instance.clone()),
+                    ])),
+                    ..ObjectMeta::default()
+                },
+                type_: Some("Opaque".into()),
+                data: Some(data),
+                ..Secret::default()
+            };
+            let pp = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            let result = if exists {
+                self.api.replace(&self.name, &pp, &secret).await
+            } else {
+                self.api.create(&pp, &secret).await
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        10 * (attempt as u64 + 1).min(10),
+                    ))
+                    .await;
+                }
+                Err(e) => return Err(kube_err(what, &self.namespace, &self.name)(e)),
+            }
+        }
+        Err(StoreError::Contended {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            tries: TRIES,
+        })
     }
 }

@@ -164,8 +164,13 @@ fn handle_plan(args: &PlanArgs) -> Result<Exit, CliError> {
     let settings = args.ledger.settings(instance, args.cluster.concurrency);
     let (doc, copies, ledger_name) = runtime()?.block_on(async {
         let (client, store, doc) = read_ledger(&args.cluster, &args.ledger, instance).await?;
+        let tls = loaded
+            .environments
+            .iter()
+            .filter(|e| e.environment.spec.tls.enabled)
+            .map(|e| e.environment.metadata.name.as_str());
         let copies = CertStore::new(&client, &settings.namespace, instance)
-            .copies()
+            .copies(tls)
             .await
             .map_err(|e| CliError::Quota(Box::new(e)))?;
         Ok::<_, CliError>((doc, copies, format!("{}/{}", store.namespace, store.name)))

@@ -534,9 +534,13 @@ async fn certificates_issue_verify_reuse_renew() {
         .expect("planting a near-expiry certificate");
     // The controller's copy is as old (else it would be reused instead of renewing).
     let copies: Api<Secret> = Api::namespaced(client.clone(), ctl_ns);
-    let copy_name = format!("envctl-{instance}-cert-{}", names[1]);
+    let copy_name = envctl::certs::store::copy_shard_name(instance, &names[1]);
     let mut c = copies.get(&copy_name).await.expect("the controller's copy");
-    c.data = s.data.clone();
+    let planted = s.data.clone().unwrap_or_default();
+    let copy = c.data.get_or_insert_with(Default::default);
+    for (from, to) in [("tls.crt", "crt"), ("tls.key", "key")] {
+        copy.insert(format!("{}.{to}", names[1]), planted[from].clone());
+    }
     copies
         .replace(&copy_name, &PostParams::default(), &c)
         .await

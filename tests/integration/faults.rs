@@ -1019,12 +1019,19 @@ async fn a_finalized_order_is_downloaded_not_ordered_again() {
     // The keys were kept, in the controller's namespace, before the orders were finalized.
     let kept: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client.clone(), &case.ctl_ns);
-    for name in &case.names {
-        let key = kept
-            .get_opt(&format!("envctl-{}-order-key-{name}", case.instance))
+    let keys_name = format!("envctl-{}-order-keys", case.instance);
+    let order_keys =
+        |s: Option<k8s_openapi::api::core::v1::Secret>| s.and_then(|s| s.data).unwrap_or_default();
+    let keys = order_keys(
+        kept.get_opt(&keys_name)
             .await
-            .expect("reading an order key");
-        assert!(key.is_some(), "no key kept for {name}");
+            .expect("reading the order keys"),
+    );
+    for name in &case.names {
+        assert!(
+            keys.contains_key(&format!("{name}.key")),
+            "no key kept for {name}"
+        );
     }
 
     hook.remove(&client).await;
@@ -1065,12 +1072,13 @@ async fn a_finalized_order_is_downloaded_not_ordered_again() {
             public_key(&key, "pkey"),
             "{ns}: the stored key is not the certificate's"
         );
-        let gone = kept
-            .get_opt(&format!("envctl-{}-order-key-{name}", case.instance))
-            .await
-            .expect("reading an order key");
+        let keys = order_keys(
+            kept.get_opt(&keys_name)
+                .await
+                .expect("reading the order keys"),
+        );
         assert!(
-            gone.is_none(),
+            !keys.contains_key(&format!("{name}.key")),
             "the order key of {name} outlived its certificate"
         );
     }

@@ -50,7 +50,11 @@ impl Certs {
         books: &mut Books,
     ) -> Result<Selection<'a>, SelectError> {
         let reads = self.read_targets(targets).await;
-        let copies = self.store.copies().await.map_err(SelectError::Copies)?;
+        let copies = self
+            .store
+            .copies(targets.iter().map(|t| t.environment.as_str()))
+            .await
+            .map_err(SelectError::Copies)?;
         let mut selection = Selection {
             orders: Vec::new(),
             reuse: Vec::new(),
