@@ -20,6 +20,33 @@ pub const ORGANIZATION_ANNOTATION: &str = "envctl.materialize.cloud/organization
 pub const HOSTNAME_ANNOTATION: &str = "envctl.materialize.cloud/hostname";
 /// Hash of the object envctl last applied; lets `plan` prove "unchanged" without a request.
 pub const HASH_ANNOTATION: &str = "envctl.materialize.cloud/desired-hash";
+/// environmentd's ServiceAccount, RoleBinding, Service and StatefulSet in each environment.
+pub const ENVIRONMENTD: &str = "environmentd";
+/// envctl's own RoleBinding in each environment (with `--envctl-cluster-role`).
+pub const ENVCTL_BINDING: &str = "envctl";
+/// The environment's ResourceQuota, LimitRange and NetworkPolicy.
+pub const WALLS: &str = "environment";
+/// Pod Security Admission's namespace labels, each set to `POD_SECURITY_LEVEL` or
+/// `POD_SECURITY_VERSION`: every environment enforces (and warns and audits) `restricted`.
+pub const POD_SECURITY_LABELS: [(&str, &str); 6] = [
+    ("pod-security.kubernetes.io/enforce", POD_SECURITY_LEVEL),
+    (
+        "pod-security.kubernetes.io/enforce-version",
+        POD_SECURITY_VERSION,
+    ),
+    ("pod-security.kubernetes.io/warn", POD_SECURITY_LEVEL),
+    (
+        "pod-security.kubernetes.io/warn-version",
+        POD_SECURITY_VERSION,
+    ),
+    ("pod-security.kubernetes.io/audit", POD_SECURITY_LEVEL),
+    (
+        "pod-security.kubernetes.io/audit-version",
+        POD_SECURITY_VERSION,
+    ),
+];
+pub const POD_SECURITY_LEVEL: &str = "restricted";
+pub const POD_SECURITY_VERSION: &str = "latest";
 pub const CLOUD_PROVIDER_LABEL: &str = "envctl.materialize.cloud/cloud-provider";
 pub const CLOUD_REGION_LABEL: &str = "envctl.materialize.cloud/cloud-region";
 
@@ -72,16 +99,25 @@ pub enum ObjectKind {
     Namespace,
     ServiceAccount,
     RoleBinding,
+    /// The environment's caps (pods, CPU, memory, claims): in place before any pod.
+    ResourceQuota,
+    /// Default requests for containers that state none, so that the quota can count them.
+    LimitRange,
+    /// Ingress only from the environment's own namespace and the platform's ingress.
+    NetworkPolicy,
     Service,
     StatefulSet,
     Secret,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 6] = [
+    pub const ALL: [ObjectKind; 9] = [
         ObjectKind::Namespace,
         ObjectKind::ServiceAccount,
         ObjectKind::RoleBinding,
+        ObjectKind::ResourceQuota,
+        ObjectKind::LimitRange,
+        ObjectKind::NetworkPolicy,
         ObjectKind::Service,
         ObjectKind::StatefulSet,
         ObjectKind::Secret,
@@ -92,6 +128,9 @@ impl ObjectKind {
             ObjectKind::Namespace => "Namespace",
             ObjectKind::ServiceAccount => "ServiceAccount",
             ObjectKind::RoleBinding => "RoleBinding",
+            ObjectKind::ResourceQuota => "ResourceQuota",
+            ObjectKind::LimitRange => "LimitRange",
+            ObjectKind::NetworkPolicy => "NetworkPolicy",
             ObjectKind::Service => "Service",
             ObjectKind::StatefulSet => "StatefulSet",
             ObjectKind::Secret => "Secret",
@@ -103,8 +142,11 @@ impl ObjectKind {
             ObjectKind::Namespace
             | ObjectKind::ServiceAccount
             | ObjectKind::Service
+            | ObjectKind::ResourceQuota
+            | ObjectKind::LimitRange
             | ObjectKind::Secret => "v1",
             ObjectKind::RoleBinding => "rbac.authorization.k8s.io/v1",
+            ObjectKind::NetworkPolicy => "networking.k8s.io/v1",
             ObjectKind::StatefulSet => "apps/v1",
         }
     }
@@ -114,6 +156,9 @@ impl ObjectKind {
             ObjectKind::Namespace => "namespaces",
             ObjectKind::ServiceAccount => "serviceaccounts",
             ObjectKind::RoleBinding => "rolebindings",
+            ObjectKind::ResourceQuota => "resourcequotas",
+            ObjectKind::LimitRange => "limitranges",
+            ObjectKind::NetworkPolicy => "networkpolicies",
             ObjectKind::Service => "services",
             ObjectKind::StatefulSet => "statefulsets",
             ObjectKind::Secret => "secrets",
@@ -131,6 +176,9 @@ impl ObjectKind {
             ObjectKind::Namespace
             | ObjectKind::ServiceAccount
             | ObjectKind::RoleBinding
+            | ObjectKind::ResourceQuota
+            | ObjectKind::LimitRange
+            | ObjectKind::NetworkPolicy
             | ObjectKind::Service
             | ObjectKind::StatefulSet => true,
             // TLS Secrets are the certificate step's: it reads them itself.

@@ -48,6 +48,63 @@ pub struct PolicyArgs {
     /// Roles.
     #[arg(long, env = "ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", default_value = crate::render::DEFAULT_ENVIRONMENTD_CLUSTER_ROLE)]
     pub environmentd_cluster_role: String,
+    /// A namespace whose pods may connect to every environment's pods (the platform's
+    /// ingress; repeatable). Each environment's NetworkPolicy admits its own pods and these.
+    #[arg(
+        long = "ingress-namespace",
+        value_name = "NAMESPACE",
+        env = "ENVCTL_INGRESS_NAMESPACES",
+        value_delimiter = ',',
+        value_parser = parse_namespace
+    )]
+    pub ingress_namespaces: Vec<String>,
+    /// The ClusterRole that grants envctl what it does inside each environment (its TLS
+    /// Secret; the chart's `<release>-in-environments`). With --envctl-service-account, each
+    /// environment gets a RoleBinding `envctl` of it to that ServiceAccount, so envctl needs
+    /// no cluster-wide Secret access.
+    #[arg(
+        long,
+        env = "ENVCTL_ENVCTL_CLUSTER_ROLE",
+        requires = "envctl_service_account"
+    )]
+    pub envctl_cluster_role: Option<String>,
+    /// envctl's ServiceAccount, NAMESPACE/NAME, bound in each environment to
+    /// --envctl-cluster-role.
+    #[arg(
+        long,
+        env = "ENVCTL_ENVCTL_SERVICE_ACCOUNT",
+        value_name = "NAMESPACE/NAME",
+        value_parser = parse_service_account,
+        requires = "envctl_cluster_role"
+    )]
+    pub envctl_service_account: Option<(String, String)>,
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let label = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if label {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (a DNS-1123 label: at most 63 lowercase letters, digits and '-')"
+        ))
+    }
+}
+
+fn parse_service_account(s: &str) -> Result<(String, String), String> {
+    let (ns, name) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected NAMESPACE/NAME, got {s:?}"))?;
+    let ns = parse_namespace(ns)?;
+    if name.is_empty() || name.len() > 253 || name.contains('/') {
+        return Err(format!("{name:?} is not a ServiceAccount name"));
+    }
+    Ok((ns, name.to_string()))
 }
 
 pub(super) fn parse_instance(s: &str) -> Result<String, String> {
@@ -77,6 +134,17 @@ impl PolicyArgs {
             orchestrator_service_labels: self.platform_labels(),
             instance: self.instance.clone(),
             environmentd_cluster_role: self.environmentd_cluster_role.clone(),
+            ingress_namespaces: self.ingress_namespaces.clone(),
+            envctl_binding: self
+                .envctl_cluster_role
+                .clone()
+                .zip(self.envctl_service_account.clone())
+                .map(
+                    |(cluster_role, service_account)| crate::render::EnvctlBinding {
+                        cluster_role,
+                        service_account,
+                    },
+                ),
         }
     }
 
@@ -102,8 +170,8 @@ pub(super) fn parse_label(s: &str) -> Result<(String, String), String> {
     {
         return Err(m);
     }
-    if manifest::check::is_reserved_label_key(k) {
-        return Err(format!("label key {k:?} is reserved for envctl"));
+    if let Some(m) = manifest::check::reserved_key_problem("label", k) {
+        return Err(m.replace("a manifest may not set it", "it cannot be given here"));
     }
     Ok((k.to_string(), v.to_string()))
 }

@@ -9,12 +9,59 @@ use serde_json::Value;
 
 use super::types::OrchestratorNamespace;
 
-/// Label keys and prefixes envctl writes itself; manifests may not set them.
-pub const RESERVED_LABEL_PREFIXES: [&str; 3] = [
-    "envctl.materialize.cloud/",
-    "environmentd.materialize.cloud/",
-    "app.kubernetes.io/managed-by",
-];
+/// Who owns a reserved key prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOwner {
+    Envctl,
+    Kubernetes,
+}
+
+impl KeyOwner {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyOwner::Envctl => "envctl",
+            KeyOwner::Kubernetes => "Kubernetes",
+        }
+    }
+}
+
+/// The reserved prefix a label or annotation key falls under, and who owns it; `None` for a
+/// key a manifest may set. envctl owns `envctl.materialize.cloud/`,
+/// `environmentd.materialize.cloud/` (and its `<namespace>.` subdomains) and
+/// `app.kubernetes.io/managed-by`; Kubernetes owns `kubernetes.io/` and `k8s.io/` with every
+/// subdomain (`pod-security.kubernetes.io/` among them), except `app.kubernetes.io/`, whose
+/// recommended labels are meant for users.
+pub fn reserved_prefix(key: &str) -> Option<(String, KeyOwner)> {
+    if key == crate::vocab::MANAGED_BY_KEY {
+        return Some((key.to_string(), KeyOwner::Envctl));
+    }
+    let (prefix, _) = key.split_once('/')?;
+    let under = |domain: &str| prefix == domain || prefix.ends_with(&format!(".{domain}"));
+    let owner = if under("envctl.materialize.cloud") || under("environmentd.materialize.cloud") {
+        KeyOwner::Envctl
+    } else if prefix == "app.kubernetes.io" {
+        return None;
+    } else if under("kubernetes.io") || under("k8s.io") {
+        KeyOwner::Kubernetes
+    } else {
+        return None;
+    };
+    Some((format!("{prefix}/"), owner))
+}
+
+/// Why a manifest may not set the label or annotation `key` (`what` says which), if it may not.
+pub fn reserved_key_problem(what: &str, key: &str) -> Option<String> {
+    let (prefix, owner) = reserved_prefix(key)?;
+    let why = if prefix == "pod-security.kubernetes.io/" {
+        ": every environment enforces the Pod Security level restricted, which a manifest cannot change"
+    } else {
+        ""
+    };
+    Some(format!(
+        "{what} key {key:?} is under the prefix {prefix:?}, which {} owns; a manifest may not set it{why}",
+        owner.as_str()
+    ))
+}
 
 /// Longest StatefulSet name: its pods' `controller-revision-hash` label must stay within 63.
 pub const MAX_STATEFULSET_NAME: usize = 52;
@@ -82,14 +129,6 @@ pub fn label_value_problem(key: &str, value: &str) -> Option<String> {
     ))
 }
 
-/// Whether `key` is a label envctl owns.
-pub fn is_reserved_label_key(key: &str) -> bool {
-    RESERVED_LABEL_PREFIXES.iter().any(|p| key.starts_with(p))
-        || key
-            .split_once('/')
-            .is_some_and(|(prefix, _)| prefix.ends_with(".environmentd.materialize.cloud"))
-}
-
 /// Problems with a label map at `pointer`, one per bad entry.
 pub fn check_labels(
     pointer: &str,
@@ -100,8 +139,8 @@ pub fn check_labels(
         let p = format!("{pointer}/{}", escape_segment(k));
         if let Some(m) = label_key_problem(k) {
             out.push((p, m));
-        } else if is_reserved_label_key(k) {
-            out.push((p, format!("label key {k:?} is reserved for envctl")));
+        } else if let Some(m) = reserved_key_problem("label", k) {
+            out.push((p, m));
         } else if let Some(m) = label_value_problem(k, v) {
             out.push((p, m));
         }
@@ -208,11 +247,11 @@ pub fn check_environment(doc: &Value, limits: &Limits) -> Vec<(String, String)> 
         &mut out,
     );
     for k in string_map(doc.pointer("/metadata/annotations")).keys() {
-        if let Some(m) = label_key_problem(k) {
-            out.push((
-                format!("/metadata/annotations/{}", escape_segment(k)),
-                m.replacen("label key", "annotation key", 1),
-            ));
+        let problem = label_key_problem(k)
+            .map(|m| m.replacen("label key", "annotation key", 1))
+            .or_else(|| reserved_key_problem("annotation", k));
+        if let Some(m) = problem {
+            out.push((format!("/metadata/annotations/{}", escape_segment(k)), m));
         }
     }
     let service_labels = string_map(doc.pointer("/spec/serviceLabels"));
@@ -361,11 +400,34 @@ mod tests {
         assert!(label_key_problem(&"a".repeat(64)).is_some());
         assert!(label_value_problem("k", "aws/us-east-1").is_some());
         assert!(label_value_problem("k", "").is_none());
-        assert!(is_reserved_label_key(
-            "compute.environmentd.materialize.cloud/size"
-        ));
-        assert!(is_reserved_label_key("app.kubernetes.io/managed-by"));
-        assert!(!is_reserved_label_key("app.kubernetes.io/part-of"));
+        let owner = |k: &str| reserved_prefix(k);
+        assert_eq!(
+            owner("compute.environmentd.materialize.cloud/size"),
+            Some((
+                "compute.environmentd.materialize.cloud/".into(),
+                KeyOwner::Envctl
+            ))
+        );
+        assert_eq!(
+            owner("app.kubernetes.io/managed-by"),
+            Some(("app.kubernetes.io/managed-by".into(), KeyOwner::Envctl))
+        );
+        assert_eq!(owner("app.kubernetes.io/part-of"), None);
+        assert_eq!(
+            owner("pod-security.kubernetes.io/enforce"),
+            Some(("pod-security.kubernetes.io/".into(), KeyOwner::Kubernetes))
+        );
+        assert_eq!(
+            owner("kubernetes.io/metadata.name"),
+            Some(("kubernetes.io/".into(), KeyOwner::Kubernetes))
+        );
+        assert_eq!(
+            owner("node.k8s.io/x"),
+            Some(("node.k8s.io/".into(), KeyOwner::Kubernetes))
+        );
+        assert_eq!(owner("example.com/team"), None);
+        assert_eq!(owner("notkubernetes.io/x"), None);
+        assert_eq!(owner("team"), None);
     }
 
     #[test]

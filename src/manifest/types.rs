@@ -96,6 +96,37 @@ pub struct EnvironmentSpec {
     /// Labels put on every pod and Service of the environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub service_labels: BTreeMap<String, String>,
+    /// The environment's ResourceQuota: what its workloads request, plus headroom for what
+    /// environmentd starts itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+/// How the environment's ResourceQuota is sized. Its pods, CPU and memory are what the
+/// manifest's workloads request (a container that states no request counts as the default
+/// the namespace's LimitRange gives it), plus `headroom`; its claims are as many as its pods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// A share added on top of what the workloads request, e.g. `"50%"` (default `"100%"`:
+    /// environmentd may start as much again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,4}%$"))]
+    pub headroom: Option<String>,
+}
+
+/// The quota's headroom when a manifest sets none.
+pub const DEFAULT_QUOTA_HEADROOM_PERCENT: u32 = 100;
+
+impl EnvironmentSpec {
+    /// The quota's headroom in percent.
+    pub fn quota_headroom_percent(&self) -> u32 {
+        self.quota
+            .as_ref()
+            .and_then(|q| q.headroom.as_deref())
+            .and_then(|h| h.trim_end_matches('%').parse().ok())
+            .unwrap_or(DEFAULT_QUOTA_HEADROOM_PERCENT)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -298,7 +298,7 @@ async fn progress_shows_on_a_terminal_only() {
     for phase in [
         "observe: 60 environment(s)",
         "apply: 60 environment(s)",
-        "/420 objects",
+        "/600 objects",
     ] {
         assert!(
             shown.contains(phase),
@@ -325,6 +325,10 @@ async fn progress_shows_on_a_terminal_only() {
     let (code, out, err) = cluster.envctl(dir.path(), &refs(&diff));
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(err.trim().is_empty(), "stderr without a terminal: {err:?}");
-    assert!(out.contains(&format!("{} to update", names.len())), "{out}");
+    // Each environment's StatefulSet, and its ResourceQuota, which follows the scale.
+    assert!(
+        out.contains(&format!("{} to update", 2 * names.len())),
+        "{out}"
+    );
     cleanup_instance(&client, &instance).await;
 }

@@ -98,7 +98,7 @@ fn diff_without_a_cluster() {
     );
     assert!(out.starts_with("exit: 1\n"), "{out}");
     assert!(
-        out.contains("40 to create, 0 to update, 0 to delete, 0 unchanged"),
+        out.contains("52 to create, 0 to update, 0 to delete, 0 unchanged"),
         "{out}"
     );
     assert!(
