@@ -61,6 +61,8 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("checking who owns the instance")]
+    Claim(#[source] crate::controller::claim::ClaimError),
     #[error("running the controller")]
     Run(#[source] crate::controller::run::RunError),
     #[error("reading environment status")]
@@ -104,6 +106,7 @@ impl CliError {
             CliError::Status(_) => Exit::Cluster,
             CliError::Git(_) => Exit::Invalid,
             CliError::Setting { .. } => Exit::Invalid,
+            CliError::Claim(crate::controller::claim::ClaimError::Taken { .. }) => Exit::Invalid,
             CliError::Quota(e) if e.is_unreachable() => Exit::Cluster,
             CliError::Certificates(e) if e.is_unreachable() => Exit::Cluster,
             _ => Exit::Failure,

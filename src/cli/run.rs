@@ -102,6 +102,10 @@ pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
         None => identity,
     };
     let identity = agent;
+    let (self_instance, self_namespace) = (
+        args.source.policy.instance.clone(),
+        args.leader_elect_namespace.clone(),
+    );
     tracing::info!(replica = %identity, "starting");
     runtime()?.block_on(async {
         let kubeconfig = args.cluster.kubeconfig.as_deref();
@@ -118,6 +122,10 @@ pub fn handle(args: RunArgs) -> Result<Exit, CliError> {
         let leases = cluster::connect_as(kubeconfig, Some(&identity))
             .await
             .map_err(CliError::Connect)?;
+        // Before anything is written: this instance is not another release's.
+        crate::controller::claim::check(&leases, &self_instance, &self_namespace)
+            .await
+            .map_err(CliError::Claim)?;
         let clients = crate::controller::run::Clients {
             writer,
             leases,

@@ -6,10 +6,11 @@
 //! `crate::rollout`'s); the certificate worker. It never renders, plans or writes objects
 //! itself: that is the pass's, through the pipeline's modules.
 //!
-//! Bottom to top: `options`, `leader`, `shard`, `lease_thread`, `relay`, `http`, `health`,
+//! Bottom to top: `claim`, `options`, `leader`, `shard`, `lease_thread`, `relay`, `http`, `health`,
 //! `poll`, `cert_worker`, `reconcile`, `run`.
 
 mod cert_worker;
+pub mod claim;
 pub mod health;
 pub mod http;
 pub mod leader;

@@ -114,6 +114,10 @@ def test_sharding_replaces_leader_election():
         {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
         {"unknownSetting": True},
         {"instance": "no/slashes"},
+        {"instance": "Upper_Case"},
+        {"instance": "x" * 41},
+        {"networkPolicy": {"ingressNamespaces": ["Not A Namespace"]}},
+        {"admissionPolicy": {"allowedWorkloadIdentities": {"example.com/role": "x"}}},
         {"certificates": {"limitOverrides": {"example.cloud": "lots"}}},
         {"certificates": {"acme": {"directory": "ftp://acme"}}},
         {"certificates": {"acme": {"directory": "letsencrypt-production"}}},
@@ -153,7 +157,7 @@ def test_certificate_values():
     volumes = {v["name"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
     assert {"acme-ca", "acme-eab"} <= volumes
     ledger_rule = [r for r in by_kind(docs, "Role")[0]["rules"]
-                   if r.get("resourceNames") == ["envctl-default-acme-ledger"]]
+                   if r.get("resourceNames") == ["envctl-envctl-system-envctl-acme-ledger"]]
     assert ledger_rule and ledger_rule[0]["verbs"] == ["get", "update"]
 
     off = render({**BASE, "certificates": {"enabled": False}})
@@ -199,7 +203,8 @@ def test_rbac_grants_no_escalate_no_role_writes_and_binds_one_cluster_role():
             assert "roles" not in rule["resources"], rule
     binds = [r for r in envctl_role["rules"] if "bind" in r["verbs"]]
     assert binds == [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
-                      "resourceNames": ["envctl-environmentd"], "verbs": ["bind"]}]
+                      "resourceNames": [name], "verbs": ["bind"]}
+                     for name in ["envctl-environmentd", "envctl-in-environments"]]
     # The ClusterRole envctl binds is the one the Deployment tells it to bind.
     assert env_of(docs)["ENVCTL_ENVIRONMENTD_CLUSTER_ROLE"] == "envctl-environmentd"
     # environmentd's ClusterRole is never bound cluster-wide by the chart.
@@ -254,8 +259,8 @@ def test_admission_policy_renders_and_lints():
     docs = render(values)
     policy = by_kind(docs, "ValidatingAdmissionPolicy")
     binding = by_kind(docs, "ValidatingAdmissionPolicyBinding")
-    assert len(policy) == 1 and len(binding) == 1, "on by default"
-    assert binding[0]["spec"]["policyName"] == policy[0]["metadata"]["name"]
+    assert len(policy) == 2 and len(binding) == 2, "on by default: envctl's and environmentd's"
+    assert [b["spec"]["policyName"] for b in binding] == [p["metadata"]["name"] for p in policy]
     condition = policy[0]["spec"]["matchConditions"][0]["expression"]
     assert "system:serviceaccount:envctl-system:envctl" in condition
     variables = {v["name"]: v["expression"] for v in policy[0]["spec"]["variables"]}
@@ -275,3 +280,59 @@ def test_the_chart_refuses_to_install_without_the_policy_unless_told():
     assert "acceptUnconfinedServiceAccount" in str(refused.value)
     accepted = render({**BASE, "admissionPolicy": {"enabled": False, "acceptUnconfinedServiceAccount": True}})
     assert not by_kind(accepted, "ValidatingAdmissionPolicy")
+
+
+def test_no_cluster_wide_secret_rule_and_named_secrets_in_the_release_namespace():
+    docs = render()
+    bound = {b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")}
+    for role in by_kind(docs, "ClusterRole"):
+        if role["metadata"]["name"] in bound:
+            for rule in role["rules"]:
+                assert "secrets" not in rule["resources"], rule
+    role = by_kind(docs, "Role")[0]
+    secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert [r["verbs"] for r in secret_rules if "resourceNames" not in r] == [["create"]]
+    named = [r for r in secret_rules if "resourceNames" in r]
+    assert len(named) == 1 and "list" not in named[0]["verbs"]
+    names = named[0]["resourceNames"]
+    assert len(names) == 258 and all(n.startswith("envctl-envctl-system-envctl-") for n in names)
+    inside = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == "envctl-in-environments"][0]
+    assert inside["rules"][1]["resourceNames"] == ["environment-tls"]
+    env = env_of(docs)
+    assert env["ENVCTL_ENVCTL_CLUSTER_ROLE"] == "envctl-in-environments"
+    assert env["ENVCTL_ENVCTL_SERVICE_ACCOUNT"] == "envctl-system/envctl"
+
+
+def test_the_default_instance_is_derived_per_release_and_claimed():
+    one = env_of(render(namespace="team-a"))["ENVCTL_INSTANCE"]
+    two = env_of(render(namespace="team-b"))["ENVCTL_INSTANCE"]
+    assert one == "team-a-envctl" and two == "team-b-envctl"
+    long = env_of(render(namespace="a-very-long-namespace-name-for-the-platform"))["ENVCTL_INSTANCE"]
+    assert len(long) <= 40 and long.startswith("a-very-long-namespace-name-for")
+    claim = [d for d in by_kind(render(namespace="team-a"), "ClusterRole")
+             if d["metadata"]["name"] == "envctl-instance-team-a-envctl"]
+    assert claim and claim[0]["rules"] == []
+    assert claim[0]["metadata"]["annotations"]["envctl.materialize.cloud/controller-namespace"] == "team-a"
+
+
+@pytest.mark.parametrize("namespace", ["kube-system", "kube-public", "default"])
+def test_the_chart_refuses_system_namespaces(namespace):
+    with pytest.raises(Exception) as refused:
+        render(namespace=namespace)
+    assert "does not install into the namespace " + namespace in str(refused.value)
+
+
+def test_policy_values_reach_the_rules():
+    values = {**BASE, "admissionPolicy": {
+        "allowedPriorityClasses": ["environments"], "storageClasses": ["encrypted"],
+        "allowedWorkloadIdentities": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/envs"}},
+        "networkPolicy": {"ingressNamespaces": ["ingress", "monitoring"]}}
+    docs = render(values)
+    rules = " ".join(v["expression"] for p in by_kind(docs, "ValidatingAdmissionPolicy")
+                     for v in p["spec"]["validations"])
+    for needle in ['["environments"]', '["encrypted"]', "'arn:aws:iam::1:role/envs'",
+                   "'iam.gke.io/gcp-service-account'", "'azure.workload.identity/client-id'"]:
+        assert needle in rules, needle
+    assert env_of(docs)["ENVCTL_INGRESS_NAMESPACES"] == "ingress,monitoring"
+    report = helm.lint(CHART, values, strict=True)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report

@@ -103,25 +103,42 @@ async fn envctl_runs_as_the_charts_service_account() {
     // The examples, under names unique to this test.
     let source = dir.path().join("envs");
     let names = examples_renamed(&source, &id[id.len() - 4..]);
-    // The ClusterRole the chart's Deployment tells envctl to bind.
-    let environmentd_role = docs
-        .iter()
-        .find(|d| d["kind"] == "Deployment")
-        .and_then(|d| d["spec"]["template"]["spec"]["containers"][0]["env"].as_array())
-        .and_then(|env| {
-            env.iter()
-                .find(|e| e["name"] == "ENVCTL_ENVIRONMENTD_CLUSTER_ROLE")
-                .and_then(|e| e["value"].as_str())
-        })
-        .expect("the Deployment names environmentd's ClusterRole")
-        .to_string();
+    // What the chart's Deployment tells envctl about its roles: environmentd's ClusterRole,
+    // and its own RoleBinding in each environment (the in-environments ClusterRole and its
+    // ServiceAccount), through which it reaches its TLS Secrets.
+    let deployment_env = |name: &str| -> String {
+        docs.iter()
+            .find(|d| d["kind"] == "Deployment")
+            .and_then(|d| d["spec"]["template"]["spec"]["containers"][0]["env"].as_array())
+            .and_then(|env| {
+                env.iter()
+                    .find(|e| e["name"] == name)
+                    .and_then(|e| e["value"].as_str())
+            })
+            .unwrap_or_else(|| panic!("the Deployment sets {name}"))
+            .to_string()
+    };
+    let environmentd_role = deployment_env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE");
+    let role_env: Vec<(&str, String)> = [
+        "ENVCTL_ENVIRONMENTD_CLUSTER_ROLE",
+        "ENVCTL_ENVCTL_CLUSTER_ROLE",
+        "ENVCTL_ENVCTL_SERVICE_ACCOUNT",
+    ]
+    .into_iter()
+    .map(|k| (k, deployment_env(k)))
+    .collect();
+    assert_eq!(
+        role_env[2].1,
+        format!("{namespace}/{sa_name}"),
+        "envctl binds its own ServiceAccount"
+    );
     let envctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_envctl"))
             .args(args)
             .arg("--kubeconfig")
             .arg(&sa_kubeconfig)
             .env_remove("KUBECONFIG")
-            .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
+            .envs(role_env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("running envctl")
     };
@@ -163,13 +180,17 @@ async fn envctl_runs_as_the_charts_service_account() {
             );
         }
     }
-    let out = envctl(&["diff", "--source", src, "--instance", &instance]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // `envctl diff` as the ServiceAccount finds nothing to change.
+    let in_sync = || {
+        let out = envctl(&["diff", "--source", src, "--instance", &instance]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    in_sync();
 
     // `envctl run` with leader election in the release namespace, as the ServiceAccount.
     let log = dir.path().join("run.log");
@@ -189,7 +210,7 @@ async fn envctl_runs_as_the_charts_service_account() {
     args.extend(acme.iter().map(|a| a.to_string()));
     let mut run = Controller::run(&sa_kubeconfig, args)
         .log(&log)
-        .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
+        .envs(&role_env)
         .start();
     let mut led = false;
     for _ in 0..100 {
@@ -237,7 +258,7 @@ async fn envctl_runs_as_the_charts_service_account() {
     ];
     let mut run = Controller::run(&sa_kubeconfig, args)
         .log(&log)
-        .env("ENVCTL_ENVIRONMENTD_CLUSTER_ROLE", &environmentd_role)
+        .envs(&role_env)
         .start();
     let mut sharded = false;
     for _ in 0..150 {
@@ -420,7 +441,8 @@ async fn envctl_runs_as_the_charts_service_account() {
             "annotations": {"kubernetes.io/service-account.name": "namespace-controller"}},
         "type": "kubernetes.io/service-account-token"
     });
-    denied(
+    // RBAC already refuses it: envctl holds no Secret right outside its own namespaces.
+    forbidden(
         "a token Secret in kube-system",
         as_value(
             kube_system_secrets
@@ -565,6 +587,23 @@ async fn envctl_runs_as_the_charts_service_account() {
     }
     let _ = nsapi.delete(&other_ns, &DeleteParams::default()).await;
 
+    // What it writes, not only where: every attack of the walled-tenant issue, as envctl's
+    // ServiceAccount and as an environment's environmentd.
+    let release_view = crate::walls::Release {
+        admin: &client,
+        envctl: &sa_client,
+        release: &release,
+        namespace: &namespace,
+        service_account: &sa_name,
+        instance: &instance,
+        in_environments: &role_env[1].1,
+        env_ns: &env_ns,
+    };
+    crate::walls::envctl_is_walled_in(&release_view).await;
+    crate::walls::environmentd_is_walled_in(&release_view, &cluster.kubeconfig).await;
+    // Nothing of the attacks stuck: the pass after them still has nothing to change.
+    in_sync();
+
     // A prune as the ServiceAccount, under the policy: the removed environment's namespace
     // (the instance's own) is deleted.
     let gone = names.last().expect("an environment").clone();
@@ -643,6 +682,111 @@ async fn envctl_runs_as_the_charts_service_account() {
     );
     let _ = nsapi.delete(&namespace, &DeleteParams::default()).await;
     wait_namespace_gone(&client, &namespace, Duration::from_secs(120)).await;
+}
+
+/// One instance, one owner: a second release with the same `instance` is refused (by Helm,
+/// naming the first release's claim), envctl run in the second namespace refuses to start
+/// and names the first, and two releases left at the default instance do not share one.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_releases_cannot_share_an_instance() {
+    let Some(cluster) = require() else { return };
+    let client = cluster.client().await;
+    let id = unique("claim");
+    let (first, second) = (format!("{id}-a"), format!("{id}-b"));
+    // Release names unique to the run: the chart's ClusterRoles and policies are named after
+    // them, cluster-wide.
+    let (one, two) = (format!("{id}-one"), format!("{id}-two"));
+    let install = |release: &str, namespace: &str, instance: Option<&str>| {
+        let mut args = vec![
+            "install".to_string(),
+            release.to_string(),
+            chart_dir(),
+            "--namespace".into(),
+            namespace.to_string(),
+            "--create-namespace".into(),
+            "--set".into(),
+            "source.url=https://git.example.invalid/envs.git".into(),
+            "--set".into(),
+            "replicas=1".into(),
+        ];
+        if let Some(i) = instance {
+            args.extend(["--set".into(), format!("instance={i}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        helm(cluster, &args)
+    };
+    let (ok, text) = install(&one, &first, Some(&id));
+    assert!(ok, "the first release failed to install:\n{text}");
+    let (ok, text) = install(&two, &second, Some(&id));
+    assert!(!ok, "a second release with instance {id} was installed");
+    assert!(
+        text.contains(&format!("envctl-instance-{id}")) && text.contains(&first),
+        "helm's refusal names neither the claim nor the first release's namespace:\n{text}"
+    );
+
+    // envctl run in the second namespace, with the same instance: refuses before any write.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args(["run", "--source"])
+        .arg(dir.path())
+        .args(["--instance", &id, "--leader-elect-namespace", &second])
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running envctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "envctl run started on a claimed instance:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("release {one} in namespace")) && stderr.contains(&first),
+        "envctl's refusal does not name the first release:\n{stderr}"
+    );
+
+    // Left at its default, the second release derives an instance of its own.
+    let (ok, text) = install(&two, &second, None);
+    assert!(
+        ok,
+        "a release at the default instance failed to install:\n{text}"
+    );
+    let derived = release_manifest(cluster, &two, &second)
+        .into_iter()
+        .filter(|d| d["kind"] == "Deployment")
+        .filter_map(|d| {
+            d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .find(|e| e["name"] == "ENVCTL_INSTANCE")
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+        .expect("the Deployment names its instance");
+    let expected = format!("{second}-{two}");
+    let expected = if expected.len() <= 40 {
+        expected
+    } else {
+        derived.clone()
+    };
+    assert_eq!(derived, expected);
+    assert_ne!(
+        derived, id,
+        "the derived instance is not the first release's"
+    );
+
+    for (release, namespace) in [(&one, &first), (&two, &second)] {
+        let (ok, text) = helm(
+            cluster,
+            &["uninstall", release, "--namespace", namespace, "--wait"],
+        );
+        assert!(ok, "helm uninstall {release} failed:\n{text}");
+    }
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    for namespace in [&first, &second] {
+        let _ = nsapi.delete(namespace, &DeleteParams::default()).await;
+        wait_namespace_gone(&client, namespace, Duration::from_secs(120)).await;
+    }
 }
 
 /// The chart's folder.

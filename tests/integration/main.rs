@@ -19,3 +19,4 @@ mod properties;
 mod safety;
 mod shard;
 mod support;
+mod walls;

@@ -360,6 +360,14 @@ impl RunCommand {
         self
     }
 
+    /// Sets each of `vars` in the process's environment.
+    pub fn envs(mut self, vars: &[(&str, String)]) -> RunCommand {
+        for (k, v) in vars {
+            self = self.env(k, v);
+        }
+        self
+    }
+
     /// Removes an environment variable from the process (after the defaults).
     pub fn env_remove(mut self, key: &str) -> RunCommand {
         self.unset.push(key.to_string());
