@@ -281,6 +281,7 @@ pub async fn read_all(
     client: &Client,
     instance: &str,
     deadline: std::time::Duration,
+    pods: bool,
 ) -> Result<Vec<StatusRow>, StatusError> {
     let api: Api<Namespace> = Api::all(client.clone());
     let selector = owned_selector(instance);
@@ -292,7 +293,7 @@ pub async fn read_all(
                 .map_err(StatusError::List)
         },
         async {
-            crate::observe::read_health_inputs(client, instance)
+            crate::observe::read_health_inputs(client, instance, pods)
                 .await
                 .map_err(StatusError::Health)
         },

@@ -193,7 +193,7 @@ async fn wait_until_ready(
     let deadline = tokio::time::Instant::now() + args.timeout;
     let mut last_line = String::new();
     loop {
-        let inputs = crate::observe::read_health_inputs(client, instance)
+        let inputs = crate::observe::read_health_inputs(client, instance, args.health.pods())
             .await
             .map_err(CliError::Observe)?;
         let now = k8s_openapi::jiff::Timestamp::now();

@@ -401,6 +401,19 @@ pub struct HealthArgs {
     /// this long counts as Degraded.
     #[arg(long, env = "ENVCTL_PROGRESS_DEADLINE", default_value = "10m", value_parser = parse_duration)]
     pub progress_deadline: std::time::Duration,
+    /// Judge health from StatefulSets alone, reading no pod: envctl then needs no
+    /// cluster-wide pod read (the chart's `health.readPods: false`), and health names no
+    /// pod-level reason (image pull failures, crash loops, unschedulable pods) and sees
+    /// rollout progress only as the StatefulSet reports it.
+    #[arg(long, env = "ENVCTL_HEALTH_WITHOUT_PODS")]
+    pub health_without_pods: bool,
+}
+
+impl HealthArgs {
+    /// Whether health reads pods.
+    pub fn pods(&self) -> bool {
+        !self.health_without_pods
+    }
 }
 
 pub(super) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

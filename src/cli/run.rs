@@ -181,6 +181,7 @@ impl RunArgs {
             shard: self.shard.then(|| self.lease()),
             shutdown_grace: self.shutdown_grace,
             progress_deadline: self.health.progress_deadline,
+            health_from_pods: self.health.pods(),
             certs: self.certs.mode()?,
             cert_settings: CertSettings {
                 writer: format!("controller/{}", policy.instance),

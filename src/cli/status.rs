@@ -45,6 +45,7 @@ pub fn handle(args: &StatusArgs) -> Result<Exit, CliError> {
                 &client,
                 &args.instance.instance,
                 args.health.progress_deadline,
+                args.health.pods(),
             ),
             crate::status::read_rollout(
                 &client,

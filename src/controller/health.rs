@@ -49,6 +49,7 @@ pub fn start(
     client: &Client,
     instance: &str,
     deadline: Duration,
+    pods: bool,
     metrics: Arc<Metrics>,
     leading: watch::Receiver<bool>,
     membership: Option<super::shard::SharedMembership>,
@@ -57,7 +58,7 @@ pub fn start(
     let events_in = Arc::new(Notify::new());
     let current: HealthMap = Arc::default();
     let tracker = Tracker {
-        watch: HealthWatch::start(client, instance, events_in.clone()),
+        watch: HealthWatch::start(client, instance, pods, events_in.clone()),
         deadline,
         metrics,
         events: Events::new(client.clone(), instance),

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub shutdown_grace: Duration,
     /// A rollout without progress for this long is Degraded.
     pub progress_deadline: Duration,
+    /// Whether health reads pods (`--health-without-pods` turns it off).
+    pub health_from_pods: bool,
     /// Certificates: skipped, unconfigured (reported only) or from an ACME directory.
     pub certs: CertMode,
     /// Where certificate state lives (used with `CertMode::Acme`).

@@ -104,6 +104,7 @@ pub async fn run(clients: Clients, mut opts: RunOptions) -> Result<(), RunError>
         &clients.writer,
         &opts.pass.render.instance,
         opts.progress_deadline,
+        opts.health_from_pods,
         metrics.clone(),
         leases.lead.clone(),
         leases.membership.clone(),

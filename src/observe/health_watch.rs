@@ -21,7 +21,8 @@ use crate::vocab::owned_selector;
 /// Watches of what health is judged from (StatefulSets with their status, pods, namespaces).
 pub struct HealthWatch {
     stateful_sets: Watched<(String, Arc<StatefulSetView>)>,
-    pods: Watched<(String, Arc<PodView>)>,
+    /// None when health reads no pod (`--health-without-pods`).
+    pods: Option<Watched<(String, Arc<PodView>)>>,
     namespaces: Watched<(String, Option<Timestamp>)>,
 }
 
@@ -64,7 +65,7 @@ where
 
 impl HealthWatch {
     /// Starts the watches; `changed` is notified on every event.
-    pub fn start(client: &Client, instance: &str, changed: Arc<Notify>) -> HealthWatch {
+    pub fn start(client: &Client, instance: &str, pods: bool, changed: Arc<Notify>) -> HealthWatch {
         let selector = owned_selector(instance);
         HealthWatch {
             stateful_sets: project(
@@ -74,8 +75,10 @@ impl HealthWatch {
                 "StatefulSet",
                 |s: &StatefulSet| Arc::new(StatefulSetView::from(s)),
             ),
-            pods: project(client, &selector, changed.clone(), "Pod", |p: &Pod| {
-                Arc::new(PodView::from(p))
+            pods: pods.then(|| {
+                project(client, &selector, changed.clone(), "Pod", |p: &Pod| {
+                    Arc::new(PodView::from(p))
+                })
             }),
             namespaces: project(client, &selector, changed, "Namespace", applied_at),
         }
@@ -85,7 +88,9 @@ impl HealthWatch {
     pub async fn ready(&self, timeout: std::time::Duration) -> Result<(), ObserveError> {
         let all = async {
             self.stateful_sets.wait_ready().await;
-            self.pods.wait_ready().await;
+            if let Some(pods) = &self.pods {
+                pods.wait_ready().await;
+            }
             self.namespaces.wait_ready().await;
         };
         tokio::time::timeout(timeout, all)
@@ -102,7 +107,11 @@ impl HealthWatch {
             self.stateful_sets.read().values().cloned().collect();
         let namespaces: Vec<(String, Option<Timestamp>)> =
             self.namespaces.read().values().cloned().collect();
-        let pods: Vec<(String, Arc<PodView>)> = self.pods.read().values().cloned().collect();
+        let pods: Vec<(String, Arc<PodView>)> = self
+            .pods
+            .as_ref()
+            .map(|p| p.read().values().cloned().collect())
+            .unwrap_or_default();
         group_for_health(stateful_sets, pods, namespaces)
     }
 }

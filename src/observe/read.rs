@@ -213,16 +213,24 @@ where
 }
 
 /// Reads what health is judged from, once: the instance's StatefulSets, pods and namespaces.
+/// With `pods` false, no pod is read (health is judged from StatefulSets alone).
 pub async fn read_health_inputs(
     client: &Client,
     instance: &str,
+    pods: bool,
 ) -> Result<BTreeMap<String, crate::health::Observed>, ObserveError> {
     let selector = owned_selector(instance);
     let sts_api: kube::Api<StatefulSet> = kube::Api::all(client.clone());
     let pod_api: kube::Api<Pod> = kube::Api::all(client.clone());
     let (stateful_sets, pods, namespaces) = futures::try_join!(
         list_pages(&sts_api, &selector, "StatefulSet"),
-        list_pages(&pod_api, &selector, "Pod"),
+        async {
+            if pods {
+                list_pages(&pod_api, &selector, "Pod").await
+            } else {
+                Ok(Vec::new())
+            }
+        },
         list_typed::<Namespace>(client, &selector, "Namespace"),
     )?;
     Ok(group_for_health(

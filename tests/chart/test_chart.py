@@ -336,3 +336,14 @@ def test_policy_values_reach_the_rules():
     assert env_of(docs)["ENVCTL_INGRESS_NAMESPACES"] == "ingress,monitoring"
     report = helm.lint(CHART, values, strict=True)
     assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report
+
+
+def test_health_without_pods_drops_the_cluster_wide_pod_read():
+    def pod_rules(docs):
+        role = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == "envctl"][0]
+        return [r for r in role["rules"] if "pods" in r["resources"]]
+    on = render()
+    assert pod_rules(on) and "ENVCTL_HEALTH_WITHOUT_PODS" not in env_of(on)
+    off = render({**BASE, "health": {"readPods": False}})
+    assert not pod_rules(off)
+    assert env_of(off)["ENVCTL_HEALTH_WITHOUT_PODS"] == "true"

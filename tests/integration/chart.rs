@@ -646,6 +646,8 @@ async fn envctl_runs_as_the_charts_service_account() {
             "--reuse-values",
             "--set",
             "prune.enabled=true",
+            "--set",
+            "health.readPods=false",
             "--wait",
             "--timeout",
             "3m",
@@ -661,6 +663,37 @@ async fn envctl_runs_as_the_charts_service_account() {
             .flatten()
             .any(|e| e["name"] == "ENVCTL_PRUNE" && e["value"] == "true"),
         "the upgrade turned pruning on"
+    );
+    // Without the cluster-wide pod read, health is judged from StatefulSets alone: the
+    // ServiceAccount reads no pod, and `status --health-without-pods` works without one.
+    let sa_pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(sa_client.clone());
+    match sa_pods.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        Ok(_) => panic!("the ServiceAccount still lists pods with health.readPods=false"),
+        Err(e) => panic!("listing pods: {e}"),
+    }
+    let status = |extra: &[&str]| {
+        let mut args = vec![
+            "status",
+            "--instance",
+            &instance,
+            "--controller-namespace",
+            &namespace,
+        ];
+        args.extend(extra);
+        envctl(&args)
+    };
+    let out = status(&[]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Pod"),
+        "status read pods without the right to:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = status(&["--health-without-pods"]);
+    assert!(
+        out.status.success(),
+        "status --health-without-pods failed as the ServiceAccount:\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let uninstall = helm(
         cluster,

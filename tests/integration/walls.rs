@@ -634,3 +634,95 @@ async fn wait_for_failed_create(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// Migration: environments applied before their walls (no Pod Security labels, no quota,
+/// LimitRange or NetworkPolicy) gain them on the next pass, and nothing else changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_environments_gain_their_walls_on_the_next_pass() {
+    let Some(cluster) = crate::cluster::require() else {
+        return;
+    };
+    let client = cluster.client().await;
+    let instance = crate::cluster::unique("walls");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let names = crate::support::examples_renamed(dir.path(), &instance[instance.len() - 4..]);
+    let args = ["--instance", instance.as_str(), "--source", "."];
+    let run = |cmd: &str| {
+        let mut a = vec![cmd];
+        a.extend(args);
+        cluster.envctl(dir.path(), &a)
+    };
+    let (code, out, err) = run("apply");
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // Take each environment back to what an envctl without walls left: the namespace's Pod
+    // Security labels removed, the quota, LimitRange and NetworkPolicy deleted.
+    let unlabel = json!({"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": null, "pod-security.kubernetes.io/enforce-version": null,
+        "pod-security.kubernetes.io/warn": null, "pod-security.kubernetes.io/warn-version": null,
+        "pod-security.kubernetes.io/audit": null, "pod-security.kubernetes.io/audit-version": null}}});
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for name in &names {
+        let ns = format!("environment-{name}");
+        namespaces
+            .patch(&ns, &PatchParams::default(), &Patch::Merge(&unlabel))
+            .await
+            .expect("removing the Pod Security labels");
+        let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
+        let ranges: Api<k8s_openapi::api::core::v1::LimitRange> =
+            Api::namespaced(client.clone(), &ns);
+        let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+            Api::namespaced(client.clone(), &ns);
+        quotas
+            .delete("environment", &Default::default())
+            .await
+            .expect("deleting the quota");
+        ranges
+            .delete("environment", &Default::default())
+            .await
+            .expect("deleting the LimitRange");
+        policies
+            .delete("environment", &Default::default())
+            .await
+            .expect("deleting the NetworkPolicy");
+    }
+
+    // The next pass: exactly the walls, one update (the namespace) and three creates per
+    // environment, and nothing else.
+    let (code, out, err) = run("diff");
+    assert_eq!(code, 1, "{out}\n{err}");
+    let n = names.len();
+    assert!(
+        out.contains(&format!("{} to create, {n} to update, 0 to delete", 3 * n)),
+        "{out}"
+    );
+    for line in out
+        .lines()
+        .filter(|l| l.starts_with("create ") || l.starts_with("update "))
+    {
+        let kind = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(
+            ["ResourceQuota", "LimitRange", "NetworkPolicy", "Namespace"].contains(&kind),
+            "the migration changes more than the walls: {line}"
+        );
+    }
+    let (code, out, err) = run("apply");
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = run("diff");
+    assert_eq!(code, 0, "{out}\n{err}");
+    for name in &names {
+        let ns = namespaces
+            .get(&format!("environment-{name}"))
+            .await
+            .expect("the namespace");
+        let labels = ns.metadata.labels.unwrap_or_default();
+        assert_eq!(
+            labels
+                .get("pod-security.kubernetes.io/enforce")
+                .map(String::as_str),
+            Some("restricted"),
+            "{name}"
+        );
+    }
+    crate::cluster::cleanup_instance(&client, &instance).await;
+}
