@@ -180,8 +180,10 @@ impl RunArgs {
             leader: self.leader_elect.then(|| self.lease()),
             shard: self.shard.then(|| self.lease()),
             shutdown_grace: self.shutdown_grace,
-            progress_deadline: self.health.progress_deadline,
-            health_from_pods: self.health.pods(),
+            health: crate::controller::options::Judging {
+                deadline: self.health.progress_deadline,
+                pods: self.health.pods(),
+            },
             certs: self.certs.mode()?,
             cert_settings: CertSettings {
                 writer: format!("controller/{}", policy.instance),

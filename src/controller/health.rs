@@ -16,6 +16,8 @@ use crate::metrics::{HealthLabels, Metrics};
 use crate::observe::HealthWatch;
 use crate::status::Events;
 
+use super::options::Judging;
+
 /// One environment's health and what it was judged from.
 #[derive(Debug, Clone)]
 pub struct Judged {
@@ -48,8 +50,7 @@ pub struct Tracker {
 pub fn start(
     client: &Client,
     instance: &str,
-    deadline: Duration,
-    pods: bool,
+    Judging { deadline, pods }: Judging,
     metrics: Arc<Metrics>,
     leading: watch::Receiver<bool>,
     membership: Option<super::shard::SharedMembership>,

@@ -15,7 +15,7 @@ pub mod health;
 pub mod http;
 pub mod leader;
 mod lease_thread;
-mod options;
+pub mod options;
 mod poll;
 mod reconcile;
 pub mod relay;

@@ -39,9 +39,9 @@ pub struct RunOptions {
     /// How long a pass in flight may take to finish after SIGTERM or SIGINT.
     pub shutdown_grace: Duration,
     /// A rollout without progress for this long is Degraded.
-    pub progress_deadline: Duration,
-    /// Whether health reads pods (`--health-without-pods` turns it off).
-    pub health_from_pods: bool,
+
+    /// How health is judged (`--progress-deadline`, `--health-without-pods`).
+    pub health: Judging,
     /// Certificates: skipped, unconfigured (reported only) or from an ACME directory.
     pub certs: CertMode,
     /// Where certificate state lives (used with `CertMode::Acme`).
@@ -64,4 +64,11 @@ pub struct Clients {
 pub struct LeaseConnect {
     pub kubeconfig: Option<PathBuf>,
     pub agent: String,
+}
+
+/// How health is judged: the progress deadline, and whether pods are read.
+#[derive(Debug, Clone, Copy)]
+pub struct Judging {
+    pub deadline: Duration,
+    pub pods: bool,
 }

@@ -103,8 +103,7 @@ pub async fn run(clients: Clients, mut opts: RunOptions) -> Result<(), RunError>
     let health = super::health::start(
         &clients.writer,
         &opts.pass.render.instance,
-        opts.progress_deadline,
-        opts.health_from_pods,
+        opts.health,
         metrics.clone(),
         leases.lead.clone(),
         leases.membership.clone(),
