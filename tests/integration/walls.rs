@@ -400,6 +400,26 @@ pub async fn envctl_is_walled_in(r: &Release<'_>) {
         )
         .await;
     }
+    // Its own ServiceAccount and Service there: not to be deleted or re-pointed.
+    let dry_delete = kube::api::DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let own_accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(sa.clone(), own);
+    match own_accounts.delete(r.service_account, &dry_delete).await {
+        Err(kube::Error::Api(s)) if s.message.contains("release namespace:") => {}
+        other => panic!("deleting envctl's own ServiceAccount was not refused: {other:?}"),
+    }
+    let own_services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(sa.clone(), own);
+    let repoint = json!({"spec": {"selector": {"app": "attacker"}}});
+    match own_services
+        .patch(r.service_account, &dry, &Patch::Merge(&repoint))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.message.contains("release namespace:") => {}
+        other => panic!("re-pointing envctl's own Service was not refused: {other:?}"),
+    }
     // envctl's own names pass (the Role and the policy agree on them).
     let mine = json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": format!("envctl-{}-order-keys", r.instance), "namespace": own}});
