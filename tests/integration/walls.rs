@@ -583,7 +583,11 @@ pub async fn environmentd_is_walled_in(r: &Release<'_>, kubeconfig: &std::path::
         .and_then(|p| p.parse().ok())
         .expect("a pod count in the quota");
     let wanted = hard + 10;
-    let greedy = merged(&base, &json!({"spec": {"replicas": wanted}}));
+    // All at once (not one by one, each waiting for the last to be Ready).
+    let greedy = merged(
+        &base,
+        &json!({"spec": {"replicas": wanted, "podManagementPolicy": "Parallel"}}),
+    );
     let api = api_for(&envd, Some(ns), &greedy);
     api.create(
         &PostParams::default(),
