@@ -257,6 +257,10 @@ pub struct SourceHealth {
     /// that plans a few renders only those): none of them is ever pruned as gone. Shared by
     /// every part of a pass.
     pub environments: std::sync::Arc<BTreeSet<String>>,
+    /// `--region`: the regions this writer serves. A live environment whose namespace names
+    /// another region (or none) is neither changed nor pruned: it is another region's.
+    /// `None`: all.
+    pub regions: Option<std::sync::Arc<BTreeSet<String>>>,
 }
 
 /// Why an environment whose namespace already exists may not be applied by `instance`, if
@@ -711,7 +715,14 @@ impl<'a> Gone<'a> {
         health: &SourceHealth,
         refused: &BTreeMap<String, String>,
     ) -> Gone<'a> {
-        let live_envs = live.environments();
+        let mut live_envs = live.environments();
+        // With --region: the environments of other regions are theirs, whether or not the
+        // source has them.
+        let foreign = match &health.regions {
+            Some(regions) => live.environments_outside(regions),
+            None => BTreeSet::new(),
+        };
+        live_envs.retain(|e| !foreign.contains(e));
         let mut envs: Vec<&LiveObject> = Vec::new();
         let mut objects: Vec<&LiveObject> = Vec::new();
         for l in live.objects.values() {
@@ -721,6 +732,10 @@ impl<'a> Gone<'a> {
             let env = l.environment.as_deref().unwrap_or("");
             if !health.writes(env) {
                 continue; // another replica's (sharding)
+            }
+            if foreign.contains(env) || (health.regions.is_some() && !live_envs.contains(env)) {
+                // Another region's, or an object whose environment's region is unknown here.
+                continue;
             }
             if desired_envs.contains(env)
                 && (!health.in_scope(env)
@@ -1177,6 +1192,71 @@ mod tests {
         let mut all = plan_scoped(&SourceHealth::default());
         all.sort();
         assert_eq!(expected, all, "the shards together plan the whole fleet");
+    }
+
+    /// With --region, a live environment of another region is neither changed nor pruned,
+    /// even under --prune and though the source does not have it; one of this region that
+    /// left the source (or moved to another region) is pruned as usual.
+    #[test]
+    fn a_region_prunes_only_its_own_environments() {
+        let regioned = |env: &str, region: Option<&str>| {
+            let mut ns = namespace_of(env);
+            if let Some(r) = region {
+                ns["metadata"]["annotations"] =
+                    serde_json::json!({ crate::vocab::REGION_ANNOTATION: r });
+            }
+            ns
+        };
+        let mut live = Live::default();
+        live.insert(
+            ObjectKind::Namespace,
+            regioned("mine", Some("aws/us-east-1")),
+        );
+        live.insert(
+            ObjectKind::Namespace,
+            regioned("theirs", Some("aws/eu-west-1")),
+        );
+        live.insert(ObjectKind::Namespace, regioned("unknown", None));
+        live.insert(
+            ObjectKind::StatefulSet,
+            object("theirs", ObjectKind::StatefulSet, "s", 1),
+        );
+        let prune = PrunePolicy {
+            enabled: true,
+            allow_mass_prune: true,
+            max_prune: MaxPrune::Count(10),
+        };
+        let plan_for = |regions: Option<&[&str]>| {
+            let health = SourceHealth {
+                regions: regions
+                    .map(|r| std::sync::Arc::new(r.iter().map(|s| s.to_string()).collect())),
+                ..SourceHealth::default()
+            };
+            // A source with one environment (a source with none prunes nothing).
+            let plan = build(
+                Desired::judge(desired_of("kept"), &live),
+                &live,
+                &BTreeMap::new(),
+                &health,
+                &prune,
+                false,
+            );
+            plan.changes
+                .iter()
+                .map(|c| format!("{} {}", c.action.as_str(), c.key))
+                .filter(|c| c.starts_with("delete"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            plan_for(Some(&["aws/us-east-1"])),
+            ["delete Namespace environment-mine"]
+        );
+        assert_eq!(
+            plan_for(Some(&["aws/eu-west-1"])),
+            ["delete Namespace environment-theirs"]
+        );
+        // Without --region, one cluster holds the whole fleet: every gone environment goes.
+        assert_eq!(plan_for(None).len(), 3);
     }
 
     #[test]

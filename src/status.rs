@@ -25,7 +25,7 @@ pub use crate::vocab::{
     STATUS_ANNOTATIONS,
 };
 use crate::vocab::{
-    CERTIFICATE_ANNOTATION, ENVIRONMENT_LABEL, NOT_AFTER_ANNOTATION, TLS_SECRET,
+    CERTIFICATE_ANNOTATION, ENVIRONMENT_LABEL, NOT_AFTER_ANNOTATION, REGION_ANNOTATION, TLS_SECRET,
     WAIT_REASON_ANNOTATION, WAIT_UNTIL_ANNOTATION, owned_selector,
 };
 
@@ -255,6 +255,8 @@ pub async fn read_rollout(
 pub struct StatusRow {
     pub environment: String,
     pub namespace: String,
+    /// The region its namespace records (`spec.region` as last applied).
+    pub region: String,
     /// What was last applied: a Git commit, or `dir-<digest>` of a directory's files.
     pub revision: String,
     pub state: String,
@@ -352,6 +354,7 @@ pub async fn read_all(
                 certificate: certificate_state(&ann, not_after.get(&namespace)),
                 last_error: get(ERROR_ANNOTATION),
                 owner: None,
+                region: get(REGION_ANNOTATION),
                 environment,
                 namespace,
             }
@@ -385,15 +388,20 @@ fn certificate_state(annotations: &BTreeMap<String, String>, not_after: Option<&
 /// unpadded). The OWNER column (sharding) shows only when some row has an owner.
 pub fn table(rows: &[StatusRow]) -> String {
     let sharded = rows.iter().any(|r| r.owner.is_some());
-    let mut header = vec![
-        "ENVIRONMENT",
+    // The REGION column shows when the rows span more than one region.
+    let regions = rows.iter().any(|r| r.region != rows[0].region);
+    let mut header = vec!["ENVIRONMENT"];
+    if regions {
+        header.push("REGION");
+    }
+    header.extend([
         "REVISION",
         "STATE",
         "APPLIED",
         "HEALTH",
         "CERTIFICATE",
         "REASON",
-    ];
+    ]);
     if sharded {
         header.push("OWNER");
     }
@@ -415,15 +423,18 @@ pub fn table(rows: &[StatusRow]) -> String {
                 (_, false) => format!("{}; last error: {}", r.message, r.last_error),
                 (_, true) => r.message.clone(),
             };
-            let mut row = vec![
-                r.environment.clone(),
+            let mut row = vec![r.environment.clone()];
+            if regions {
+                row.push(dash(&r.region));
+            }
+            row.extend([
                 dash(&r.revision.chars().take(12).collect::<String>()),
                 dash(&r.state),
                 dash(&r.applied_at),
                 r.health.as_str().to_string(),
                 dash(&r.certificate),
                 dash(&r.reason),
-            ];
+            ]);
             if sharded {
                 row.push(dash(r.owner.as_deref().unwrap_or("")));
             }

@@ -78,16 +78,60 @@ pub struct PolicyArgs {
         requires = "envctl_cluster_role"
     )]
     pub envctl_service_account: Option<(String, String)>,
+    #[command(flatten)]
+    pub regions: RegionArgs,
 }
 
-fn parse_namespace(s: &str) -> Result<String, String> {
-    let label = !s.is_empty()
-        && s.len() <= 63
+/// `--region`: the regions whose environments this process serves.
+#[derive(Debug, Args, Clone)]
+pub struct RegionArgs {
+    /// Serve only the environments whose `spec.region` is PROVIDER/REGION (repeatable, or
+    /// separated by commas): one controller per regional cluster. The others are left to
+    /// their regions: never applied, and never pruned here for being elsewhere. Without it,
+    /// every region's environments (one cluster for the whole fleet).
+    #[arg(
+        long = "region",
+        value_name = "PROVIDER/REGION",
+        env = "ENVCTL_REGIONS",
+        value_delimiter = ',',
+        value_parser = parse_region
+    )]
+    pub regions: Vec<String>,
+}
+
+impl RegionArgs {
+    /// The regions served, or `None` for all.
+    pub fn set(&self) -> Option<std::collections::BTreeSet<String>> {
+        (!self.regions.is_empty()).then(|| self.regions.iter().cloned().collect())
+    }
+}
+
+fn parse_region(s: &str) -> Result<String, String> {
+    // REGION_PATTERN, the manifest schema's: two parts of lowercase letters, digits and
+    // inner dashes.
+    if s.split_once('/')
+        .is_some_and(|(a, b)| is_label(a, usize::MAX) && is_label(b, usize::MAX))
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a region: it must be <provider>/<region>, such as aws/us-east-1, as manifests name it in spec.region"
+        ))
+    }
+}
+
+/// Lowercase letters, digits and inner dashes, at most `max` long (a DNS-1123 label's shape).
+fn is_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
-        && !s.ends_with('-');
-    if label {
+        && !s.ends_with('-')
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    if is_label(s, 63) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -126,6 +170,7 @@ impl PolicyArgs {
                 max_scale: self.max_scale,
                 platform_labels: self.platform_labels(),
             },
+            regions: self.regions.set(),
         }
     }
 
@@ -382,6 +427,7 @@ impl PassArgs {
             writable: None,
             progress: super::progress::bar(self.output),
             in_sync: None,
+            regions: self.source.policy.regions.set().map(std::sync::Arc::new),
         }
     }
 }

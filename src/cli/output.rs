@@ -81,6 +81,24 @@ struct PlanDocument<'a> {
     applied: Option<&'a crate::apply::Report>,
 }
 
+/// Environments of other regions (`--region`) that the plan deletes here, or would with
+/// `--prune`: ones whose `spec.region` moved away from this region.
+fn moved_away<'a>(pass: &PassPlan, loaded: &'a Loaded) -> Vec<(&'a str, &'a str)> {
+    loaded
+        .elsewhere
+        .iter()
+        .filter(|(env, _)| {
+            let ns = crate::manifest::namespace_for(env);
+            pass.plan
+                .changes
+                .iter()
+                .any(|c| c.environment == **env && c.action == crate::plan::Action::Delete)
+                || pass.plan.orphaned.iter().any(|k| k.name == ns)
+        })
+        .map(|(e, r)| (e.as_str(), r.as_str()))
+        .collect()
+}
+
 pub(super) fn print_plan(
     out: &mut impl Write,
     pass: &PassPlan,
@@ -104,6 +122,13 @@ pub(super) fn print_plan(
             print_diagnostics(&mut err, &loaded.diagnostics)?;
             out.write_all(crate::plan::render_text(&pass.plan, color).as_bytes())
                 .map_err(CliError::Output)?;
+            for (env, region) in moved_away(pass, loaded) {
+                writeln!(
+                    out,
+                    "note: environment {env} is now in region {region} (spec.region): that region creates it; here it is deleted only with --prune"
+                )
+                .map_err(CliError::Output)?;
+            }
             if let Some(r) = applied {
                 for f in &r.failures {
                     writeln!(

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use clap::Args;
 
-use super::args::{ClusterArgs, HealthArgs, InstanceArgs};
+use super::args::{ClusterArgs, HealthArgs, InstanceArgs, RegionArgs};
 use super::output::{PlanFormat, encode_json};
 use super::{CliError, Exit, runtime};
 use crate::cluster;
@@ -18,6 +18,8 @@ pub struct StatusArgs {
     pub instance: InstanceArgs,
     #[command(flatten)]
     pub health: HealthArgs,
+    #[command(flatten)]
+    pub regions: RegionArgs,
     /// The controller's namespace, where it records the rollout's status.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub controller_namespace: String,
@@ -56,6 +58,9 @@ pub fn handle(args: &StatusArgs) -> Result<Exit, CliError> {
         )
         .map_err(CliError::Status)
     })?;
+    if let Some(regions) = args.regions.set() {
+        rows.retain(|r| regions.contains(&r.region));
+    }
     // Sharded: each environment's owner among the live members (as the replicas compute it).
     if !members.is_empty() {
         for r in &mut rows {

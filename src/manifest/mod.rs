@@ -79,9 +79,29 @@ pub struct Loaded {
     pub files: usize,
     /// How changes roll out across the fleet.
     pub rollout: Rollout,
+    /// With `--region`: the valid environments of other regions, left out of
+    /// `environments`, with their region. They are another region's to apply; here they
+    /// count as not in the source (one that moved away is pruned only under `--prune`).
+    pub elsewhere: BTreeMap<String, String>,
 }
 
 impl Loaded {
+    /// Keeps only the environments of `regions`; the others move to `elsewhere`. Every file
+    /// is still validated (a pull request is judged as a whole), and invalid environments
+    /// stay invalid whatever their region: they are never pruned.
+    pub fn keep_regions(&mut self, regions: &BTreeSet<String>) {
+        let (mine, theirs): (Vec<_>, Vec<_>) = std::mem::take(&mut self.environments)
+            .into_iter()
+            .partition(|e| regions.contains(&e.environment.spec.region));
+        self.environments = mine;
+        self.elsewhere.extend(theirs.into_iter().map(|e| {
+            (
+                e.environment.metadata.name.clone(),
+                e.environment.spec.region.clone(),
+            )
+        }));
+    }
+
     pub fn is_valid(&self) -> bool {
         self.diagnostics.is_empty()
     }
@@ -104,6 +124,9 @@ pub fn load_with_unread(
     known: &mut Validated,
 ) -> Loaded {
     let mut loaded = load_reusing(files, options, known);
+    if let Some(regions) = &options.regions {
+        loaded.keep_regions(regions);
+    }
     if !unread.is_empty() {
         let paths: BTreeSet<String> = unread.iter().map(|d| d.file.clone()).collect();
         loaded.files += paths.len();
@@ -114,10 +137,13 @@ pub fn load_with_unread(
     loaded
 }
 
-/// Settings that affect validation.
+/// Settings that affect validation, and which environments are this process's.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub limits: Limits,
+    /// `--region`: only the environments of these regions (`spec.region`) are loaded; the
+    /// others go to `Loaded::elsewhere`. `None`: every region's.
+    pub regions: Option<BTreeSet<String>>,
 }
 
 impl Default for LoadOptions {
@@ -127,6 +153,7 @@ impl Default for LoadOptions {
                 max_scale: 64,
                 platform_labels: BTreeMap::new(),
             },
+            regions: None,
         }
     }
 }

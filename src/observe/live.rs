@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use crate::cluster::is_unreachable_or_refused;
-use crate::vocab::{ENVIRONMENT_LABEL, ObjectKey, ObjectKind};
+use crate::vocab::{ENVIRONMENT_LABEL, ObjectKey, ObjectKind, REGION_ANNOTATION};
 
 /// One object envctl owns, as the server has it.
 #[derive(Debug, Clone)]
@@ -82,6 +82,23 @@ impl Live {
         self.objects
             .values()
             .filter(|o| o.key.kind == ObjectKind::Namespace)
+            .filter_map(|o| o.environment.clone())
+            .collect()
+    }
+
+    /// Environments whose live namespace names a region outside `regions` (or none, as
+    /// namespaces written before regions were recorded): another region's.
+    pub fn environments_outside(&self, regions: &BTreeSet<String>) -> BTreeSet<String> {
+        self.objects
+            .values()
+            .filter(|o| o.key.kind == ObjectKind::Namespace)
+            .filter(|o| {
+                o.object
+                    .pointer("/metadata/annotations")
+                    .and_then(|a| a.get(REGION_ANNOTATION))
+                    .and_then(Value::as_str)
+                    .is_none_or(|r| !regions.contains(r))
+            })
             .filter_map(|o| o.environment.clone())
             .collect()
     }

@@ -49,6 +49,9 @@ pub struct PassOptions {
     pub progress: Option<ProgressHandle>,
     /// What earlier passes found in sync (a controller's; see `InSync`).
     pub in_sync: Option<Arc<InSync>>,
+    /// `--region`: the regions this process serves. Live environments of other regions are
+    /// neither changed nor pruned. `None`: all.
+    pub regions: Option<Arc<BTreeSet<String>>>,
 }
 
 impl PassOptions {
@@ -393,6 +396,7 @@ async fn plan_part(
         failed: BTreeMap::new(),
         writable: options.writable.clone(),
         environments: source.clone(),
+        regions: options.regions.clone(),
     };
     // Namespaces about to be created may exist already, unowned or another instance's:
     // read their labels so that the plan can refuse those environments.

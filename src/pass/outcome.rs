@@ -172,6 +172,7 @@ spec:
             writable: None,
             progress: None,
             in_sync: None,
+            regions: None,
         }
     }
 
