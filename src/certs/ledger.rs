@@ -58,6 +58,59 @@ pub struct Limits {
     /// Tokens kept in reserve in every bucket.
     #[serde(default)]
     pub margin: u32,
+    /// `--acme-limit-share K/N`: this region's fixed share of every fleet-wide limit, for a
+    /// fleet without a home cluster. `None`: the whole limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<Share>,
+}
+
+/// A fixed share K/N of Let's Encrypt's fleet-wide limits (new certificates per registered
+/// domain and per exact set of names, which count every order for the domain whichever
+/// account sends it). A region with share K/N may spend floor(capacity × K / N) tokens at a
+/// refill of K/N of the limit's: regions whose shares sum to at most 1 together never go
+/// past the limit in any window, so no region needs to know what another spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub part: u32,
+    pub of: u32,
+}
+
+impl Share {
+    /// Parses `K/N`, 1 <= K <= N.
+    pub fn parse(s: &str) -> Result<Share, String> {
+        let (k, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected K/N such as 1/3, got {s:?}"))?;
+        let number = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{v:?} in {s:?} is not a whole number"))
+        };
+        let (part, of) = (number(k)?, number(n)?);
+        if part == 0 || part > of {
+            return Err(format!(
+                "{s:?}: the share must be K/N with 1 <= K <= N (this region's K parts of N)"
+            ));
+        }
+        Ok(Share { part, of })
+    }
+
+    /// This share of `spec`: its capacity scaled down (rounded down) over the same window.
+    pub fn of_spec(self, spec: BucketSpec) -> BucketSpec {
+        let capacity = u64::from(spec.capacity) * u64::from(self.part) / u64::from(self.of);
+        BucketSpec::new(capacity as u32, spec.window)
+    }
+}
+
+impl Limit {
+    /// Whether Let's Encrypt counts this limit across every account (the fleet), rather
+    /// than per ACME account.
+    pub fn fleet_wide(self) -> bool {
+        matches!(
+            self,
+            Limit::NewCertificatesPerRegisteredDomain | Limit::NewCertificatesPerExactSet
+        )
+    }
 }
 
 impl Limits {
@@ -75,6 +128,12 @@ impl Limits {
         }
         if self.margin > 0 {
             out.push_str(&format!(", safety margin {}", self.margin));
+        }
+        if let Some(share) = self.share {
+            out.push_str(&format!(
+                ", this region's share {}/{} of the fleet-wide limits",
+                share.part, share.of
+            ));
         }
         out
     }
@@ -195,8 +254,10 @@ pub struct BucketStatus {
 }
 
 impl Ledger {
+    /// The bucket's limit as this process may spend it: Let's Encrypt's (or the override),
+    /// and of a fleet-wide limit only this region's share, if it has one.
     pub fn spec(&self, key: &BucketKey) -> BucketSpec {
-        match key.limit {
+        let whole = match key.limit {
             Limit::NewCertificatesPerRegisteredDomain => self
                 .limits
                 .overrides
@@ -204,11 +265,19 @@ impl Ledger {
                 .copied()
                 .unwrap_or_else(|| key.limit.default_spec()),
             l => l.default_spec(),
+        };
+        match self.limits.share {
+            Some(share) if key.limit.fleet_wide() => share.of_spec(whole),
+            _ => whole,
         }
     }
 
-    /// Usable capacity: the spec's, less the safety margin (at least one).
+    /// Usable capacity: the spec's, less the safety margin (at least one, unless a share
+    /// leaves this region none of the bucket).
     fn usable(&self, spec: BucketSpec) -> u32 {
+        if spec.capacity == 0 {
+            return 0;
+        }
         spec.capacity.saturating_sub(self.limits.margin).max(1)
     }
 
@@ -223,6 +292,10 @@ impl Ledger {
     /// Whether one more token fits in `key` at `now`; else when it will.
     fn check(&self, key: &BucketKey, now: u64) -> Result<(), u64> {
         let spec = self.spec(key);
+        if spec.capacity == 0 {
+            // A share too small for one token of this bucket: never (asked again each window).
+            return Err(now.saturating_add(spec.window));
+        }
         let interval = spec.interval();
         let burst = f64::from(self.usable(spec)) * interval;
         let new_tat = self.tat_of(key, now) + interval;
@@ -559,6 +632,92 @@ mod tests {
         assert!(fresh.tat.is_empty());
     }
 
+    /// Regions with static shares that sum to one never, together, go past a fleet-wide
+    /// limit as Let's Encrypt measures it, each trying to order every hour for a month; a share too
+    /// small for one token orders nothing; per-account limits are not shared.
+    #[test]
+    fn static_shares_together_stay_within_the_fleet_wide_limit() {
+        let limits = |part, of| Limits {
+            overrides: BTreeMap::from([("example.cloud".to_string(), BucketSpec::new(5, WEEK))]),
+            share: Some(Share { part, of }),
+            ..Limits::default()
+        };
+        const WEEK: u64 = 7 * 86_400;
+        for shares in [vec![(1, 2), (1, 2)], vec![(1, 3), (2, 3)], vec![(1, 3); 3]] {
+            let mut regions: Vec<Ledger> = shares
+                .iter()
+                .map(|&(k, n)| Ledger {
+                    limits: limits(k, n),
+                    ..Ledger::default()
+                })
+                .collect();
+            let mut issued: Vec<u64> = Vec::new();
+            let t0 = 1_700_000_000;
+            for hour in 0..(30 * 24) {
+                let now = t0 + hour * 3600;
+                for (r, ledger) in regions.iter_mut().enumerate() {
+                    let req = OrderRequest {
+                        account: format!("acct-{r}"),
+                        names: vec![format!("h{hour}-r{r}.example.cloud")],
+                        kind: OrderKind::New,
+                    };
+                    if let Decision::Allowed { charges } = ledger.decide(&req, now) {
+                        ledger.charge(&charges, now);
+                        issued.push(now);
+                    }
+                }
+            }
+            // Let's Encrypt's own bucket for the domain (GCRA, the whole limit) accepts every
+            // one of them, in the order they were sent.
+            let mut ca = Ledger {
+                limits: Limits {
+                    share: None,
+                    ..limits(1, 1)
+                },
+                ..Ledger::default()
+            };
+            let domain = BucketKey {
+                limit: Limit::NewCertificatesPerRegisteredDomain,
+                key: "example.cloud".into(),
+            };
+            for at in &issued {
+                assert_eq!(
+                    ca.check(&domain, *at),
+                    Ok(()),
+                    "{shares:?}: Let's Encrypt would refuse the issuance at {at}"
+                );
+                ca.charge(std::slice::from_ref(&domain), *at);
+            }
+            assert!(
+                issued.len() >= 12,
+                "{shares:?}: only {} issued",
+                issued.len()
+            );
+        }
+        // 1/6 of 5 is no token: that region never orders under the domain.
+        let ledger = Ledger {
+            limits: limits(1, 6),
+            ..Ledger::default()
+        };
+        assert!(matches!(
+            ledger.decide(&new_order("a.example.cloud"), 1_700_000_000),
+            Decision::Wait {
+                limit: Limit::NewCertificatesPerRegisteredDomain,
+                ..
+            }
+        ));
+        let orders = BucketKey {
+            limit: Limit::NewOrdersPerAccount,
+            key: "acct".into(),
+        };
+        assert_eq!(
+            ledger.spec(&orders),
+            Limit::NewOrdersPerAccount.default_spec()
+        );
+        assert!(Share::parse("0/2").is_err() && Share::parse("3/2").is_err());
+        assert_eq!(Share::parse("2/3"), Ok(Share { part: 2, of: 3 }));
+    }
+
     #[test]
     fn overrides_margin_and_exemptions() {
         let mut ledger = Ledger {
@@ -691,6 +850,7 @@ mod tests {
             )]
             .into(),
             margin: 0,
+            share: None,
         };
         let mut ledger = Ledger::default();
         assert!(ledger.retune(limits("5/168h"), 0));

@@ -28,6 +28,18 @@ pub struct LedgerArgs {
     /// Tokens kept in reserve in every quota bucket (for issuance outside envctl).
     #[arg(long, env = "ENVCTL_ACME_SAFETY_MARGIN", default_value_t = 0)]
     pub acme_safety_margin: u32,
+    /// This region's fixed share K/N of the limits Let's Encrypt counts across every
+    /// account (new certificates per registered domain and per exact set of names), for a
+    /// fleet of regional clusters that share no ledger: give each region a share, the shares
+    /// summing to at most 1 (e.g. 1/3 in each of three regions), and together they never
+    /// pass a limit. Per-account limits are each region's own.
+    #[arg(
+        long,
+        env = "ENVCTL_ACME_LIMIT_SHARE",
+        value_name = "K/N",
+        value_parser = crate::certs::ledger::Share::parse
+    )]
+    pub acme_limit_share: Option<crate::certs::ledger::Share>,
     /// The controller's namespace, holding the ACME account, the ledger and certificate copies.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub controller_namespace: String,
@@ -55,7 +67,8 @@ impl LedgerArgs {
         instance: &str,
     ) -> crate::certs::store::LedgerStore {
         let settings = self.settings(instance, 1);
-        let given = !settings.overrides.is_empty() || settings.margin > 0;
+        let given =
+            !settings.overrides.is_empty() || settings.margin > 0 || settings.share.is_some();
         crate::certs::store::LedgerStore::new(
             client,
             &settings.namespace,
@@ -71,6 +84,7 @@ impl LedgerArgs {
             instance: instance.to_string(),
             overrides: self.overrides.iter().cloned().collect(),
             margin: self.acme_safety_margin,
+            share: self.acme_limit_share,
             concurrency: concurrency.min(16),
             // `envctl apply` runs of one instance resume each other's orders (one after the
             // other, as a CI job runs); `envctl run` names itself the instance's controller

@@ -64,6 +64,7 @@ impl CertSettings {
         super::ledger::Limits {
             overrides: self.overrides.clone(),
             margin: self.margin,
+            share: self.share,
         }
     }
 }
@@ -88,6 +89,8 @@ pub struct CertSettings {
     pub instance: String,
     pub overrides: BTreeMap<String, BucketSpec>,
     pub margin: u32,
+    /// `--acme-limit-share`: this region's fixed share of the fleet-wide limits.
+    pub share: Option<super::ledger::Share>,
     pub concurrency: usize,
     /// Who orders: `controller/<instance>` for `envctl run` (its replicas take turns under
     /// their Lease, and a restarted one resumes its predecessor's orders), `apply/<instance>`
