@@ -124,6 +124,10 @@ def test_sharding_replaces_leader_election():
         {"image": {"repository": "x", "digest": "latest"}},
         {"terminationGracePeriodSeconds": 5},
         {"certificates": {"safetyMargin": -1}},
+        {"regions": ["us-east-1"]},
+        {"regions": ["AWS/us-east-1"]},
+        {"certificates": {"limitShare": "half"}},
+        {"certificates": {"limitShare": "0/2"}},
     ],
 )
 def test_schema_rejects_bad_values(bad):
@@ -347,3 +351,14 @@ def test_health_without_pods_drops_the_cluster_wide_pod_read():
     off = render({**BASE, "health": {"readPods": False}})
     assert not pod_rules(off)
     assert env_of(off)["ENVCTL_HEALTH_WITHOUT_PODS"] == "true"
+
+
+def test_regions_and_the_static_share_reach_the_controller():
+    docs = render({**BASE, "regions": ["aws/us-east-1", "aws/us-east-2"],
+                   "certificates": {"limitShare": "1/3"}})
+    env = env_of(docs)
+    assert env["ENVCTL_REGIONS"] == "aws/us-east-1,aws/us-east-2"
+    assert env["ENVCTL_ACME_LIMIT_SHARE"] == "1/3"
+    # By default: every region's environments, and the whole of each limit.
+    env = env_of(render())
+    assert "ENVCTL_REGIONS" not in env and "ENVCTL_ACME_LIMIT_SHARE" not in env
