@@ -11,6 +11,7 @@ mod compat;
 mod diff;
 mod faults;
 mod fencing;
+mod fleet;
 mod gitops;
 mod golden;
 mod health;
