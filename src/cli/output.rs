@@ -39,15 +39,20 @@ pub(super) fn summary(loaded: &Loaded) -> String {
     if loaded.files == 0 {
         return "no manifest files found (*.yaml, *.yml)".to_string();
     }
+    // With --region: the valid environments of other regions, read and left out.
+    let elsewhere = match loaded.elsewhere.len() {
+        0 => String::new(),
+        n => format!(" ({n} more of other regions left out)"),
+    };
     if loaded.diagnostics.is_empty() {
         return format!(
-            "ok: {} environment(s) in {} file(s)",
+            "ok: {} environment(s) in {} file(s){elsewhere}",
             loaded.environments.len(),
             loaded.files
         );
     }
     format!(
-        "{} error(s) in {} of {} file(s); {} valid environment(s)",
+        "{} error(s) in {} of {} file(s); {} valid environment(s){elsewhere}",
         loaded.diagnostics.len(),
         bad_files.len(),
         loaded.files,
