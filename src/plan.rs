@@ -257,9 +257,9 @@ pub struct SourceHealth {
     /// that plans a few renders only those): none of them is ever pruned as gone. Shared by
     /// every part of a pass.
     pub environments: std::sync::Arc<BTreeSet<String>>,
-    /// `--region`: the regions this writer serves. A live environment whose namespace names
-    /// another region (or none) is neither changed nor pruned: it is another region's.
-    /// `None`: all.
+    /// `--region`: the regions this writer serves. A live environment that is not in this
+    /// region's source and whose namespace names another region (or none) is never pruned:
+    /// it is another region's. `None`: all.
     pub regions: Option<std::sync::Arc<BTreeSet<String>>>,
 }
 
@@ -718,11 +718,10 @@ impl<'a> Gone<'a> {
         let mut live_envs = live.environments();
         // With --region: the environments of other regions are theirs, whether or not the
         // source has them.
-        let foreign = match &health.regions {
-            Some(regions) => live.environments_outside(regions),
-            None => BTreeSet::new(),
-        };
-        live_envs.retain(|e| !foreign.contains(e));
+        if let Some(regions) = &health.regions {
+            let foreign = live.environments_outside(regions);
+            live_envs.retain(|e| !foreign.contains(e));
+        }
         let mut envs: Vec<&LiveObject> = Vec::new();
         let mut objects: Vec<&LiveObject> = Vec::new();
         for l in live.objects.values() {
@@ -733,8 +732,9 @@ impl<'a> Gone<'a> {
             if !health.writes(env) {
                 continue; // another replica's (sharding)
             }
-            if foreign.contains(env) || (health.regions.is_some() && !live_envs.contains(env)) {
-                // Another region's, or an object whose environment's region is unknown here.
+            if health.regions.is_some() && !live_envs.contains(env) {
+                // Another region's (`live_envs` holds none of them), or an object whose
+                // environment's region is unknown here.
                 continue;
             }
             if desired_envs.contains(env)

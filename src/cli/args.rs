@@ -104,6 +104,11 @@ impl RegionArgs {
     pub fn set(&self) -> Option<std::collections::BTreeSet<String>> {
         (!self.regions.is_empty()).then(|| self.regions.iter().cloned().collect())
     }
+
+    /// `set`, as a pass's options hold it.
+    pub fn for_pass(&self) -> Option<std::sync::Arc<std::collections::BTreeSet<String>>> {
+        self.set().map(std::sync::Arc::new)
+    }
 }
 
 fn parse_region(s: &str) -> Result<String, String> {
@@ -427,7 +432,7 @@ impl PassArgs {
             writable: None,
             progress: super::progress::bar(self.output),
             in_sync: None,
-            regions: self.source.policy.regions.set().map(std::sync::Arc::new),
+            regions: self.source.policy.regions.for_pass(),
         }
     }
 }

@@ -89,16 +89,24 @@ struct PlanDocument<'a> {
 /// Environments of other regions (`--region`) that the plan deletes here, or would with
 /// `--prune`: ones whose `spec.region` moved away from this region.
 fn moved_away<'a>(pass: &PassPlan, loaded: &'a Loaded) -> Vec<(&'a str, &'a str)> {
+    if loaded.elsewhere.is_empty() {
+        return Vec::new();
+    }
+    // One walk of the plan, not one per environment of another region.
+    let deleted: BTreeSet<&str> = pass
+        .plan
+        .changes
+        .iter()
+        .filter(|c| c.action == crate::plan::Action::Delete)
+        .map(|c| c.environment.as_str())
+        .collect();
+    let orphaned: BTreeSet<&str> = pass.plan.orphaned.iter().map(|k| k.name.as_str()).collect();
     loaded
         .elsewhere
         .iter()
         .filter(|(env, _)| {
-            let ns = crate::manifest::namespace_for(env);
-            pass.plan
-                .changes
-                .iter()
-                .any(|c| c.environment == **env && c.action == crate::plan::Action::Delete)
-                || pass.plan.orphaned.iter().any(|k| k.name == ns)
+            deleted.contains(env.as_str())
+                || orphaned.contains(crate::manifest::namespace_for(env).as_str())
         })
         .map(|(e, r)| (e.as_str(), r.as_str()))
         .collect()

@@ -172,7 +172,7 @@ impl RunArgs {
                 writable: None,
                 progress: None,
                 in_sync: None,
-                regions: policy.regions.set().map(std::sync::Arc::new),
+                regions: policy.regions.for_pass(),
             },
             interval: self.interval,
             resync: self.resync_interval,

@@ -49,8 +49,8 @@ pub struct PassOptions {
     pub progress: Option<ProgressHandle>,
     /// What earlier passes found in sync (a controller's; see `InSync`).
     pub in_sync: Option<Arc<InSync>>,
-    /// `--region`: the regions this process serves. Live environments of other regions are
-    /// neither changed nor pruned. `None`: all.
+    /// `--region`: the regions this process serves. Live environments of other regions that
+    /// are not in this region's source are never pruned. `None`: all.
     pub regions: Option<Arc<BTreeSet<String>>>,
 }
 
